@@ -1,0 +1,101 @@
+//! The broker's configuration: every flag also reads a `K3SENSE_*` environment variable.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+/// Settings of `k3sense broker`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address and port the MQTT (3.1.1) listener binds.
+    #[arg(long, env = "K3SENSE_LISTEN", default_value = "0.0.0.0:1883")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: Options,
+}
+
+/// Broker settings that `k3sense all` shares with `k3sense broker` (everything but the address).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// File of `username:password` lines. Without it the broker accepts anonymous clients.
+    #[arg(long, env = "K3SENSE_USERS_FILE", value_name = "PATH")]
+    pub users_file: Option<PathBuf>,
+
+    /// Most clients connected at once; more are refused.
+    #[arg(long, env = "K3SENSE_MAX_CONNECTIONS", default_value_t = 1000)]
+    pub max_connections: usize,
+
+    /// Largest PUBLISH payload accepted, in bytes (a reading is ~130 bytes).
+    #[arg(long, env = "K3SENSE_MAX_PAYLOAD", default_value_t = 64 * 1024)]
+    pub max_payload: usize,
+
+    /// How long a new connection may take to send CONNECT before it is closed.
+    #[arg(long, env = "K3SENSE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime_duration)]
+    pub connect_timeout: Duration,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (write e.g. 5s or 500ms)"))?;
+    if d.is_zero() || d > Duration::from_millis(u64::from(u16::MAX)) {
+        return Err("must be between 1ms and 65s".to_owned());
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// Settings for `listen` with every option at its default: what tests and `all` start from.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            options: Options::default(),
+        }
+    }
+
+    /// Where a local client reaches this listener: the wildcard addresses become loopback.
+    pub fn connect_address(&self) -> SocketAddr {
+        let ip = match self.listen.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, self.listen.port())
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            users_file: None,
+            max_connections: 1000,
+            max_payload: 64 * 1024,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(humantime_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(humantime_duration("5s"), Ok(Duration::from_secs(5)));
+        assert!(humantime_duration("5").is_err());
+        assert!(humantime_duration("0s").is_err());
+        assert!(humantime_duration("2m").is_err());
+    }
+
+    #[test]
+    fn wildcard_listen_is_reached_on_loopback() {
+        let c = Config::new("0.0.0.0:1883".parse().unwrap());
+        assert_eq!(c.connect_address(), "127.0.0.1:1883".parse().unwrap());
+        let c = Config::new("10.0.0.5:1884".parse().unwrap());
+        assert_eq!(c.connect_address(), "10.0.0.5:1884".parse().unwrap());
+    }
+}

@@ -1,0 +1,69 @@
+//! rumqttd, embedded: its configuration and its thread.
+
+use std::collections::HashMap;
+
+use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
+use tokio::sync::oneshot;
+
+use crate::{Config, Error, Result, Users};
+
+/// Per-filter in-memory log segment: rumqttd keeps recent messages of each subscription filter in
+/// segments; its defaults (10 × 100 MB) suit servers, not a 1 GB Pi. Readings are ~130 bytes, so
+/// 4 × 256 KiB still holds thousands of them per filter.
+const SEGMENT_BYTES: usize = 256 * 1024;
+const SEGMENT_COUNT: usize = 4;
+/// QoS 1 messages a client may have unacknowledged before the broker waits.
+const MAX_INFLIGHT: usize = 100;
+
+/// Builds rumqttd's configuration: one MQTT 3.1.1 listener, no console, no metrics server.
+pub(crate) fn rumqttd_config(config: &Config, users: Option<Users>) -> rumqttd::Config {
+    let connections = ConnectionSettings {
+        // rumqttd keeps this in a u16 of milliseconds; the flag's parser enforces the bound.
+        connection_timeout_ms: u16::try_from(config.options.connect_timeout.as_millis())
+            .unwrap_or(u16::MAX),
+        max_payload_size: config.options.max_payload,
+        max_inflight_count: MAX_INFLIGHT,
+        auth: users.map(Users::into_table),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "mqtt".to_owned(),
+        listen: config.listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: config.options.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: SEGMENT_BYTES,
+            max_segment_count: SEGMENT_COUNT,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("1".to_owned(), server)])),
+        ..Default::default()
+    }
+}
+
+/// Starts rumqttd on its own OS thread (its `start()` blocks forever). The receiver resolves if
+/// that thread ever returns, which means every listener died.
+pub(crate) fn spawn(config: rumqttd::Config) -> Result<oneshot::Receiver<String>> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("rumqttd".to_owned())
+        .spawn(move || {
+            let mut broker = Broker::new(config);
+            let why = match broker.start() {
+                Ok(()) => "rumqttd's listeners ended (see the log lines above)".to_owned(),
+                Err(e) => format!("rumqttd failed: {e}"),
+            };
+            let _ = tx.send(why);
+        })
+        .map_err(Error::Thread)?;
+    Ok(rx)
+}

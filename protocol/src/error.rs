@@ -1,0 +1,65 @@
+//! The one error type of the protocol crate.
+
+/// Why a payload, topic or identifier does not satisfy the contract.
+///
+/// Each variant names the rule that was broken, so a log line or an HTTP error can tell the
+/// sender exactly what to fix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The payload is larger than [`crate::MAX_PAYLOAD_BYTES`].
+    #[error("payload is {size} bytes, more than the {max} a reading may take")]
+    TooLarge {
+        /// Size of the payload that was refused.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The payload is not a JSON object of the right shape (syntax error, wrong type, not UTF-8).
+    #[error("payload is not a reading: {0}")]
+    Malformed(String),
+    /// A field the contract requires is absent or `null`.
+    #[error("field `{0}` is missing")]
+    MissingField(&'static str),
+    /// A number is NaN or infinite.
+    #[error("field `{field}` is not a finite number")]
+    NotFinite {
+        /// The offending field.
+        field: &'static str,
+    },
+    /// A value lies outside what the sensor model can report.
+    #[error("field `{field}` is {value}, outside the {model} range {min}..={max}")]
+    OutOfRange {
+        /// The offending field.
+        field: &'static str,
+        /// The value that was sent.
+        value: f64,
+        /// The sensor model whose range applies.
+        model: &'static str,
+        /// Lowest value the model reports.
+        min: f64,
+        /// Highest value the model reports.
+        max: f64,
+    },
+    /// The sensor model is not one k3sense knows.
+    #[error("model `{0}` is unknown (expected dht11 or dht22)")]
+    UnknownModel(String),
+    /// `read_at` is not an RFC 3339 timestamp.
+    #[error("field `read_at` is `{0}`, not an RFC 3339 timestamp such as 2026-11-27T04:00:00.123Z")]
+    BadTimestamp(String),
+    /// A sensor id breaks the DNS-label rule.
+    #[error(
+        "sensor id `{0}` is not a DNS label: use 1-63 characters a-z, 0-9 and '-', starting and ending with a letter or digit"
+    )]
+    BadSensorId(String),
+    /// A topic prefix that could not form valid topics.
+    #[error(
+        "topic prefix `{0}` is not usable: it must be non-empty, must not start with '$' or end with '/', and must not contain '+', '#' or NUL"
+    )]
+    BadPrefix(String),
+    /// An availability payload other than `online` or `offline`.
+    #[error("availability payload must be `online` or `offline`")]
+    BadAvailability,
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,36 @@
+//! The k3sense contract: what travels between the publisher, the broker, the gateway and any other
+//! MQTT or WebSocket client.
+//!
+//! Everything a tool needs to speak k3sense lives here and nowhere else, so the publisher that
+//! writes a reading and the gateway that reads it cannot drift apart:
+//!
+//! - [`Reading`]: one measurement, with its strict JSON encoding ([`Reading::to_json`]) and
+//!   decoding ([`Reading::from_json`]) that rejects anything a real sensor could not have sent.
+//! - [`SensorId`]: the sensor-id rule, a DNS label like a Kubernetes node name.
+//! - [`Topics`]: the topic layout `<prefix>/<sensor_id>/state` and `<prefix>/<sensor_id>/availability`.
+//! - [`Availability`]: the `online` / `offline` payloads.
+//! - [`ws`]: the JSON messages the gateway sends to browsers over WebSocket, and its HTTP API shapes.
+//!
+//! # Layout
+//!
+//! | module | concern |
+//! |---|---|
+//! | `reading` | `Reading`, `Model`, JSON encoding and validation |
+//! | `sensor_id` | `SensorId` and its rule |
+//! | `topic` | `Topics`, `TopicKind`, topic parsing |
+//! | `availability` | `Availability` |
+//! | `ws` | WebSocket and HTTP API messages |
+//! | `error` | `Error`, the one error type of this crate |
+
+mod availability;
+mod error;
+mod reading;
+mod sensor_id;
+mod topic;
+pub mod ws;
+
+pub use availability::Availability;
+pub use error::{Error, Result};
+pub use reading::{MAX_PAYLOAD_BYTES, Model, Reading, format_read_at};
+pub use sensor_id::SensorId;
+pub use topic::{DEFAULT_PREFIX, TopicKind, Topics};

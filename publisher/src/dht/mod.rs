@@ -1,0 +1,1 @@
+//! DHT11/DHT22 frame decoding (work in progress: see issue 3).
