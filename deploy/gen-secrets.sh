@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Writes the three credential files that deploy/base/kustomization.yaml's secretGenerator reads,
+# with random passwords: users.txt (for the broker), publisher.password and gateway.password.
+# Usage: deploy/gen-secrets.sh [DIR]   (DIR defaults to deploy/base/secrets next to this script)
+# Refuses to overwrite existing files, so running it twice never changes a working password.
+set -euo pipefail
+dir=${1:-"$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/base/secrets"}
+mkdir -p "$dir"
+for f in users.txt publisher.password gateway.password; do
+  if [[ -e "$dir/$f" ]]; then
+    echo "gen-secrets: $dir/$f exists; remove it first if you mean to change passwords" >&2
+    exit 1
+  fi
+done
+random_password() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }
+publisher=$(random_password)
+gateway=$(random_password)
+umask 077
+printf '%s' "$publisher" >"$dir/publisher.password"
+printf '%s' "$gateway" >"$dir/gateway.password"
+printf 'publisher:%s\ngateway:%s\n' "$publisher" "$gateway" >"$dir/users.txt"
+echo "gen-secrets: wrote users.txt, publisher.password and gateway.password in $dir"
