@@ -1,1 +1,45 @@
-fn main() {}
+//! `k3sense`: one binary for every part of the system, like k3s's `server` / `agent`.
+//!
+//! ```text
+//! k3sense              # = k3sense all: broker + simulated publisher + gateway, page on 127.0.0.1:8080
+//! k3sense broker       # the MQTT broker (rumqttd)
+//! k3sense publisher    # reads the sensor, publishes readings
+//! k3sense gateway      # MQTT → WebSocket/HTTP, serves the page
+//! ```
+//!
+//! This file only sets up logging, parses the command line, turns SIGINT/SIGTERM into a
+//! cancellation token and calls the component's `run`; the components are library crates.
+
+mod all;
+mod cli;
+mod logging;
+mod shutdown;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    logging::init(cli.log_format);
+    cli.fill_passwords_from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let token = shutdown::on_signal();
+        match cli.command.unwrap_or(Command::All(cli.all)) {
+            Command::All(args) => all::run(args, token).await,
+            Command::Broker(config) => k3sense_broker::run(config, token).await.map_err(Into::into),
+            Command::Publisher(config) => k3sense_publisher::run(config, token)
+                .await
+                .map_err(Into::into),
+            Command::Gateway(config) => k3sense_gateway::run(config, token)
+                .await
+                .map_err(Into::into),
+        }
+    })
+}

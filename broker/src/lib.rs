@@ -47,28 +47,35 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// After `shutdown`, the rumqttd threads keep their socket until the process exits, because
 /// rumqttd offers no way to stop them.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let running = start(&config).await?;
-    tracing::info!(listen = %config.listen, auth = running.auth_enabled, "MQTT broker ready");
-    tokio::select! {
-        () = shutdown.cancelled() => {
-            tracing::info!("MQTT broker stopping");
-            Ok(())
-        }
-        result = running.stopped => {
-            let why = result.unwrap_or_else(|_| "broker thread vanished".to_owned());
-            Err(Error::Stopped(why))
-        }
-    }
+    start(&config).await?.serve(shutdown).await
 }
 
-/// A broker that is accepting connections.
-struct Running {
-    auth_enabled: bool,
+/// A broker that is accepting connections; [`Started::serve`] keeps it until shutdown.
+/// `k3sense all` starts the broker first and its clients only once this exists.
+pub struct Started {
+    listen: std::net::SocketAddr,
     /// Resolves with a reason if rumqttd's threads end (they never should).
     stopped: tokio::sync::oneshot::Receiver<String>,
 }
 
-async fn start(config: &Config) -> Result<Running> {
+impl Started {
+    /// Waits for `shutdown` (Ok) or for rumqttd to die (Err).
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                tracing::info!(listen = %self.listen, "MQTT broker stopping");
+                Ok(())
+            }
+            result = self.stopped => {
+                let why = result.unwrap_or_else(|_| "broker thread vanished".to_owned());
+                Err(Error::Stopped(why))
+            }
+        }
+    }
+}
+
+/// Starts rumqttd and returns once its listener accepts connections.
+pub async fn start(config: &Config) -> Result<Started> {
     let users = match &config.options.users_file {
         Some(path) => Some(Users::from_file(path)?),
         None => None,
@@ -87,19 +94,23 @@ async fn start(config: &Config) -> Result<Running> {
         })?;
     drop(probe);
 
-    let auth_enabled = users.is_some();
+    let auth = users.is_some();
+    let probe_login = users.as_ref().and_then(Users::any_login);
     let rumqttd_config = embedded::rumqttd_config(config, users);
     let mut stopped = embedded::spawn(rumqttd_config)?;
-    wait_until_listening(config, &mut stopped).await?;
-    Ok(Running {
-        auth_enabled,
+    wait_until_listening(config, probe_login, &mut stopped).await?;
+    tracing::info!(listen = %config.listen, auth, "MQTT broker ready");
+    Ok(Started {
+        listen: config.listen,
         stopped,
     })
 }
 
-/// Polls the listen address until it accepts a TCP connection, or the broker thread dies.
+/// Polls the listen address with a real MQTT CONNECT until the broker answers with a CONNACK,
+/// or its thread dies. A CONNACK proves the listener is ours and working, not merely bound.
 async fn wait_until_listening(
     config: &Config,
+    probe_login: Option<(String, String)>,
     stopped: &mut tokio::sync::oneshot::Receiver<String>,
 ) -> Result<()> {
     let target = config.connect_address();
@@ -108,7 +119,7 @@ async fn wait_until_listening(
         if let Ok(why) = stopped.try_recv() {
             return Err(Error::Stopped(why));
         }
-        if tokio::net::TcpStream::connect(target).await.is_ok() {
+        if probe(target, probe_login.clone()).await {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
@@ -119,4 +130,41 @@ async fn wait_until_listening(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+async fn probe(target: std::net::SocketAddr, login: Option<(String, String)>) -> bool {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet};
+    let mut options = MqttOptions::new(
+        "k3sense-broker-probe",
+        target.ip().to_string(),
+        target.port(),
+    );
+    options.set_keep_alive(Duration::from_secs(5));
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    let (client, mut events) = AsyncClient::new(options, 1);
+    let answered = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if answered {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while let Ok(event) = events.poll().await {
+                if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    answered
 }

@@ -69,6 +69,14 @@ impl Users {
         self.passwords.is_empty()
     }
 
+    /// One account, for the start-up probe that proves the listener answers MQTT.
+    pub(crate) fn any_login(&self) -> Option<(String, String)> {
+        self.passwords
+            .iter()
+            .min_by_key(|(user, _)| user.as_str())
+            .map(|(u, p)| (u.clone(), p.clone()))
+    }
+
     /// The username → password table rumqttd takes.
     pub(crate) fn into_table(self) -> HashMap<String, String> {
         self.passwords

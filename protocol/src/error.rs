@@ -56,6 +56,20 @@ pub enum Error {
         "topic prefix `{0}` is not usable: it must be non-empty, must not start with '$' or end with '/', and must not contain '+', '#' or NUL"
     )]
     BadPrefix(String),
+    /// The `--broker` value is not `host:port`.
+    #[error("broker address `{0}` is not host:port (for example broker:1883 or 127.0.0.1:1883)")]
+    BadBrokerAddress(String),
+    /// The password file could not be read.
+    #[error("cannot read the password file {path}: {reason}")]
+    PasswordFile {
+        /// The path from `--password-file`.
+        path: std::path::PathBuf,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// A password without a username, or the reverse.
+    #[error("{0}")]
+    Credentials(&'static str),
     /// An availability payload other than `online` or `offline`.
     #[error("availability payload must be `online` or `offline`")]
     BadAvailability,

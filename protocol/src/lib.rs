@@ -9,6 +9,7 @@
 //! - [`SensorId`]: the sensor-id rule, a DNS label like a Kubernetes node name.
 //! - [`Topics`]: the topic layout `<prefix>/<sensor_id>/state` and `<prefix>/<sensor_id>/availability`.
 //! - [`Availability`]: the `online` / `offline` payloads.
+//! - [`MqttConfig`]: the broker address, credentials and prefix every client shares.
 //! - [`ws`]: the JSON messages the gateway sends to browsers over WebSocket, and its HTTP API shapes.
 //!
 //! # Layout
@@ -20,9 +21,11 @@
 //! | `topic` | `Topics`, `TopicKind`, topic parsing |
 //! | `availability` | `Availability` |
 //! | `ws` | WebSocket and HTTP API messages |
+//! | `client` | [`MqttConfig`]: how publisher, gateway and tools reach the broker; [`Backoff`] |
 //! | `error` | `Error`, the one error type of this crate |
 
 mod availability;
+mod client;
 mod error;
 mod reading;
 mod sensor_id;
@@ -30,6 +33,7 @@ mod topic;
 pub mod ws;
 
 pub use availability::Availability;
+pub use client::{Backoff, MqttConfig};
 pub use error::{Error, Result};
 pub use reading::{MAX_PAYLOAD_BYTES, Model, Reading, format_read_at};
 pub use sensor_id::SensorId;

@@ -1,0 +1,80 @@
+//! The gateway's configuration: every flag also reads a `K3SENSE_*` environment variable.
+
+use std::{net::SocketAddr, time::Duration};
+
+use k3sense_protocol::MqttConfig;
+
+/// Settings of `k3sense gateway`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address and port of the HTTP and WebSocket server.
+    #[arg(long, env = "K3SENSE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub mqtt: MqttConfig,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: Options,
+}
+
+/// Gateway settings other than the listen address and the broker, shared with `k3sense all`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Origins allowed to open /ws, comma-separated (e.g. https://sensors.example.org). The page's
+    /// own origin is always allowed; requests without an Origin header (non-browser clients) too.
+    #[arg(long, env = "K3SENSE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Most WebSocket clients at once; beyond it /ws answers 503.
+    #[arg(long, env = "K3SENSE_MAX_CLIENTS", default_value_t = 10_000)]
+    pub max_clients: usize,
+
+    /// Readings kept per sensor (8640 = 24 h at one reading per 10 s, about 1.5 MB per sensor).
+    #[arg(long, env = "K3SENSE_HISTORY", default_value_t = 8640)]
+    pub history: usize,
+
+    /// Messages queued per WebSocket client; a client that falls further behind is disconnected
+    /// (close code 1008) so it cannot slow the others.
+    #[arg(long, env = "K3SENSE_CLIENT_QUEUE", default_value_t = 256)]
+    pub client_queue: usize,
+
+    /// Largest message a browser may send, in bytes; larger closes the socket (code 1009).
+    #[arg(long, env = "K3SENSE_MAX_FRAME", default_value_t = 4096)]
+    pub max_frame: usize,
+
+    /// Interval of WebSocket pings; a client silent for three intervals is dropped.
+    #[arg(long, env = "K3SENSE_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// How long shutdown waits for WebSocket clients to take their close frame.
+    #[arg(long, env = "K3SENSE_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_clients: 10_000,
+            history: 8640,
+            client_queue: 256,
+            max_frame: 4096,
+            ping_interval: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// Settings for a gateway on `listen` reading from `broker`, everything else at its default.
+    pub fn new(listen: SocketAddr, broker: impl Into<String>) -> Self {
+        Self {
+            listen,
+            mqtt: MqttConfig::new(broker),
+            options: Options::default(),
+        }
+    }
+}

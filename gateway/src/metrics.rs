@@ -1,0 +1,147 @@
+//! The gateway's Prometheus metrics, served at `/metrics` in the OpenMetrics text format.
+//!
+//! Names follow Prometheus conventions: `k3sense_gateway_` prefix, `_total` on counters, base
+//! units. Labels are fixed, small sets (`reason`, `kind`), never sensor-controlled strings, so a
+//! hostile publisher cannot blow up the series count.
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket clients connected now.
+    pub ws_clients: Gauge,
+    /// WebSocket connections accepted since start.
+    pub ws_connections: Counter,
+    /// WebSocket upgrades refused, by reason (`limit`, `origin`, `shutdown`).
+    pub ws_rejected: Family<Labels, Counter>,
+    /// Clients disconnected by the server, by reason (`slow`, `silent`, `oversized`, `shutdown`).
+    pub ws_disconnects: Family<Labels, Counter>,
+    /// Messages written to WebSocket clients (one per client per update).
+    pub ws_messages_sent: Counter,
+    /// MQTT messages received, by kind (`state`, `availability`).
+    pub mqtt_messages: Family<Labels, Counter>,
+    /// MQTT messages dropped, by reason (`malformed`, `out_of_range`, `id_mismatch`, `unknown_topic`, …).
+    pub invalid_messages: Family<Labels, Counter>,
+    /// 1 while connected and subscribed to the broker.
+    pub broker_connected: Gauge,
+    /// Sensors known.
+    pub sensors: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("k3sense_gateway");
+        let ws_clients = Gauge::default();
+        let ws_connections = Counter::default();
+        let ws_rejected = Family::<Labels, Counter>::default();
+        let ws_disconnects = Family::<Labels, Counter>::default();
+        let ws_messages_sent = Counter::default();
+        let mqtt_messages = Family::<Labels, Counter>::default();
+        let invalid_messages = Family::<Labels, Counter>::default();
+        let broker_connected = Gauge::default();
+        let sensors = Gauge::default();
+        registry.register(
+            "ws_clients",
+            "WebSocket clients connected now",
+            ws_clients.clone(),
+        );
+        registry.register(
+            "ws_connections",
+            "WebSocket connections accepted",
+            ws_connections.clone(),
+        );
+        registry.register(
+            "ws_rejected",
+            "WebSocket upgrades refused, by reason",
+            ws_rejected.clone(),
+        );
+        registry.register(
+            "ws_disconnects",
+            "WebSocket clients disconnected by the gateway, by reason",
+            ws_disconnects.clone(),
+        );
+        registry.register(
+            "ws_messages_sent",
+            "Messages written to WebSocket clients",
+            ws_messages_sent.clone(),
+        );
+        registry.register(
+            "mqtt_messages",
+            "MQTT messages received, by kind",
+            mqtt_messages.clone(),
+        );
+        registry.register(
+            "invalid_messages",
+            "MQTT messages dropped as invalid, by reason",
+            invalid_messages.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while connected and subscribed to the MQTT broker",
+            broker_connected.clone(),
+        );
+        registry.register("sensors", "Sensors known to the gateway", sensors.clone());
+        Self {
+            registry,
+            ws_clients,
+            ws_connections,
+            ws_rejected,
+            ws_disconnects,
+            ws_messages_sent,
+            mqtt_messages,
+            invalid_messages,
+            broker_connected,
+            sensors,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts one refused upgrade.
+    pub fn rejected(&self, reason: &'static str) {
+        self.ws_rejected
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts one server-side disconnect.
+    pub fn disconnected(&self, reason: &'static str) {
+        self.ws_disconnects
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts one received MQTT message.
+    pub fn received(&self, kind: &'static str) {
+        self.mqtt_messages
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+
+    /// Counts one invalid MQTT message.
+    pub fn invalid(&self, reason: &'static str) {
+        self.invalid_messages
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

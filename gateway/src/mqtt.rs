@@ -1,0 +1,198 @@
+//! The gateway's MQTT side: subscribe to every sensor's state and availability, validate each
+//! message, feed the [`Hub`]. Reconnects forever with jittered backoff; readiness follows the
+//! subscription.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k3sense_protocol::{Availability, Backoff, MqttConfig, Reading, TopicKind, Topics};
+use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Result, hub::Hub, metrics::Metrics};
+
+/// Shared between the MQTT task and the HTTP handlers.
+pub(crate) struct Link {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// True while connected and subscribed: what `/readyz` reports.
+    pub subscribed: Arc<AtomicBool>,
+}
+
+/// Runs until `shutdown`.
+pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToken) -> Result<()> {
+    let topics = mqtt.topics()?;
+    // Replicas must not share a client id: the broker would disconnect one for the other.
+    let client_id = format!("k3sense-gateway-{:08x}", rand::random::<u32>());
+    let mut options = mqtt.mqtt_options(&client_id)?;
+    options.set_clean_session(true);
+    let (client, mut events) = AsyncClient::new(options, 64);
+    let filters = vec![
+        SubscribeFilter::new(topics.filter(TopicKind::State), QoS::AtLeastOnce),
+        SubscribeFilter::new(topics.filter(TopicKind::Availability), QoS::AtLeastOnce),
+    ];
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut complaints = Complaints::default();
+    tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                tracing::info!(broker = %mqtt.broker, "connected to the MQTT broker");
+                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                    tracing::error!(error = %e, "cannot queue the subscription");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure));
+                if refused {
+                    tracing::error!(
+                        "the broker refused the subscription to {}: check this user's permissions",
+                        topics.prefix()
+                    );
+                } else {
+                    link.subscribed.store(true, Ordering::SeqCst);
+                    link.metrics.broker_connected.set(1);
+                    tracing::info!(prefix = topics.prefix(), "subscribed; ready");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                handle(
+                    &topics,
+                    &link,
+                    &mut complaints,
+                    &publish.topic,
+                    &publish.payload,
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                link.subscribed.store(false, Ordering::SeqCst);
+                link.metrics.broker_connected.set(0);
+                let delay = backoff.next_delay();
+                tracing::warn!(broker = %mqtt.broker, error = %e, retry_in = ?delay, "MQTT connection lost; readings will resume once the broker is back");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    link.subscribed.store(false, Ordering::SeqCst);
+    let _ = client.try_disconnect();
+    Ok(())
+}
+
+/// Validates one message and feeds it to the hub; counts and logs what it refuses.
+fn handle(topics: &Topics, link: &Link, complaints: &mut Complaints, topic: &str, payload: &[u8]) {
+    let Some((id, kind)) = topics.parse(topic) else {
+        link.metrics.invalid("unknown_topic");
+        complaints.say("unknown_topic", || {
+            format!("ignoring a message on unexpected topic {topic:?}")
+        });
+        return;
+    };
+    match kind {
+        TopicKind::State => {
+            link.metrics.received("state");
+            if payload.is_empty() {
+                // An empty retained message clears the topic; nothing to show.
+                link.metrics.invalid("empty");
+                return;
+            }
+            match Reading::from_json(payload) {
+                Ok(reading) if reading.sensor_id != id => {
+                    link.metrics.invalid("id_mismatch");
+                    complaints.say("id_mismatch", || {
+                        format!("dropping a reading of sensor {} sent on {topic}: the id in the payload must match the topic", reading.sensor_id)
+                    });
+                }
+                Ok(reading) => {
+                    link.hub.reading(reading);
+                    link.metrics.sensors.set(link.hub.sensor_count() as i64);
+                }
+                Err(e) => {
+                    let reason = reason_of(&e);
+                    link.metrics.invalid(reason);
+                    complaints.say(reason, || {
+                        format!("dropping an invalid reading on {topic}: {e}")
+                    });
+                }
+            }
+        }
+        TopicKind::Availability => {
+            link.metrics.received("availability");
+            match Availability::from_payload(payload) {
+                Ok(a) => {
+                    link.hub.availability(&id, a);
+                    link.metrics.sensors.set(link.hub.sensor_count() as i64);
+                }
+                Err(e) if payload.is_empty() => {
+                    let _ = e;
+                    link.metrics.invalid("empty");
+                }
+                Err(e) => {
+                    link.metrics.invalid("bad_availability");
+                    complaints.say("bad_availability", || {
+                        format!("dropping availability on {topic}: {e}")
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn reason_of(e: &k3sense_protocol::Error) -> &'static str {
+    use k3sense_protocol::Error as E;
+    match e {
+        E::TooLarge { .. } => "too_large",
+        E::MissingField(_) => "missing_field",
+        E::NotFinite { .. } | E::OutOfRange { .. } => "out_of_range",
+        E::BadSensorId(_) => "bad_sensor_id",
+        E::UnknownModel(_) => "unknown_model",
+        E::BadTimestamp(_) => "bad_timestamp",
+        _ => "malformed",
+    }
+}
+
+/// Logs each kind of complaint at most once per interval, with how many were suppressed, so a
+/// misbehaving client cannot flood the log.
+#[derive(Default)]
+struct Complaints {
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl Complaints {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn say(&mut self, kind: &'static str, message: impl FnOnce() -> String) {
+        let now = Instant::now();
+        match self.last.get_mut(kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < Self::INTERVAL => {
+                *suppressed += 1;
+            }
+            Some((at, suppressed)) => {
+                tracing::warn!(suppressed = *suppressed, "{}", message());
+                *at = now;
+                *suppressed = 0;
+            }
+            None => {
+                tracing::warn!("{}", message());
+                self.last.insert(kind, (now, 0));
+            }
+        }
+    }
+}

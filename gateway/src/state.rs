@@ -1,0 +1,253 @@
+//! What the gateway knows: per sensor, its availability, its newest reading and a bounded
+//! history. Plain data, no I/O, no clock: the MQTT side feeds it, the HTTP side reads it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use k3sense_protocol::{
+    Availability, Reading, SensorId,
+    ws::{SensorStatus, SensorSummary, ServerMessage},
+};
+
+/// The readings of one sensor, oldest first, at most `capacity` of them.
+///
+/// Ordered by `(read_at, seq)`, so a reading replayed late or twice lands in its place or is
+/// dropped, and a publisher that restarts (its `seq` starting over) still sorts by time.
+#[derive(Debug, Clone)]
+pub struct History {
+    capacity: usize,
+    readings: VecDeque<Reading>,
+}
+
+/// What [`History::insert`] did with a reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// It is the newest reading now.
+    Newest,
+    /// It belongs before the newest one (a late replay).
+    Older,
+    /// The same reading was already there.
+    Duplicate,
+    /// It is older than everything a full history keeps.
+    TooOld,
+}
+
+impl History {
+    /// An empty history holding at most `capacity` readings (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            readings: VecDeque::new(),
+        }
+    }
+
+    /// Inserts in order, evicting the oldest when full.
+    pub fn insert(&mut self, reading: Reading) -> Inserted {
+        let key = |r: &Reading| (r.read_at, r.seq);
+        let new_key = key(&reading);
+        let position = self.readings.partition_point(|r| key(r) < new_key);
+        if self
+            .readings
+            .get(position)
+            .is_some_and(|r| key(r) == new_key)
+        {
+            return Inserted::Duplicate;
+        }
+        if position == 0 && self.readings.len() == self.capacity {
+            return Inserted::TooOld;
+        }
+        let newest = position == self.readings.len();
+        self.readings.insert(position, reading);
+        if self.readings.len() > self.capacity {
+            self.readings.pop_front();
+        }
+        if newest {
+            Inserted::Newest
+        } else {
+            Inserted::Older
+        }
+    }
+
+    /// The newest `limit` readings, oldest first.
+    pub fn newest(&self, limit: usize) -> Vec<Reading> {
+        let skip = self.readings.len().saturating_sub(limit);
+        self.readings.iter().skip(skip).cloned().collect()
+    }
+
+    /// The newest reading.
+    pub fn latest(&self) -> Option<&Reading> {
+        self.readings.back()
+    }
+
+    /// Number of readings held.
+    pub fn len(&self) -> usize {
+        self.readings.len()
+    }
+
+    /// Whether no reading is held.
+    pub fn is_empty(&self) -> bool {
+        self.readings.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sensor {
+    status: SensorStatus,
+    history: History,
+}
+
+/// Every sensor the gateway has heard of.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    history_capacity: usize,
+    sensors: BTreeMap<SensorId, Sensor>,
+}
+
+impl Registry {
+    /// An empty registry keeping `history_capacity` readings per sensor.
+    pub fn new(history_capacity: usize) -> Self {
+        Self {
+            history_capacity,
+            sensors: BTreeMap::new(),
+        }
+    }
+
+    fn sensor(&mut self, id: &SensorId) -> &mut Sensor {
+        let capacity = self.history_capacity;
+        self.sensors.entry(id.clone()).or_insert_with(|| Sensor {
+            status: SensorStatus::Unknown,
+            history: History::new(capacity),
+        })
+    }
+
+    /// Records a reading; returns the message to send to clients, or `None` for a duplicate or
+    /// a reading too old to keep.
+    pub fn apply_reading(&mut self, reading: Reading) -> Option<ServerMessage> {
+        let sensor = self.sensor(&reading.sensor_id);
+        match sensor.history.insert(reading.clone()) {
+            Inserted::Newest | Inserted::Older => Some(ServerMessage::Reading(reading)),
+            Inserted::Duplicate | Inserted::TooOld => None,
+        }
+    }
+
+    /// Records an availability change; `None` when nothing changed.
+    pub fn apply_availability(
+        &mut self,
+        id: &SensorId,
+        availability: Availability,
+    ) -> Option<ServerMessage> {
+        let status = SensorStatus::from(availability);
+        let sensor = self.sensor(id);
+        if sensor.status == status {
+            return None;
+        }
+        sensor.status = status;
+        Some(ServerMessage::Availability {
+            sensor_id: id.clone(),
+            status,
+        })
+    }
+
+    /// Every sensor with its status and newest reading, sorted by id.
+    pub fn summaries(&self) -> Vec<SensorSummary> {
+        self.sensors
+            .iter()
+            .map(|(id, s)| SensorSummary {
+                sensor_id: id.clone(),
+                status: s.status,
+                latest: s.history.latest().cloned(),
+            })
+            .collect()
+    }
+
+    /// The newest `limit` readings of a sensor, oldest first; `None` for an unknown sensor.
+    pub fn history(&self, id: &SensorId, limit: usize) -> Option<Vec<Reading>> {
+        self.sensors.get(id).map(|s| s.history.newest(limit))
+    }
+
+    /// Number of known sensors.
+    pub fn len(&self) -> usize {
+        self.sensors.len()
+    }
+
+    /// Whether no sensor is known.
+    pub fn is_empty(&self) -> bool {
+        self.sensors.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+    use k3sense_protocol::Model;
+
+    use super::*;
+
+    fn reading(id: &str, seq: u64, second: u32) -> Reading {
+        Reading::new(
+            SensorId::new(id).unwrap(),
+            Model::Dht22,
+            20.0,
+            50.0,
+            Utc.with_ymd_and_hms(2026, 11, 27, 4, 0, second).unwrap(),
+            seq,
+        )
+        .unwrap()
+    }
+
+    fn seqs(h: &History) -> Vec<u64> {
+        h.newest(usize::MAX).iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn keeps_order_through_late_and_duplicate_readings() {
+        let mut h = History::new(10);
+        assert_eq!(h.insert(reading("a", 1, 1)), Inserted::Newest);
+        assert_eq!(h.insert(reading("a", 3, 3)), Inserted::Newest);
+        assert_eq!(h.insert(reading("a", 2, 2)), Inserted::Older);
+        assert_eq!(h.insert(reading("a", 2, 2)), Inserted::Duplicate);
+        assert_eq!(h.insert(reading("a", 3, 3)), Inserted::Duplicate);
+        assert_eq!(seqs(&h), [1, 2, 3]);
+        assert_eq!(h.latest().unwrap().seq, 3);
+    }
+
+    #[test]
+    fn a_restarted_publisher_sorts_by_time() {
+        let mut h = History::new(10);
+        h.insert(reading("a", 41, 1));
+        h.insert(reading("a", 42, 2));
+        assert_eq!(h.insert(reading("a", 1, 3)), Inserted::Newest);
+        assert_eq!(seqs(&h), [41, 42, 1]);
+    }
+
+    #[test]
+    fn is_bounded_and_evicts_the_oldest() {
+        let mut h = History::new(3);
+        for s in 1..=5 {
+            h.insert(reading("a", s, s as u32));
+        }
+        assert_eq!(seqs(&h), [3, 4, 5]);
+        assert_eq!(h.insert(reading("a", 1, 1)), Inserted::TooOld);
+        assert_eq!(
+            h.newest(2).iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [4, 5]
+        );
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn registry_reports_changes_only() {
+        let mut reg = Registry::new(5);
+        let id = SensorId::new("a").unwrap();
+        assert!(reg.apply_reading(reading("a", 1, 1)).is_some());
+        assert!(reg.apply_reading(reading("a", 1, 1)).is_none());
+        assert_eq!(reg.summaries()[0].status, SensorStatus::Unknown);
+        assert!(reg.apply_availability(&id, Availability::Online).is_some());
+        assert!(reg.apply_availability(&id, Availability::Online).is_none());
+        assert!(reg.apply_availability(&id, Availability::Offline).is_some());
+        let summary = &reg.summaries()[0];
+        assert_eq!(summary.status, SensorStatus::Offline);
+        assert_eq!(summary.latest.as_ref().unwrap().seq, 1);
+        assert_eq!(reg.history(&id, 10).unwrap().len(), 1);
+        assert!(reg.history(&SensorId::new("b").unwrap(), 10).is_none());
+    }
+}

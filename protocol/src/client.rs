@@ -1,0 +1,213 @@
+//! How a k3sense client (publisher, gateway, tools) reaches the broker.
+//!
+//! Every client takes the same flags, so one Secret and one set of environment variables serve
+//! them all. The password is never a bare command-line flag (it would show in `ps`): it comes from
+//! `--password-file` or from the `K3SENSE_PASSWORD` variable, which the binary reads and puts
+//! into [`MqttConfig::password`].
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use rumqttc::MqttOptions;
+
+use crate::{Error, Result, Topics};
+
+/// Connection settings shared by every MQTT client of k3sense.
+#[derive(Clone, clap::Args)]
+pub struct MqttConfig {
+    /// MQTT broker to connect to, as host:port.
+    #[arg(long, env = "K3SENSE_BROKER", default_value = "127.0.0.1:1883")]
+    pub broker: String,
+
+    /// Username for the broker (with --password-file or K3SENSE_PASSWORD).
+    #[arg(long, env = "K3SENSE_USERNAME")]
+    pub username: Option<String>,
+
+    /// File holding the broker password (first line). The password can also come from the
+    /// environment variable K3SENSE_PASSWORD; it is never a command-line flag.
+    #[arg(long, env = "K3SENSE_PASSWORD_FILE", value_name = "PATH")]
+    pub password_file: Option<PathBuf>,
+
+    /// Password from the environment (`K3SENSE_PASSWORD`), filled in by the binary.
+    #[arg(skip)]
+    pub password: Option<String>,
+
+    /// First level(s) of every topic: <prefix>/<sensor_id>/state.
+    #[arg(long, env = "K3SENSE_TOPIC_PREFIX", default_value = crate::DEFAULT_PREFIX)]
+    pub topic_prefix: String,
+
+    /// MQTT keepalive: how soon a dead connection is noticed (by both sides).
+    #[arg(long, env = "K3SENSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+}
+
+impl fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("broker", &self.broker)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("topic_prefix", &self.topic_prefix)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+impl MqttConfig {
+    /// Settings for a broker at `broker` with everything else at its default.
+    pub fn new(broker: impl Into<String>) -> Self {
+        Self {
+            broker: broker.into(),
+            username: None,
+            password_file: None,
+            password: None,
+            topic_prefix: crate::DEFAULT_PREFIX.to_owned(),
+            keepalive: Duration::from_secs(15),
+        }
+    }
+
+    /// The topics under the configured prefix.
+    pub fn topics(&self) -> Result<Topics> {
+        Topics::new(self.topic_prefix.clone())
+    }
+
+    /// Host and port of the broker.
+    pub fn host_port(&self) -> Result<(String, u16)> {
+        let bad = || Error::BadBrokerAddress(self.broker.clone());
+        let (host, port) = self.broker.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        Ok((host.to_owned(), port))
+    }
+
+    /// rumqttc options for a client called `client_id`: keepalive (never 0, which rumqttd
+    /// refuses), credentials, and a packet limit that fits readings and discovery messages.
+    /// Reads the password file, so a missing file is reported at start-up.
+    pub fn mqtt_options(&self, client_id: &str) -> Result<MqttOptions> {
+        let (host, port) = self.host_port()?;
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(self.keepalive.max(Duration::from_secs(1)));
+        options.set_max_packet_size(64 * 1024, 64 * 1024);
+        match (&self.username, self.password()?) {
+            (Some(user), Some(password)) => {
+                options.set_credentials(user.clone(), password);
+            }
+            (Some(user), None) => {
+                options.set_credentials(user.clone(), String::new());
+            }
+            (None, Some(_)) => {
+                return Err(Error::Credentials(
+                    "a password is set but no --username / K3SENSE_USERNAME: set both or neither",
+                ));
+            }
+            (None, None) => {}
+        }
+        Ok(options)
+    }
+
+    fn password(&self) -> Result<Option<String>> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::PasswordFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let first = text.lines().next().unwrap_or_default().to_owned();
+            return Ok(Some(first));
+        }
+        Ok(self.password.clone())
+    }
+}
+
+/// Exponential backoff with full jitter, for reconnecting: many clients that lost the same
+/// broker must not all come back in the same millisecond.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles per failure up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The next delay: uniform in [min/2, current], then `current` doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let upper = self.current;
+        let lower = upper / 2;
+        self.current = (self.current * 2).min(self.max);
+        let spread = upper.saturating_sub(lower).as_millis() as u64;
+        lower + Duration::from_millis(rand::random_range(0..=spread))
+    }
+
+    /// Call after a success, so the next failure starts small again.
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_broker_addresses() {
+        let c = |s: &str| MqttConfig::new(s).host_port();
+        assert_eq!(c("broker:1883").unwrap(), ("broker".to_owned(), 1883));
+        assert_eq!(c("[::1]:1883").unwrap(), ("::1".to_owned(), 1883));
+        for bad in ["broker", ":1883", "broker:x", "broker:70000"] {
+            assert!(matches!(c(bad), Err(Error::BadBrokerAddress(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn password_file_first_line_and_errors() {
+        let dir = std::env::temp_dir().join(format!("k3sense-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let mut c = MqttConfig::new("b:1");
+        c.username = Some("u".into());
+        c.password_file = Some(file.clone());
+        assert_eq!(c.password().unwrap().as_deref(), Some("s3cret"));
+        assert!(c.mqtt_options("x").is_ok());
+        c.password_file = Some(dir.join("missing"));
+        assert!(matches!(
+            c.mqtt_options("x"),
+            Err(Error::PasswordFile { .. })
+        ));
+        c.password_file = None;
+        c.username = None;
+        c.password = Some("p".into());
+        assert!(matches!(c.mqtt_options("x"), Err(Error::Credentials(_))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn debug_redacts_the_password() {
+        let mut c = MqttConfig::new("b:1");
+        c.password = Some("hunter2".into());
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d1 = b.next_delay();
+        assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+        for _ in 0..10 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,162 @@
+//! Readings waiting for the broker's acknowledgement.
+//!
+//! The publisher, not the MQTT library, is the keeper of readings until the broker has taken
+//! them: rumqttc forgets unacknowledged messages when it reconnects to a broker that lost the
+//! session (a restarted broker always has). So every reading stays here from the moment it is
+//! read until its PUBACK arrives, and after every reconnect the unacknowledged ones are sent
+//! again, oldest first, with their original `read_at` and `seq`. The buffer is bounded: when the
+//! broker stays away too long, the oldest readings are dropped and counted.
+
+use std::collections::VecDeque;
+
+use k3sense_protocol::Reading;
+
+/// Bounded, ordered buffer of readings not yet acknowledged.
+#[derive(Debug)]
+pub struct Outbox {
+    capacity: usize,
+    entries: VecDeque<Entry>,
+    dropped: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    reading: Reading,
+    sent: bool,
+}
+
+impl Outbox {
+    /// A buffer of at most `capacity` readings (at least one).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            entries: VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Adds a reading; returns the oldest one if it had to be dropped to make room.
+    pub fn push(&mut self, reading: Reading) -> Option<Reading> {
+        let evicted = if self.entries.len() == self.capacity {
+            self.dropped += 1;
+            self.entries.pop_front().map(|e| e.reading)
+        } else {
+            None
+        };
+        self.entries.push_back(Entry {
+            reading,
+            sent: false,
+        });
+        evicted
+    }
+
+    /// The oldest reading not yet handed to the connection, marked as handed over.
+    pub fn next_unsent(&mut self) -> Option<&Reading> {
+        let entry = self.entries.iter_mut().find(|e| !e.sent)?;
+        entry.sent = true;
+        Some(&entry.reading)
+    }
+
+    /// Undoes the last [`Outbox::next_unsent`] for `seq` (the connection could not take it).
+    pub fn unsend(&mut self, seq: u64) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.reading.seq == seq) {
+            e.sent = false;
+        }
+    }
+
+    /// The broker acknowledged `seq`: forget it.
+    pub fn acked(&mut self, seq: u64) {
+        self.entries.retain(|e| e.reading.seq != seq);
+    }
+
+    /// The connection broke: everything not acknowledged must be sent again.
+    pub fn resend_all(&mut self) {
+        for e in &mut self.entries {
+            e.sent = false;
+        }
+    }
+
+    /// Readings handed over but not acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.entries.iter().filter(|e| e.sent).count()
+    }
+
+    /// Readings held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Readings dropped because the buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use k3sense_protocol::{Model, SensorId};
+
+    use super::*;
+
+    fn r(seq: u64) -> Reading {
+        Reading::new(
+            SensorId::new("a").unwrap(),
+            Model::Dht11,
+            20.0,
+            40.0,
+            Utc::now(),
+            seq,
+        )
+        .unwrap()
+    }
+
+    fn next(o: &mut Outbox) -> Option<u64> {
+        o.next_unsent().map(|r| r.seq)
+    }
+
+    #[test]
+    fn sends_in_order_and_forgets_on_ack() {
+        let mut o = Outbox::new(10);
+        for s in 1..=3 {
+            o.push(r(s));
+        }
+        assert_eq!(next(&mut o), Some(1));
+        assert_eq!(next(&mut o), Some(2));
+        assert_eq!(o.in_flight(), 2);
+        o.acked(1);
+        assert_eq!(o.len(), 2);
+        assert_eq!(next(&mut o), Some(3));
+        assert_eq!(next(&mut o), None);
+    }
+
+    #[test]
+    fn resends_everything_unacked_after_a_reconnect() {
+        let mut o = Outbox::new(10);
+        for s in 1..=3 {
+            o.push(r(s));
+        }
+        while next(&mut o).is_some() {}
+        o.acked(2);
+        o.resend_all();
+        assert_eq!(next(&mut o), Some(1));
+        assert_eq!(next(&mut o), Some(3));
+        o.unsend(3);
+        assert_eq!(next(&mut o), Some(3));
+    }
+
+    #[test]
+    fn drops_the_oldest_when_full_and_counts() {
+        let mut o = Outbox::new(2);
+        assert!(o.push(r(1)).is_none());
+        assert!(o.push(r(2)).is_none());
+        assert_eq!(o.push(r(3)).map(|r| r.seq), Some(1));
+        assert_eq!(o.dropped(), 1);
+        assert_eq!(next(&mut o), Some(2));
+    }
+}

@@ -1,0 +1,163 @@
+// k3sense live page: one WebSocket to /ws, a snapshot first, then readings and availability.
+// No build step, no dependencies: what is here is what runs.
+"use strict";
+
+const CHART_SPAN_MS = 60 * 60 * 1000;      // the chart shows the last hour
+const DEFAULT_INTERVAL_MS = 10 * 1000;     // until two readings tell the real interval
+const STALE_INTERVALS = 3;                 // no reading for three intervals: stale
+const HISTORY_LIMIT = 720;                 // readings fetched per sensor for the chart
+
+const sensors = new Map();                 // sensor_id -> { card, status, latest, history: [] }
+let backoffMs = 500;
+
+function $(root, selector) { return root.querySelector(selector); }
+
+function setConnection(state, text) {
+  const el = document.getElementById("connection");
+  el.dataset.state = state;
+  document.getElementById("connection-text").textContent = text;
+}
+
+function sensorFor(id) {
+  let s = sensors.get(id);
+  if (s) return s;
+  const card = document.getElementById("sensor-card").content.firstElementChild.cloneNode(true);
+  card.dataset.sensor = id;
+  $(card, ".sensor-id").textContent = id;
+  s = { card, status: "unknown", latest: null, history: [] };
+  sensors.set(id, s);
+  const list = document.getElementById("sensors");
+  const after = [...list.children].find((c) => c.dataset.sensor > id);
+  list.insertBefore(card, after || null);
+  document.getElementById("empty").hidden = true;
+  return s;
+}
+
+function key(r) { return [Date.parse(r.read_at), r.seq]; }
+function before(a, b) { const [ta, sa] = key(a), [tb, sb] = key(b); return ta < tb || (ta === tb && sa < sb); }
+
+function addReading(s, r) {
+  const h = s.history;
+  let i = h.length;
+  while (i > 0 && before(r, h[i - 1])) i--;
+  if (i > 0 && h[i - 1].seq === r.seq && h[i - 1].read_at === r.read_at) return;
+  h.splice(i, 0, r);
+  const cutoff = Date.now() - CHART_SPAN_MS;
+  while (h.length > 1 && Date.parse(h[0].read_at) < cutoff) h.shift();
+  if (!s.latest || !before(r, s.latest)) s.latest = r;
+}
+
+function intervalOf(s) {
+  const h = s.history;
+  if (h.length < 2) return DEFAULT_INTERVAL_MS;
+  const gaps = [];
+  for (let i = Math.max(1, h.length - 6); i < h.length; i++) {
+    gaps.push(Date.parse(h[i].read_at) - Date.parse(h[i - 1].read_at));
+  }
+  gaps.sort((a, b) => a - b);
+  return Math.max(1000, gaps[Math.floor(gaps.length / 2)]);
+}
+
+function displayedStatus(s) {
+  if (s.status === "offline") return "offline";
+  if (!s.latest) return "stale";
+  const age = Date.now() - Date.parse(s.latest.read_at);
+  return age > STALE_INTERVALS * intervalOf(s) ? "stale" : "live";
+}
+
+function ago(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s ago`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min ago`;
+}
+
+function render(s) {
+  const c = s.card;
+  const status = displayedStatus(s);
+  c.dataset.status = status;
+  $(c, ".badge-text").textContent = status;
+  if (s.latest) {
+    const r = s.latest;
+    $(c, ".temperature .number").textContent = r.temperature_c.toFixed(1);
+    $(c, ".humidity .number").textContent = r.humidity_pct.toFixed(1);
+    $(c, ".age").textContent = `updated ${ago(Date.now() - Date.parse(r.read_at))}`;
+    $(c, ".age").title = r.read_at;
+    $(c, ".model").textContent = r.model;
+    $(c, ".seq").textContent = `#${r.seq}`;
+  }
+  drawChart(s);
+}
+
+function drawChart(s) {
+  const now = Date.now();
+  const points = s.history.filter((r) => now - Date.parse(r.read_at) <= CHART_SPAN_MS);
+  const line = (field, el, rangeEl, unit) => {
+    if (points.length === 0) { el.setAttribute("points", ""); rangeEl.textContent = ""; return; }
+    let lo = Math.min(...points.map((r) => r[field])), hi = Math.max(...points.map((r) => r[field]));
+    rangeEl.textContent = `${lo.toFixed(1)}–${hi.toFixed(1)} ${unit}`;
+    if (hi - lo < 1) { const mid = (hi + lo) / 2; lo = mid - 0.5; hi = mid + 0.5; }
+    const xy = points.map((r) => {
+      const x = 300 * (1 - (now - Date.parse(r.read_at)) / CHART_SPAN_MS);
+      const y = 95 - 90 * (r[field] - lo) / (hi - lo);
+      return `${x.toFixed(1)},${y.toFixed(1)}`;
+    });
+    el.setAttribute("points", xy.join(" "));
+  };
+  const c = s.card;
+  line("temperature_c", $(c, ".line-temperature"), $(c, ".range-temperature"), "°C");
+  line("humidity_pct", $(c, ".line-humidity"), $(c, ".range-humidity"), "%");
+}
+
+async function loadHistory(id) {
+  try {
+    const res = await fetch(`/api/sensors/${encodeURIComponent(id)}/history?limit=${HISTORY_LIMIT}`);
+    if (!res.ok) return;
+    const s = sensorFor(id);
+    for (const r of await res.json()) addReading(s, r);
+    render(s);
+  } catch (e) {
+    // The live stream still works; the chart fills as readings arrive.
+  }
+}
+
+function onMessage(event) {
+  let m;
+  try { m = JSON.parse(event.data); } catch (e) { return; }
+  if (m.type === "snapshot") {
+    for (const entry of m.sensors) {
+      const s = sensorFor(entry.sensor_id);
+      s.status = entry.status;
+      if (entry.latest) addReading(s, entry.latest);
+      render(s);
+      loadHistory(entry.sensor_id);
+    }
+  } else if (m.type === "reading") {
+    const { type, ...r } = m;
+    const s = sensorFor(r.sensor_id);
+    addReading(s, r);
+    render(s);
+  } else if (m.type === "availability") {
+    const s = sensorFor(m.sensor_id);
+    s.status = m.status;
+    render(s);
+  }
+}
+
+function connect() {
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  const ws = new WebSocket(url);
+  ws.onopen = () => { backoffMs = 500; setConnection("connected", "live"); };
+  ws.onmessage = onMessage;
+  ws.onclose = (event) => {
+    // Full jitter, so a restarted gateway is not hit by every browser at once.
+    const delay = Math.round(backoffMs / 2 + Math.random() * backoffMs / 2);
+    backoffMs = Math.min(backoffMs * 2, 15000);
+    const why = event.code === 1001 ? "server restarting" : "disconnected";
+    setConnection("disconnected", `${why} — reconnecting in ${Math.ceil(delay / 1000)} s`);
+    setTimeout(connect, delay);
+  };
+}
+
+setInterval(() => { for (const s of sensors.values()) render(s); }, 1000);
+connect();
