@@ -1,0 +1,1112 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The contract between the Kubernetes manifests in `deploy/` and between them and the binary.
+//!
+//! Every kustomize target (`deploy/base` and each `deploy/overlays/*`) is rendered with
+//! `kubectl kustomize` (in a copy of `deploy/` with throwaway credentials, since the real ones are
+//! git-ignored) and turned into JSON with PyYAML. The tests then prove what a typo in one file would
+//! silently break in a cluster:
+//!
+//! - Service, PodDisruptionBudget and workload selectors match the pods they are meant for, and every
+//!   Service and Ingress port resolves to a container port;
+//! - the gateway's probes ask `/healthz` and `/readyz` on the port it listens on (`K3SENSE_LISTEN`), the
+//!   broker listens where `K3SENSE_BROKER=broker:1883` points;
+//! - every `K3SENSE_*` variable a container sets is one that its subcommand's `--help` lists, and the
+//!   image tag is the crate's version;
+//! - the publisher schedules only on a node labelled `k3sense.io/sensor` (except in `dev`);
+//! - the NetworkPolicies admit exactly publisher→broker:1883, gateway→broker:1883,
+//!   Traefik (kube-system)→gateway:8080 and DNS, and nothing else to, from or within the namespace;
+//! - every pod is hardened, and every checkov skip carries a reason.
+//!
+//! Needs `kubectl` and `python3` with PyYAML. Without them the tests print a notice and pass, unless
+//! the environment variable `CI` is set, where they fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+const NAMESPACE: &str = "k3sense";
+const IMAGE: &str = "ghcr.io/k3sense/k3sense";
+const SENSOR_LABEL: &str = "k3sense.io/sensor";
+
+/// Every rendered target, by name (`base`, `overlays/iio`, …), as a list of objects.
+type Renders = BTreeMap<String, Vec<Value>>;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// Returns false (after a notice) when a tool is missing outside CI; panics in CI.
+fn tools_present() -> bool {
+    let kubectl = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let pyyaml = Command::new("python3")
+        .args(["-c", "import yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if kubectl && pyyaml {
+        return true;
+    }
+    let missing = [(kubectl, "kubectl"), (pyyaml, "python3 with PyYAML")]
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if std::env::var_os("CI").is_some() {
+        panic!("deploy_manifests needs {missing} (pip install kubernetes-validate brings PyYAML)");
+    }
+    // Written to stderr directly, not with eprintln!, so that the test harness does not swallow it.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED deploy_manifests: {missing} not found (these tests fail when CI is set)"
+    );
+    false
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn write_test_credentials(secrets: &Path) {
+    std::fs::write(secrets.join("publisher.password"), "test-publisher-pw").unwrap();
+    std::fs::write(secrets.join("gateway.password"), "test-gateway-pw").unwrap();
+    std::fs::write(
+        secrets.join("users.txt"),
+        "publisher:test-publisher-pw\ngateway:test-gateway-pw\n",
+    )
+    .unwrap();
+}
+
+fn kustomize(dir: &Path) -> std::process::Output {
+    Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl kustomize")
+}
+
+fn yaml_to_json(yaml: &[u8]) -> Vec<Value> {
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    child.stdin.take().unwrap().write_all(yaml).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "PyYAML could not read the render");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A scratch copy of `deploy/` without any real credentials.
+fn scratch_copy(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("deploy-manifests-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_tree(&deploy_dir(), &dir);
+    let secrets = dir.join("base/secrets");
+    for file in ["users.txt", "publisher.password", "gateway.password"] {
+        let _ = std::fs::remove_file(secrets.join(file));
+    }
+    dir
+}
+
+fn targets() -> Vec<String> {
+    let mut targets = vec!["base".to_owned()];
+    let mut overlays: Vec<String> = std::fs::read_dir(deploy_dir().join("overlays"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| format!("overlays/{}", e.file_name().to_string_lossy()))
+        .collect();
+    overlays.sort();
+    targets.extend(overlays);
+    targets
+}
+
+fn renders() -> Option<&'static Renders> {
+    static RENDERS: OnceLock<Option<Renders>> = OnceLock::new();
+    RENDERS
+        .get_or_init(|| {
+            if !tools_present() {
+                return None;
+            }
+            let copy = scratch_copy("render");
+            write_test_credentials(&copy.join("base/secrets"));
+            let mut renders = Renders::new();
+            for target in targets() {
+                let out = kustomize(&copy.join(&target));
+                assert!(
+                    out.status.success(),
+                    "kubectl kustomize deploy/{target} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                renders.insert(target, yaml_to_json(&out.stdout));
+            }
+            let _ = std::fs::remove_dir_all(&copy);
+            Some(renders)
+        })
+        .as_ref()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading objects
+
+fn kind(o: &Value) -> &str {
+    o["kind"].as_str().unwrap_or_default()
+}
+
+fn name(o: &Value) -> &str {
+    o["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn of_kind<'a>(objects: &'a [Value], k: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    objects.iter().filter(move |o| kind(o) == k)
+}
+
+/// A workload's pod template, seen as the pods it creates.
+struct Pod<'a> {
+    workload: &'a Value,
+    labels: BTreeMap<String, String>,
+    spec: &'a Value,
+}
+
+impl Pod<'_> {
+    fn id(&self) -> String {
+        format!("{}/{}", kind(self.workload), name(self.workload))
+    }
+
+    fn component(&self) -> &str {
+        self.labels
+            .get("app.kubernetes.io/component")
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    fn containers(&self) -> impl Iterator<Item = &Value> {
+        self.spec["containers"].as_array().into_iter().flatten()
+    }
+
+    /// `(name, protocol, port)` of every container port.
+    fn ports(&self) -> Vec<(String, String, u64)> {
+        self.containers()
+            .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or_default().to_owned(),
+                    p["protocol"].as_str().unwrap_or("TCP").to_owned(),
+                    p["containerPort"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Resolves a Service targetPort or probe port (number or name) to a container port number.
+    fn resolve_port(&self, port: &Value) -> Option<u64> {
+        match port {
+            Value::Number(n) => {
+                let n = n.as_u64()?;
+                self.ports().iter().any(|(_, _, p)| *p == n).then_some(n)
+            }
+            Value::String(s) => self
+                .ports()
+                .iter()
+                .find(|(name, _, _)| name == s)
+                .map(|(_, _, p)| *p),
+            _ => None,
+        }
+    }
+}
+
+fn env_value<'a>(container: &'a Value, var: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == var)?["value"]
+        .as_str()
+}
+
+fn pods(objects: &[Value]) -> Vec<Pod<'_>> {
+    objects
+        .iter()
+        .filter(|o| matches!(kind(o), "Deployment" | "DaemonSet" | "StatefulSet" | "Job"))
+        .map(|o| Pod {
+            workload: o,
+            labels: string_map(&o["spec"]["template"]["metadata"]["labels"]),
+            spec: &o["spec"]["template"]["spec"],
+        })
+        .collect()
+}
+
+fn pods_of<'a>(objects: &'a [Value], component: &str) -> Vec<Pod<'a>> {
+    pods(objects)
+        .into_iter()
+        .filter(|p| p.component() == component)
+        .collect()
+}
+
+fn the_pod<'a>(objects: &'a [Value], component: &str) -> Pod<'a> {
+    let mut found = pods_of(objects, component);
+    assert_eq!(found.len(), 1, "expected one {component} workload");
+    found.remove(0)
+}
+
+/// Kubernetes label selector semantics: matchLabels and matchExpressions, all must hold.
+/// An empty selector matches everything; `None` (absent) is for the caller to interpret.
+fn selector_matches(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
+    let match_labels = string_map(&selector["matchLabels"]);
+    let labels_ok = match_labels.iter().all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = e["key"].as_str().unwrap();
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let value = labels.get(key).map(String::as_str);
+            match e["operator"].as_str().unwrap() {
+                "In" => value.is_some_and(|v| values.contains(&v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(&v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                op => panic!("unknown selector operator {op}"),
+            }
+        });
+    labels_ok && expressions_ok
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn every_target_renders_into_the_namespace_with_common_labels() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        assert!(!objects.is_empty(), "{target}: empty render");
+        let namespaces: Vec<&Value> = of_kind(objects, "Namespace").collect();
+        assert_eq!(namespaces.len(), 1, "{target}: one Namespace");
+        assert_eq!(name(namespaces[0]), NAMESPACE, "{target}");
+        for o in objects {
+            let id = format!("{target}: {} {}", kind(o), name(o));
+            if kind(o) != "Namespace" {
+                assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{id}: namespace");
+            }
+            let labels = string_map(&o["metadata"]["labels"]);
+            assert_eq!(
+                labels.get("app.kubernetes.io/name").map(String::as_str),
+                Some("k3sense"),
+                "{id}: label app.kubernetes.io/name"
+            );
+        }
+        for p in pods(objects) {
+            assert_eq!(
+                p.labels.get("app.kubernetes.io/name").map(String::as_str),
+                Some("k3sense"),
+                "{target}: {} pod label app.kubernetes.io/name",
+                p.id()
+            );
+            assert!(
+                ["broker", "publisher", "gateway"].contains(&p.component()),
+                "{target}: {} has component label {:?}",
+                p.id(),
+                p.component()
+            );
+        }
+        for component in ["broker", "publisher", "gateway"] {
+            assert!(
+                !pods_of(objects, component).is_empty(),
+                "{target}: no {component} workload"
+            );
+        }
+    }
+}
+
+#[test]
+fn workload_service_and_budget_selectors_match_their_pods() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        let pods = pods(objects);
+        for p in &pods {
+            let selector = &p.workload["spec"]["selector"];
+            assert!(
+                selector_matches(selector, &p.labels),
+                "{target}: {} selector does not match its own template",
+                p.id()
+            );
+            for other in pods.iter().filter(|o| o.id() != p.id()) {
+                assert!(
+                    !selector_matches(selector, &other.labels),
+                    "{target}: {} selector also selects the pods of {}",
+                    p.id(),
+                    other.id()
+                );
+            }
+        }
+        for svc in of_kind(objects, "Service") {
+            let selector = &svc["spec"]["selector"];
+            assert!(
+                selector.as_object().is_some_and(|m| !m.is_empty()),
+                "{target}: Service {} has no selector",
+                name(svc)
+            );
+            // A Service selector is a plain map; reuse the matchLabels logic.
+            let as_label_selector = serde_json::json!({ "matchLabels": selector });
+            let backends: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| selector_matches(&as_label_selector, &p.labels))
+                .collect();
+            assert!(
+                !backends.is_empty(),
+                "{target}: Service {} selects no pod",
+                name(svc)
+            );
+            let svc_component = svc["metadata"]["labels"]["app.kubernetes.io/component"]
+                .as_str()
+                .unwrap();
+            for b in &backends {
+                assert_eq!(
+                    b.component(),
+                    svc_component,
+                    "{target}: Service {} selects {}",
+                    name(svc),
+                    b.id()
+                );
+                for port in svc["spec"]["ports"].as_array().unwrap() {
+                    assert!(
+                        b.resolve_port(&port["targetPort"]).is_some(),
+                        "{target}: Service {} targetPort {} is no container port of {}",
+                        name(svc),
+                        port["targetPort"],
+                        b.id()
+                    );
+                }
+            }
+        }
+        for pdb in of_kind(objects, "PodDisruptionBudget") {
+            let selected: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| selector_matches(&pdb["spec"]["selector"], &p.labels))
+                .collect();
+            assert_eq!(selected.len(), 1, "{target}: PDB {}", name(pdb));
+            let replicas = selected[0].workload["spec"]["replicas"].as_u64().unwrap();
+            let min = pdb["spec"]["minAvailable"].as_u64().unwrap();
+            assert!(
+                min < replicas,
+                "{target}: PDB {} would block every node drain",
+                name(pdb)
+            );
+        }
+    }
+}
+
+#[test]
+fn gateway_probes_ports_ingress_and_drain_agree() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        let gw = the_pod(objects, "gateway");
+        let container = gw.containers().next().unwrap();
+        let listen = env_value(container, "K3SENSE_LISTEN").expect("gateway sets K3SENSE_LISTEN");
+        let listen_port: u64 = listen.rsplit_once(':').unwrap().1.parse().unwrap();
+        assert_eq!(listen_port, 8080, "{target}: gateway listens on 8080");
+        assert!(
+            gw.ports().iter().any(|(_, _, p)| *p == listen_port),
+            "{target}: K3SENSE_LISTEN port {listen_port} is not a containerPort"
+        );
+        for (probe, path) in [
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("startupProbe", "/healthz"),
+        ] {
+            let get = &container[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{target}: gateway {probe} path");
+            assert_eq!(
+                gw.resolve_port(&get["port"]),
+                Some(listen_port),
+                "{target}: gateway {probe} port"
+            );
+        }
+        // Rollout: two replicas, never fewer than two ready.
+        let spec = &gw.workload["spec"];
+        assert_eq!(spec["replicas"], 2, "{target}");
+        assert_eq!(spec["strategy"]["type"], "RollingUpdate", "{target}");
+        assert_eq!(
+            spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
+            "{target}"
+        );
+        // Drain: preStop sleep + the gateway's ~10 s shutdown fit in the grace period.
+        let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap_or(0);
+        let grace = gw.spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            grace >= pre_stop + 10 + 5,
+            "{target}: grace {grace}s < preStop {pre_stop}s + 10s drain + margin"
+        );
+        // The Ingress reaches the gateway Service, whose port reaches the gateway's listen port.
+        let svc = of_kind(objects, "Service")
+            .find(|s| name(s) == "gateway")
+            .unwrap();
+        let ingress: Vec<&Value> = of_kind(objects, "Ingress").collect();
+        assert_eq!(ingress.len(), 1, "{target}: one Ingress");
+        assert_eq!(ingress[0]["spec"]["ingressClassName"], "traefik");
+        let backend = &ingress[0]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"];
+        assert_eq!(backend["name"], "gateway", "{target}");
+        let svc_port = svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                p["name"] == backend["port"]["name"] || p["port"] == backend["port"]["number"]
+            })
+            .expect("the Ingress backend port is a port of Service gateway");
+        assert_eq!(
+            gw.resolve_port(&svc_port["targetPort"]),
+            Some(listen_port),
+            "{target}: Service gateway targets the listen port"
+        );
+    }
+}
+
+#[test]
+fn broker_service_is_where_clients_dial() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        let broker = the_pod(objects, "broker");
+        let container = broker.containers().next().unwrap();
+        let listen = env_value(container, "K3SENSE_LISTEN").expect("broker sets K3SENSE_LISTEN");
+        let listen_port: u64 = listen.rsplit_once(':').unwrap().1.parse().unwrap();
+        let svc = of_kind(objects, "Service")
+            .find(|s| name(s) == "broker")
+            .expect("Service broker");
+        let svc_port = &svc["spec"]["ports"][0];
+        assert_eq!(svc_port["port"], 1883, "{target}: Service broker port");
+        assert_eq!(
+            broker.resolve_port(&svc_port["targetPort"]),
+            Some(listen_port),
+            "{target}: Service broker targets the broker's K3SENSE_LISTEN port"
+        );
+        assert_eq!(
+            broker.workload["spec"]["replicas"], 1,
+            "{target}: one broker"
+        );
+        for client in pods(objects).iter().filter(|p| p.component() != "broker") {
+            for c in client.containers() {
+                assert_eq!(
+                    env_value(c, "K3SENSE_BROKER"),
+                    Some("broker:1883"),
+                    "{target}: {} K3SENSE_BROKER",
+                    client.id()
+                );
+                assert!(
+                    env_value(c, "K3SENSE_USERNAME").is_some(),
+                    "{target}: {} has a username",
+                    client.id()
+                );
+            }
+        }
+        let users_file = env_value(container, "K3SENSE_USERS_FILE").expect("broker users file");
+        assert_mounted_from_secret(target, &broker, users_file);
+        for client in pods(objects).iter().filter(|p| p.component() != "broker") {
+            let c = client.containers().next().unwrap();
+            let file = env_value(c, "K3SENSE_PASSWORD_FILE").expect("password file");
+            assert_mounted_from_secret(target, client, file);
+            assert!(
+                env_value(c, "K3SENSE_PASSWORD").is_none(),
+                "{target}: {} password must come from a file, not an env value",
+                client.id()
+            );
+        }
+    }
+}
+
+/// `path` lies in a volume mounted from a Secret that the render generates.
+fn assert_mounted_from_secret(target: &str, pod: &Pod, path: &str) {
+    let container = pod.containers().next().unwrap();
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .unwrap_or_else(|| panic!("{target}: {} mounts nothing at {path}", pod.id()));
+    let volume = pod.spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let secret = volume["secret"]["secretName"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{target}: {} volume for {path} is not a Secret", pod.id()));
+    let renders = renders().unwrap();
+    let key = path.rsplit_once('/').unwrap().1;
+    let generated = renders[target]
+        .iter()
+        .find(|o| kind(o) == "Secret" && name(o) == secret)
+        .unwrap_or_else(|| panic!("{target}: Secret {secret} is not in the render"));
+    assert!(
+        generated["data"].get(key).is_some(),
+        "{target}: Secret {secret} has no key {key}"
+    );
+}
+
+#[test]
+fn credentials_have_no_default_and_are_required() {
+    if renders().is_none() {
+        return;
+    }
+    let copy = scratch_copy("no-secrets");
+    let out = kustomize(&copy.join("base"));
+    let _ = std::fs::remove_dir_all(&copy);
+    assert!(
+        !out.status.success(),
+        "deploy/base renders without the user's credential files: a default password would be deployed"
+    );
+    let gitignore = std::fs::read_to_string(deploy_dir().join("base/secrets/.gitignore")).unwrap();
+    assert!(
+        gitignore.lines().any(|l| l.trim() == "*"),
+        "secrets are git-ignored"
+    );
+}
+
+/// Whether `help` names `var` as a whole word (`K3SENSE_MAX_CLIENT` is not in `K3SENSE_MAX_CLIENTS`).
+fn lists_var(help: &str, var: &str) -> bool {
+    help.match_indices(var).any(|(at, _)| {
+        let before = help[..at].chars().next_back();
+        let after = help[at + var.len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        !word(before) && !word(after)
+    })
+}
+
+#[test]
+fn environment_variables_are_ones_the_binary_reads() {
+    let Some(renders) = renders() else { return };
+    let help = |args: &[&str]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_k3sense"))
+            .args(args)
+            .output()
+            .expect("run k3sense");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let top = help(&["--help"]);
+    let mut checked = BTreeSet::new();
+    for (target, objects) in renders {
+        for p in pods(objects) {
+            for c in p.containers() {
+                let args: Vec<&str> = c["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect();
+                let sub = args[0];
+                assert_eq!(
+                    sub,
+                    p.component(),
+                    "{target}: {} runs `k3sense {sub}`",
+                    p.id()
+                );
+                let sub_help = help(&[sub, "--help"]);
+                assert!(
+                    sub_help.contains("K3SENSE_"),
+                    "`k3sense {sub} --help` lists no K3SENSE_ variable (has the CLI landed?):\n{sub_help}"
+                );
+                for env in c["env"].as_array().into_iter().flatten() {
+                    let var = env["name"].as_str().unwrap();
+                    if var == "RUST_LOG" {
+                        continue;
+                    }
+                    assert!(
+                        var.starts_with("K3SENSE_"),
+                        "{target}: {} sets {var}, which k3sense does not read",
+                        p.id()
+                    );
+                    // Global options (e.g. K3SENSE_LOG_FORMAT) may be listed by the top-level help only.
+                    assert!(
+                        lists_var(&sub_help, var) || lists_var(&top, var),
+                        "{target}: {} sets {var}, but `k3sense {sub} --help` does not list it",
+                        p.id()
+                    );
+                    checked.insert(var.to_owned());
+                }
+            }
+        }
+    }
+    assert!(checked.contains("K3SENSE_SENSOR_ID"), "{checked:?}");
+}
+
+#[test]
+fn images_carry_the_crate_version_and_pods_are_hardened() {
+    let Some(renders) = renders() else { return };
+    let version = env!("CARGO_PKG_VERSION");
+    for (target, objects) in renders {
+        let ns = of_kind(objects, "Namespace").next().unwrap();
+        let enforce = ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+            .as_str()
+            .unwrap();
+        let privileged_overlay = target == "overlays/gpio-privileged";
+        assert_eq!(
+            enforce,
+            if privileged_overlay {
+                "privileged"
+            } else {
+                "restricted"
+            },
+            "{target}: Pod Security level"
+        );
+        for p in pods(objects) {
+            let id = format!("{target}: {}", p.id());
+            assert_eq!(p.spec["automountServiceAccountToken"], false, "{id}");
+            assert_eq!(p.spec["securityContext"]["runAsNonRoot"], true, "{id}");
+            assert_eq!(
+                p.spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+                "{id}"
+            );
+            for field in ["hostNetwork", "hostPID", "hostIPC"] {
+                assert_ne!(p.spec[field], true, "{id}: {field}");
+            }
+            assert!(
+                p.spec["volumes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|v| v.get("hostPath").is_none()),
+                "{id}: hostPath volume"
+            );
+            for c in p.containers() {
+                assert_eq!(
+                    c["image"].as_str().unwrap(),
+                    format!("{IMAGE}:{version}"),
+                    "{id}: image tag is the crate version"
+                );
+                let sc = &c["securityContext"];
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{id}");
+                assert_eq!(
+                    sc["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{id}"
+                );
+                assert!(
+                    sc["capabilities"].get("add").is_none(),
+                    "{id}: adds capabilities"
+                );
+                let is_last_resort = privileged_overlay && p.component() == "publisher";
+                assert_eq!(sc["privileged"], is_last_resort, "{id}: privileged");
+                assert_eq!(sc["allowPrivilegeEscalation"], is_last_resort, "{id}");
+                let res = &c["resources"];
+                assert!(res["requests"]["cpu"].is_string(), "{id}: cpu request");
+                assert!(
+                    res["requests"]["memory"].is_string(),
+                    "{id}: memory request"
+                );
+                assert!(res["limits"]["memory"].is_string(), "{id}: memory limit");
+                if p.component() == "publisher" {
+                    assert!(
+                        res["limits"].get("cpu").is_none(),
+                        "{id}: a CPU limit throttles the publisher mid-frame"
+                    );
+                }
+            }
+        }
+        for o in objects {
+            let labels = string_map(&o["metadata"]["labels"]);
+            if let Some(v) = labels.get("app.kubernetes.io/version") {
+                assert_eq!(
+                    v,
+                    version,
+                    "{target}: {} {} version label",
+                    kind(o),
+                    name(o)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_checkov_skip_carries_a_reason() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        for o in objects {
+            for (key, value) in string_map(&o["metadata"]["annotations"]) {
+                if !key.starts_with("checkov.io/skip") {
+                    continue;
+                }
+                let (check, reason) = value
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("{target}: {key} has no `=reason`"));
+                assert!(
+                    check.starts_with("CKV_K8S_") || check.starts_with("CKV2_K8S_"),
+                    "{target}: {key}: {check}"
+                );
+                assert!(
+                    reason.split_whitespace().count() >= 5,
+                    "{target}: {} {}: {key} needs a real reason, got {reason:?}",
+                    kind(o),
+                    name(o)
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling
+
+/// Whether a pod template may be placed on a node with these labels (nodeSelector and required
+/// node affinity; nothing in k3sense uses taints).
+fn schedulable_on(spec: &Value, node: &BTreeMap<String, String>) -> bool {
+    let selector_ok = string_map(&spec["nodeSelector"])
+        .iter()
+        .all(|(k, v)| node.get(k) == Some(v));
+    let terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"]
+        .as_array();
+    let affinity_ok = terms.is_none_or(|terms| {
+        terms.iter().any(|t| {
+            t.get("matchFields").is_none()
+                && selector_matches(
+                    &serde_json::json!({ "matchExpressions": t["matchExpressions"] }),
+                    node,
+                )
+        })
+    });
+    selector_ok && affinity_ok
+}
+
+fn node(labels: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut node: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    node.insert("kubernetes.io/hostname".into(), "pi-1".into());
+    node.insert("kubernetes.io/arch".into(), "arm64".into());
+    node
+}
+
+#[test]
+fn publisher_runs_only_on_a_labelled_sensor_node() {
+    let Some(renders) = renders() else { return };
+    let bare = node(&[]);
+    let dht11 = node(&[(SENSOR_LABEL, "dht11")]);
+    let dht22 = node(&[(SENSOR_LABEL, "dht22")]);
+    for (target, objects) in renders {
+        let publishers = pods_of(objects, "publisher");
+        for p in &publishers {
+            let id = format!("{target}: {}", p.id());
+            let c = p.containers().next().unwrap();
+            let from_node = c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "K3SENSE_SENSOR_ID")
+                .map(|e| &e["valueFrom"]["fieldRef"]["fieldPath"]);
+            assert_eq!(
+                from_node,
+                Some(&Value::from("spec.nodeName")),
+                "{id}: sensor id from the node name"
+            );
+            match kind(p.workload) {
+                "Deployment" => {
+                    assert_eq!(p.workload["spec"]["replicas"], 1, "{id}");
+                    assert_eq!(p.workload["spec"]["strategy"]["type"], "Recreate", "{id}");
+                }
+                "DaemonSet" => {
+                    let rolling = &p.workload["spec"]["updateStrategy"]["rollingUpdate"];
+                    assert!(
+                        rolling["maxSurge"].as_u64().unwrap_or(0) == 0,
+                        "{id}: two publishers on one sensor"
+                    );
+                }
+                other => panic!("{id}: publisher as a {other}"),
+            }
+            if target == "overlays/dev" {
+                assert_eq!(env_value(c, "K3SENSE_SENSOR"), Some("sim"), "{id}");
+                assert!(schedulable_on(p.spec, &bare), "{id}: dev runs anywhere");
+            } else {
+                assert_ne!(env_value(c, "K3SENSE_SENSOR"), Some("sim"), "{id}");
+                assert!(
+                    !schedulable_on(p.spec, &bare),
+                    "{id}: schedules on a node without the {SENSOR_LABEL} label"
+                );
+                // The model a publisher reads is the one its node's label names.
+                let model = env_value(c, "K3SENSE_MODEL").unwrap();
+                let labelled = node(&[(SENSOR_LABEL, model)]);
+                assert!(
+                    schedulable_on(p.spec, &labelled),
+                    "{id}: not on a {model} node"
+                );
+            }
+        }
+        if target != "overlays/dev" {
+            let on = |n: &BTreeMap<String, String>| {
+                publishers
+                    .iter()
+                    .filter(|p| schedulable_on(p.spec, n))
+                    .count()
+            };
+            assert_eq!(on(&dht11), 1, "{target}: one publisher per dht11 node");
+            let expected_dht22 = usize::from(target == "overlays/multi-sensor");
+            assert_eq!(
+                on(&dht22),
+                expected_dht22,
+                "{target}: publishers on a dht22 node"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NetworkPolicy evaluation
+
+/// A pod that may send or receive traffic: k3sense's own, or one elsewhere in the cluster.
+struct Endpoint {
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    /// `(port name, protocol, port)` it listens on.
+    ports: Vec<(String, String, u64)>,
+}
+
+fn namespace_labels(ns: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.to_owned())])
+}
+
+/// Whether `peer` (a NetworkPolicy from/to entry of a policy in NAMESPACE) matches `ep`.
+fn peer_matches(peer: &Value, ep: &Endpoint) -> bool {
+    assert!(
+        peer.get("ipBlock").is_none(),
+        "ipBlock peers are not evaluated here"
+    );
+    let ns_ok = match peer.get("namespaceSelector") {
+        Some(sel) => selector_matches(sel, &namespace_labels(&ep.namespace)),
+        None => ep.namespace == NAMESPACE,
+    };
+    let pod_ok = peer
+        .get("podSelector")
+        .is_none_or(|sel| selector_matches(sel, &ep.labels));
+    ns_ok && pod_ok
+}
+
+fn port_matches(rule_ports: &Value, dst: &Endpoint, proto: &str, port: u64) -> bool {
+    let Some(ports) = rule_ports.as_array() else {
+        return true;
+    };
+    ports.iter().any(|p| {
+        let p_proto = p["protocol"].as_str().unwrap_or("TCP");
+        let number = match &p["port"] {
+            Value::Null => return p_proto == proto,
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => dst
+                .ports
+                .iter()
+                .find(|(name, pr, _)| name == s && pr == proto)
+                .map(|(_, _, n)| *n),
+            _ => None,
+        };
+        let end = p["endPort"].as_u64().or(number);
+        p_proto == proto && number.is_some_and(|n| (n..=end.unwrap_or(n)).contains(&port))
+    })
+}
+
+/// Whether `ep`'s NetworkPolicies for `direction` ("Ingress" or "Egress") let it talk to `peer` on
+/// `proto`/`port` of `dst` (an endpoint no policy selects is not isolated in that direction).
+fn direction_allows(
+    policies: &[&Value],
+    direction: &str,
+    ep: &Endpoint,
+    peer: &Endpoint,
+    dst: &Endpoint,
+    proto: &str,
+    port: u64,
+) -> bool {
+    let (rules_key, peers_key) = match direction {
+        "Ingress" => ("ingress", "from"),
+        _ => ("egress", "to"),
+    };
+    let selecting: Vec<&&Value> = policies
+        .iter()
+        .filter(|p| {
+            ep.namespace == NAMESPACE
+                && selector_matches(&p["spec"]["podSelector"], &ep.labels)
+                && p["spec"]["policyTypes"]
+                    .as_array()
+                    .expect("policyTypes is explicit")
+                    .iter()
+                    .any(|t| t == direction)
+        })
+        .collect();
+    selecting.is_empty()
+        || selecting.iter().any(|p| {
+            p["spec"][rules_key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|rule| {
+                    let peer_ok = rule[peers_key]
+                        .as_array()
+                        .is_none_or(|peers| peers.iter().any(|sel| peer_matches(sel, peer)));
+                    peer_ok && port_matches(&rule["ports"], dst, proto, port)
+                })
+        })
+}
+
+/// Whether NetworkPolicies let `src` open `proto`/`port` on `dst`: both directions must allow it.
+fn allowed(policies: &[&Value], src: &Endpoint, dst: &Endpoint, proto: &str, port: u64) -> bool {
+    direction_allows(policies, "Egress", src, dst, dst, proto, port)
+        && direction_allows(policies, "Ingress", dst, src, dst, proto, port)
+}
+
+#[test]
+fn network_policies_admit_exactly_the_intended_flows() {
+    let Some(renders) = renders() else { return };
+    // Every endpoint also "listens" on 9999/TCP, so a rule that forgot its ports shows up; Traefik and
+    // the stranger also on 53, so a DNS rule that forgot its pod selector shows up.
+    let probe = ("probe".to_owned(), "TCP".to_owned(), 9999);
+    let external = |name: &str, ns: &str, labels: &[(&str, &str)], ports: &[(&str, u64)]| {
+        let mut ports: Vec<(String, String, u64)> = ports
+            .iter()
+            .map(|(proto, p)| (String::new(), (*proto).to_owned(), *p))
+            .collect();
+        ports.push(probe.clone());
+        Endpoint {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ports,
+        }
+    };
+    for (target, objects) in renders {
+        let policies: Vec<&Value> = of_kind(objects, "NetworkPolicy").collect();
+        let mut endpoints: Vec<Endpoint> = pods(objects)
+            .iter()
+            .map(|p| {
+                let mut ports = p.ports();
+                ports.push(probe.clone());
+                Endpoint {
+                    name: p.component().to_owned(),
+                    namespace: NAMESPACE.to_owned(),
+                    labels: p.labels.clone(),
+                    ports,
+                }
+            })
+            .collect();
+        endpoints.extend([
+            external(
+                "traefik",
+                "kube-system",
+                &[
+                    ("app.kubernetes.io/name", "traefik"),
+                    ("app.kubernetes.io/instance", "traefik-kube-system"),
+                ],
+                &[("TCP", 8000), ("UDP", 53), ("TCP", 53)],
+            ),
+            external(
+                "dns",
+                "kube-system",
+                &[("k8s-app", "kube-dns")],
+                &[("UDP", 53), ("TCP", 53)],
+            ),
+            // Someone else's pod, and a pod someone runs in our namespace by hand.
+            external(
+                "stranger",
+                "default",
+                &[("app", "curl")],
+                &[("TCP", 80), ("UDP", 53)],
+            ),
+            external(
+                "intruder",
+                NAMESPACE,
+                &[("app.kubernetes.io/name", "k3sense"), ("run", "debug")],
+                &[("TCP", 80)],
+            ),
+        ]);
+        let mut admitted = BTreeSet::new();
+        // Ingress alone, as if every source could send anything: each side must hold on its own.
+        let mut ingress_admitted = BTreeSet::new();
+        for src in &endpoints {
+            for dst in &endpoints {
+                // Only flows that touch our namespace are ours to govern.
+                if src.namespace != NAMESPACE && dst.namespace != NAMESPACE {
+                    continue;
+                }
+                for (_, proto, port) in &dst.ports {
+                    let flow = format!("{}->{}:{proto}/{port}", src.name, dst.name);
+                    if allowed(&policies, src, dst, proto, *port) {
+                        admitted.insert(flow.clone());
+                    }
+                    if dst.namespace == NAMESPACE
+                        && direction_allows(&policies, "Ingress", dst, src, dst, proto, *port)
+                    {
+                        ingress_admitted.insert(flow);
+                    }
+                }
+            }
+        }
+        let into_namespace: BTreeSet<String> = [
+            "publisher->broker:TCP/1883",
+            "gateway->broker:TCP/1883",
+            "traefik->gateway:TCP/8080",
+        ]
+        .map(str::to_owned)
+        .into();
+        assert_eq!(
+            ingress_admitted, into_namespace,
+            "{target}: NetworkPolicy ingress into the namespace"
+        );
+        let mut expected: BTreeSet<String> = [
+            "publisher->broker:TCP/1883",
+            "gateway->broker:TCP/1883",
+            "traefik->gateway:TCP/8080",
+        ]
+        .map(str::to_owned)
+        .into();
+        // DNS is allowed namespace-wide, so also for a pod we did not write (the "intruder"),
+        // which the default-deny otherwise isolates.
+        for ep in endpoints.iter().filter(|e| e.namespace == NAMESPACE) {
+            expected.insert(format!("{}->dns:UDP/53", ep.name));
+            expected.insert(format!("{}->dns:TCP/53", ep.name));
+        }
+        assert_eq!(admitted, expected, "{target}: NetworkPolicy flows");
+    }
+}
