@@ -611,6 +611,23 @@ fn lists_var(help: &str, var: &str) -> bool {
     })
 }
 
+/// The `[default: …]` that clap's long help shows for the option reading `var`, if any.
+fn help_default(help: &str, var: &str) -> Option<String> {
+    let at = help.find(&format!("[env: {var}="))?;
+    let block = &help[at..];
+    let block = &block[..block.find("\n  -").unwrap_or(block.len())];
+    let start = block.find("[default: ")? + "[default: ".len();
+    let end = block[start..].find(']')? + start;
+    Some(block[start..end].to_owned())
+}
+
+fn port_of(address: &str) -> u16 {
+    address
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or_else(|| panic!("{address:?} is not host:port"))
+}
+
 #[test]
 fn environment_variables_are_ones_the_binary_reads() {
     let Some(renders) = renders() else { return };
@@ -627,6 +644,7 @@ fn environment_variables_are_ones_the_binary_reads() {
     };
     let top = help(&["--help"]);
     let mut checked = BTreeSet::new();
+    let mut defaults_compared = 0;
     for (target, objects) in renders {
         for p in pods(objects) {
             for c in p.containers() {
@@ -664,12 +682,29 @@ fn environment_variables_are_ones_the_binary_reads() {
                         "{target}: {} sets {var}, but `k3sense {sub} --help` does not list it",
                         p.id()
                     );
+                    // Addresses: the manifests may pick the host, but the port is the binary's default,
+                    // so `k3sense <sub>` without the variable would serve the same Service.
+                    if let (Some(default), Some(value), "K3SENSE_LISTEN" | "K3SENSE_BROKER") =
+                        (help_default(&sub_help, var), env["value"].as_str(), var)
+                    {
+                        assert_eq!(
+                            port_of(value),
+                            port_of(&default),
+                            "{target}: {} {var}={value} but the binary's default is {default}",
+                            p.id()
+                        );
+                        defaults_compared += 1;
+                    }
                     checked.insert(var.to_owned());
                 }
             }
         }
     }
     assert!(checked.contains("K3SENSE_SENSOR_ID"), "{checked:?}");
+    assert!(
+        defaults_compared > 0,
+        "no `[default: host:port]` found in --help for K3SENSE_LISTEN or K3SENSE_BROKER"
+    );
 }
 
 #[test]
