@@ -3,8 +3,8 @@
 //! will).
 //!
 //! ```text
-//! Sensor (sim | dht11/dht22 via rppal | iio) ──read on a blocking thread──▶ reader ──▶ link ──MQTT──▶ broker
-//!                                                                               └─ Outbox: kept until PUBACK
+//! Sensor (sim | dht11/dht22 via rppal | iio) ──blocking read──▶ reader (ReadPolicy) ──▶ link ──MQTT──▶ broker
+//!                                                                                        └─ Outbox: kept until PUBACK
 //! ```
 //!
 //! In a cluster it is the `publisher` Deployment pinned to the node labelled
@@ -16,7 +16,9 @@
 //! |---|---|
 //! | `config` | [`Config`], [`SensorConfig`]: flags and `K3SENSE_*` variables |
 //! | `dht` | DHT11/DHT22 frames: decoder, encoder, edge simulator (pure) |
-//! | `sensor` | the [`Sensor`] trait and its backends |
+//! | `sensor` | the [`Sensor`] trait and its backends: `sim`, `gpio` (rppal), `iio` (kernel) |
+//! | `policy` | [`ReadPolicy`]: pacing, retries, spike hold, freshness, read counters (pure) |
+//! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings |
 //! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
 //! | `link` | the MQTT connection task |
 //! | `error` | [`Error`] |
@@ -26,127 +28,88 @@ pub mod dht;
 mod error;
 mod link;
 mod outbox;
+pub mod policy;
+pub mod reader;
 pub mod sensor;
 
-use chrono::Utc;
-use k3sense_protocol::{Availability, Reading, SensorId};
-use tokio::sync::mpsc;
+use std::time::Duration;
+
+use k3sense_protocol::Availability;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, DEFAULT_INTERVAL, SensorConfig, SensorKind};
 pub use error::{Error, Result};
 pub use link::Update;
 pub use outbox::Outbox;
-pub use sensor::{ReadError, Sensor, SimSensor};
+pub use policy::{ReadCounters, ReadPolicy, Verdict};
+pub use reader::{Clock, ReaderConfig};
+pub use sensor::{OpenError, ReadError, Sensor, SimSensor};
 
 /// Reads and publishes until `shutdown`, then says `offline` and disconnects.
+///
+/// A sensor that cannot be opened does not make this fail: the sensor is reported `offline`
+/// and opened again periodically (see [`reader`]).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let (counters, _) = watch::channel(ReadCounters::default());
+    run_with(config, ReaderOptions::default(), counters, shutdown).await
+}
+
+/// What tests and embedders may change about the reader beyond the [`Config`].
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderOptions {
+    /// How long after a failed open the sensor is opened again.
+    pub reopen_every: Duration,
+    /// Where `read_at` comes from.
+    pub clock: Clock,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        Self {
+            reopen_every: reader::REOPEN_EVERY,
+            clock: Clock::System,
+        }
+    }
+}
+
+/// [`run`], with reader options and a channel that always holds the latest read counters.
+pub async fn run_with(
+    config: Config,
+    options: ReaderOptions,
+    counters: watch::Sender<ReadCounters>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let id = config.sensor.effective_id()?;
     config.mqtt.topics()?;
     config.mqtt.mqtt_options("probe")?;
-    let sensor = open_sensor(&config.sensor)?;
+    let sensor_config = config.sensor.clone();
+    let opener: reader::Opener = Box::new(move || sensor::open(&sensor_config));
+    let (opener, first) = reader::open(opener).await;
+    let availability = if first.is_ok() {
+        Availability::Online
+    } else {
+        Availability::Offline
+    };
     let (tx, rx) = mpsc::channel(64);
     let link = tokio::spawn(link::run(
         config.mqtt.clone(),
         id.clone(),
         config.sensor.buffer,
+        availability,
         rx,
         shutdown.clone(),
     ));
-    read_loop(sensor, id, config.sensor.effective_interval(), tx, shutdown).await;
+    let mut reader_config = ReaderConfig::new(
+        id,
+        config.sensor.effective_model(),
+        config.sensor.effective_interval(),
+    );
+    reader_config.reopen_every = options.reopen_every;
+    reader_config.clock = options.clock;
+    reader::run(opener, first, reader_config, tx, counters, shutdown).await;
     match link.await {
         Ok(result) => result,
         Err(e) => Err(Error::Invalid(format!("the MQTT task failed: {e}"))),
-    }
-}
-
-fn open_sensor(config: &SensorConfig) -> Result<Box<dyn Sensor>> {
-    match config.sensor {
-        SensorKind::Sim => Ok(Box::new(SimSensor::new(
-            config.effective_model(),
-            dht::SimConfig::default(),
-            rand::random(),
-        ))),
-        other => Err(Error::Invalid(format!(
-            "sensor backend {other:?} is not available in this build yet; use --sensor sim"
-        ))),
-    }
-}
-
-/// Reads every `interval` and hands each reading to the link. The read itself runs on a
-/// blocking thread, never on the async runtime.
-async fn read_loop(
-    mut sensor: Box<dyn Sensor>,
-    id: SensorId,
-    interval: std::time::Duration,
-    updates: mpsc::Sender<Update>,
-    shutdown: CancellationToken,
-) {
-    let model = sensor.model();
-    let mut seq: u64 = 0;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut healthy = true;
-    tracing::info!(sensor_id = %id, %model, ?interval, "reading the sensor");
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let (returned, result) = match tokio::task::spawn_blocking(move || {
-            let result = sensor.read();
-            (sensor, result)
-        })
-        .await
-        {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::error!(error = %e, "the sensor thread failed; stopping the reader");
-                return;
-            }
-        };
-        sensor = returned;
-        let update = match result {
-            Ok(m) => {
-                seq += 1;
-                match Reading::new(
-                    id.clone(),
-                    model,
-                    m.temperature_c,
-                    m.humidity_pct,
-                    Utc::now(),
-                    seq,
-                ) {
-                    Ok(reading) => {
-                        tracing::debug!(seq, t = m.temperature_c, rh = m.humidity_pct, "read");
-                        if !healthy {
-                            healthy = true;
-                            let _ = updates.send(Update::Sensor(Availability::Online)).await;
-                        }
-                        Update::Reading(reading)
-                    }
-                    Err(e) => {
-                        seq -= 1;
-                        tracing::warn!(error = %e, "discarding an implausible reading");
-                        continue;
-                    }
-                }
-            }
-            Err(ReadError::Unavailable(why)) => {
-                tracing::error!("{why}");
-                if healthy {
-                    healthy = false;
-                    let _ = updates.send(Update::Sensor(Availability::Offline)).await;
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "sensor read failed; will try again");
-                continue;
-            }
-        };
-        if updates.send(update).await.is_err() {
-            return;
-        }
     }
 }

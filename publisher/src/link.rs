@@ -51,11 +51,13 @@ struct Link {
     sensor: Availability,
 }
 
-/// Runs until `shutdown`, publishing what arrives on `updates`.
+/// Runs until `shutdown`, publishing what arrives on `updates`; `sensor` is the sensor's
+/// availability until an update says otherwise.
 pub async fn run(
     mqtt: MqttConfig,
     id: SensorId,
     buffer: usize,
+    sensor: Availability,
     mut updates: mpsc::Receiver<Update>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -77,7 +79,7 @@ pub async fn run(
         queued: VecDeque::new(),
         by_pkid: HashMap::new(),
         connected: false,
-        sensor: Availability::Online,
+        sensor,
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     tracing::info!(broker = %mqtt.broker, sensor_id = %link.id, "connecting to the MQTT broker");

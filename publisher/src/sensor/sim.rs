@@ -5,8 +5,11 @@
 use k3sense_protocol::Model;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+use std::time::Duration;
+
 use super::{ReadError, Sensor};
 use crate::dht::{self, EdgeSimulator, Measurement, SimConfig};
+use crate::policy::Pacing;
 
 /// A simulated DHT11/DHT22.
 pub struct SimSensor {
@@ -61,6 +64,15 @@ impl Sensor for SimSensor {
         let frame = dht::encode_frame(self.model, self.quantised());
         let edges = self.line.edges(frame);
         Ok(dht::decode(self.model, &edges)?)
+    }
+
+    /// A simulated sensor has no physical limit: demos and tests may read it every few
+    /// milliseconds. Retries are still spaced, so a noisy simulated line does not spin.
+    fn pacing(&self) -> Pacing {
+        Pacing {
+            min_spacing: Duration::from_millis(20),
+            settle: Duration::ZERO,
+        }
     }
 }
 
