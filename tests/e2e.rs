@@ -1,0 +1,234 @@
+//! End to end, in one process: a real broker, a simulated publisher and a gateway on free
+//! ports, watched by real clients — a WebSocket client, rumqttc and Debian's `mosquitto_sub`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use k3sense_protocol::Reading;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Subscribes with rumqttc; returns the (topic, payload) messages as they come.
+async fn mqtt_subscriber(
+    broker: std::net::SocketAddr,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
+    let mut options = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(options, 10);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                if tx
+                    .send((p.topic.clone(), p.payload.to_vec(), p.retain))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_travels_from_sensor_to_websocket_and_mqtt_clients() {
+    let broker = start_broker().await;
+    let gateway_stop = CancellationToken::new();
+    let (gateway, _) = start_gateway(broker, gateway_stop.clone()).await;
+    let mut ws = ws_connect(gateway).await;
+    let snapshot = ws_next(&mut ws, SECOND).await;
+    assert_eq!(snapshot["type"], "snapshot");
+
+    let mut mqtt = mqtt_subscriber(broker, "k3sense/#").await;
+    let publisher_stop = CancellationToken::new();
+    let publisher = start_publisher(
+        broker,
+        "pi-1",
+        Duration::from_millis(200),
+        publisher_stop.clone(),
+    );
+
+    // The WebSocket client gets readings, flattened beside their type, and the online status.
+    let reading = ws_until(&mut ws, 5 * SECOND, |m| m["type"] == "reading").await;
+    assert_eq!(reading["sensor_id"], "pi-1");
+    assert_eq!(reading["model"], "dht11");
+    let decoded: Reading = serde_json::from_value(reading.clone()).unwrap();
+    let first_seq = decoded.seq;
+    let next = ws_until(&mut ws, 5 * SECOND, |m| m["type"] == "reading").await;
+    assert_eq!(
+        next["seq"].as_u64().unwrap(),
+        first_seq + 1,
+        "seq rises by one per reading"
+    );
+
+    // The rumqttc subscriber gets the same readings on the state topic, valid by the contract.
+    let deadline = tokio::time::Instant::now() + 5 * SECOND;
+    let mut states = 0;
+    while states < 2 {
+        let (topic, payload, _) = tokio::time::timeout_at(deadline, mqtt.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "k3sense/pi-1/state" {
+            Reading::from_json(&payload).unwrap();
+            states += 1;
+        }
+    }
+
+    // A late subscriber gets the retained latest at once.
+    let mut late = mqtt_subscriber(broker, "k3sense/pi-1/state").await;
+    let (_, payload, retained) = tokio::time::timeout(SECOND, late.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        retained,
+        "the first message to a new subscriber is the retained reading"
+    );
+    Reading::from_json(&payload).unwrap();
+
+    // A clean stop turns the sensor offline, for WebSocket and MQTT clients alike.
+    publisher_stop.cancel();
+    tokio::time::timeout(5 * SECOND, publisher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let offline = ws_until(&mut ws, 5 * SECOND, |m| {
+        m["type"] == "availability" && m["status"] == "offline"
+    })
+    .await;
+    assert_eq!(offline["sensor_id"], "pi-1");
+    let deadline = tokio::time::Instant::now() + 5 * SECOND;
+    loop {
+        let (topic, payload, _) = tokio::time::timeout_at(deadline, mqtt.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic == "k3sense/pi-1/availability" && payload == b"offline" {
+            break;
+        }
+    }
+    let (status, body) = http_get(gateway, "/api/sensors").await;
+    assert_eq!(status, 200);
+    let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sensors[0]["sensor_id"], "pi-1");
+    assert_eq!(sensors[0]["status"], "offline");
+    gateway_stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_prints_the_retained_reading_at_once() {
+    if !tool_available("mosquitto_sub") {
+        return;
+    }
+    let broker = start_broker().await;
+    let stop = CancellationToken::new();
+    let _publisher = start_publisher(broker, "pi-2", Duration::from_millis(200), stop.clone());
+    // Wait until a reading is retained.
+    let mut sub = mqtt_subscriber(broker, "k3sense/pi-2/state").await;
+    tokio::time::timeout(5 * SECOND, sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The publisher is gone: whatever mosquitto_sub prints now comes from retained messages.
+    let started = std::time::Instant::now();
+    let output = tokio::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-t",
+            "k3sense/#",
+            "-v",
+            "-C",
+            "2",
+            "-W",
+            "5",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "mosquitto_sub failed: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let state = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("k3sense/pi-2/state "))
+        .unwrap_or_else(|| panic!("no retained state in {stdout:?}"));
+    Reading::from_json(state.as_bytes()).unwrap();
+    assert!(
+        stdout.contains("k3sense/pi-2/availability offline"),
+        "{stdout}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "retained messages took {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_reports_a_taken_port_and_refuses_bad_passwords() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = k3sense_broker::start(&k3sense_broker::Config::new(addr))
+        .await
+        .err()
+        .expect("must fail");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot listen on") && text.contains("--listen"),
+        "{text}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("k3sense-users-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = dir.join("users");
+    std::fs::write(&users, "gateway:right-password\n").unwrap();
+    let addr = free_addr();
+    let mut config = k3sense_broker::Config::new(addr);
+    config.options.users_file = Some(users);
+    let started = k3sense_broker::start(&config).await.unwrap();
+    tokio::spawn(started.serve(CancellationToken::new()));
+
+    let connects = |login: Option<(&str, &str)>| {
+        let mut options =
+            MqttOptions::new(format!("auth-{}", free_port()), "127.0.0.1", addr.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        if let Some((u, p)) = login {
+            options.set_credentials(u, p);
+        }
+        async move {
+            let (_client, mut events) = AsyncClient::new(options, 10);
+            matches!(
+                tokio::time::timeout(SECOND * 2, events.poll()).await,
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.code == rumqttc::ConnectReturnCode::Success
+            )
+        }
+    };
+    assert!(connects(Some(("gateway", "right-password"))).await);
+    assert!(!connects(Some(("gateway", "wrong"))).await);
+    assert!(
+        !connects(None).await,
+        "anonymous clients are refused when a users file is set"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
