@@ -7,7 +7,7 @@
 //! merged pulses), and checks the values against the model's format and range, so a frame that
 //! passes has passed several independent checks, not only the 8-bit checksum.
 
-use super::timing::{FRAME_BITS, LONG_PULSE_US, MAX_FRAME_PULSE_US, ONE_THRESHOLD_US};
+use super::timing::{FRAME_BITS, LONG_PULSE_US, MAX_BIT_HIGH_US, MAX_BIT_LOW_US, ONE_THRESHOLD_US};
 use super::{Edge, Level, Measurement, Model};
 
 /// Why a train of edges did not give a reading. Every variant is a failed read worth retrying;
@@ -42,8 +42,8 @@ pub enum DecodeError {
     },
     /// A pulse inside the frame was longer than any the sensor sends: edges were lost there.
     #[error(
-        "bad pulse at edge {edge}: {level:?} for {duration_us} µs inside the frame, where no \
-         pulse exceeds 80 µs; edges were missed (reader preempted) or the line rises too slowly \
+        "bad pulse at edge {edge}: {level:?} for {duration_us} µs inside the frame, where bits \
+         are 50 µs low and at most 70 µs high; edges were missed (reader preempted) or the line rises too slowly \
          (pull-up too weak, cable too long)"
     )]
     PulseWidth {
@@ -244,7 +244,11 @@ fn find_frame(edges: &[Edge]) -> Result<[u8; 5], DecodeError> {
         });
     }
     let bits = &frame[frame.len() - (WINDOW - 1)..];
-    if let Some(bad) = bits.iter().find(|p| p.duration_us > MAX_FRAME_PULSE_US) {
+    let too_long = |p: &&Pulse| match p.level {
+        Level::Low => p.duration_us > MAX_BIT_LOW_US,
+        Level::High => p.duration_us > MAX_BIT_HIGH_US,
+    };
+    if let Some(bad) = bits.iter().find(too_long) {
         return Err(DecodeError::PulseWidth {
             edge: bad.edge,
             level: bad.level,

@@ -103,9 +103,13 @@ pub mod timing {
     /// A high pulse at least this long is a 1, shorter a 0: half-way between 27 and 70 µs, as
     /// the Linux kernel's dht11 driver does.
     pub const ONE_THRESHOLD_US: u32 = 49;
-    /// No pulse inside a frame is nominally longer than 80 µs; one longer than this means edges
-    /// were lost (two or more pulses merged) or the line is too slow.
-    pub const MAX_FRAME_PULSE_US: u32 = 110;
+    /// The longest bit low accepted: 50 µs nominal (48–55 µs in datasheets) plus a reader's
+    /// latency. Two lows merged by a missed edge (≥ 127 µs) and the response's 80 µs low (a
+    /// frame found one pair off) are longer.
+    pub const MAX_BIT_LOW_US: u32 = 75;
+    /// The longest bit high accepted: 70 µs nominal plus a reader's latency. Two highs merged
+    /// by a missed edge (≥ 104 µs) are longer.
+    pub const MAX_BIT_HIGH_US: u32 = 90;
     /// A pulse at least this long is no sensor pulse at all: the host's start pulse, the idle
     /// line, or a stall (sensor stopped, reader preempted).
     pub const LONG_PULSE_US: u32 = 200;
