@@ -330,3 +330,257 @@ impl Reader {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        sync::{Arc, Mutex},
+    };
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::{
+        dht::{DecodeError, Measurement},
+        sensor::ReadError,
+    };
+
+    /// Answers reads from a script (then keeps giving the last value), noting when it was read.
+    struct Scripted {
+        model: Model,
+        script: VecDeque<Result<Measurement, ReadError>>,
+        last: Measurement,
+        calls: Arc<Mutex<Vec<Instant>>>,
+    }
+
+    impl Sensor for Scripted {
+        fn model(&self) -> Model {
+            self.model
+        }
+        fn read(&mut self) -> Result<Measurement, ReadError> {
+            self.calls.lock().unwrap().push(Instant::now());
+            match self.script.pop_front() {
+                Some(Ok(m)) => {
+                    self.last = m;
+                    Ok(m)
+                }
+                Some(Err(e)) => Err(e),
+                None => Ok(self.last),
+            }
+        }
+    }
+
+    fn ok(t: f64, h: f64) -> Result<Measurement, ReadError> {
+        Ok(Measurement {
+            temperature_c: t,
+            humidity_pct: h,
+        })
+    }
+
+    fn checksum() -> Result<Measurement, ReadError> {
+        Err(ReadError::Decode(DecodeError::Checksum {
+            expected: 0,
+            actual: 1,
+            bytes: [0; 5],
+        }))
+    }
+
+    fn epoch() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, 4, 0, 0).unwrap()
+    }
+
+    struct Run {
+        t0: Instant,
+        updates: Vec<Update>,
+        calls: Vec<Duration>,
+        counters: ReadCounters,
+    }
+
+    impl Run {
+        /// (seq, seconds after t0 of read_at, temperature) of each published reading.
+        fn readings(&self) -> Vec<(u64, f64, f64)> {
+            self.updates
+                .iter()
+                .filter_map(|u| match u {
+                    Update::Reading(r) => Some((
+                        r.seq,
+                        (r.read_at - epoch()).as_seconds_f64(),
+                        r.temperature_c,
+                    )),
+                    Update::Sensor(_) => None,
+                })
+                .collect()
+        }
+
+        fn call_secs(&self) -> Vec<u64> {
+            self.calls.iter().map(Duration::as_secs).collect()
+        }
+    }
+
+    /// Runs the reader for `for_s` virtual seconds. `opens` are the results of the opener's
+    /// calls after the first (`first_ok`: whether the first open gives the scripted sensor).
+    async fn run_reader(
+        model: Model,
+        interval_s: u64,
+        script: Vec<Result<Measurement, ReadError>>,
+        first_ok: bool,
+        failed_reopens: usize,
+        for_s: u64,
+    ) -> Run {
+        let t0 = Instant::now();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let sensor = Scripted {
+            model,
+            script: script.into(),
+            last: Measurement {
+                temperature_c: 20.0,
+                humidity_pct: 40.0,
+            },
+            calls: calls.clone(),
+        };
+        let mut spare: Option<Box<dyn Sensor>> = None;
+        let first: Result<Box<dyn Sensor>, OpenError> = if first_ok {
+            Ok(Box::new(sensor))
+        } else {
+            spare = Some(Box::new(sensor));
+            Err(OpenError("no sensor here".into()))
+        };
+        let mut failures = failed_reopens;
+        let opener: Opener = Box::new(move || {
+            if failures > 0 {
+                failures -= 1;
+                return Err(OpenError("no sensor here".into()));
+            }
+            spare.take().ok_or_else(|| OpenError("opened twice".into()))
+        });
+        let mut config = ReaderConfig::new(
+            SensorId::new("pi-1").unwrap(),
+            model,
+            Duration::from_secs(interval_s),
+        );
+        config.clock = Clock::Anchored {
+            utc: epoch(),
+            at: t0,
+        };
+        let (tx, mut rx) = mpsc::channel(1000);
+        let (counters, watch_rx) = watch::channel(ReadCounters::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(opener, first, config, tx, counters, shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(for_s)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        let mut updates = Vec::new();
+        while let Ok(u) = rx.try_recv() {
+            updates.push(u);
+        }
+        let calls = calls.lock().unwrap().iter().map(|c| *c - t0).collect();
+        let counters = *watch_rx.borrow();
+        Run {
+            t0,
+            updates,
+            calls,
+            counters,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_after_the_settle_time_then_once_per_interval_never_faster() {
+        let run = run_reader(Model::Dht11, 10, vec![], true, 0, 35).await;
+        assert_eq!(run.call_secs(), [1, 11, 21, 31]);
+        assert_eq!(
+            run.readings(),
+            [
+                (1, 1.0, 20.0),
+                (2, 11.0, 20.0),
+                (3, 21.0, 20.0),
+                (4, 31.0, 20.0)
+            ]
+        );
+        // An interval shorter than a DHT22 allows is stretched to its 2 s.
+        let run = run_reader(Model::Dht22, 1, vec![], true, 0, 9).await;
+        assert_eq!(run.call_secs(), [2, 4, 6, 8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_reads_are_retried_at_the_model_spacing_within_the_interval() {
+        let script = vec![checksum(), checksum(), checksum(), ok(21.0, 41.0)];
+        let run = run_reader(Model::Dht22, 10, script, true, 0, 15).await;
+        assert_eq!(run.call_secs(), [2, 4, 6, 8, 12]);
+        assert_eq!(run.readings(), [(1, 8.0, 21.0), (2, 12.0, 21.0)]);
+        let c = run.counters;
+        assert_eq!((c.checksum, c.ok, c.published, c.attempts()), (3, 2, 2, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interval_without_a_good_read_publishes_nothing_and_old_values_are_never_restamped()
+    {
+        let mut script = vec![ok(20.0, 40.0)];
+        script.extend((0..5).map(|_| checksum()));
+        script.push(ok(21.0, 41.0));
+        let run = run_reader(Model::Dht22, 10, script, true, 0, 23).await;
+        assert_eq!(run.call_secs(), [2, 12, 14, 16, 18, 20, 22]);
+        // Nothing for the interval 12–22 s; the next reading is the read at 22 s, with the
+        // next seq: the 20 °C read at 2 s was not sent again as if it were new.
+        assert_eq!(run.readings(), [(1, 2.0, 20.0), (2, 22.0, 21.0)]);
+        assert_eq!(run.counters.missed_intervals, 1);
+        assert!(run.t0 <= Instant::now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_jump_is_held_until_a_second_read_confirms_it() {
+        let script = vec![
+            ok(20.0, 40.0),
+            ok(20.0, 40.0),
+            ok(30.0, 40.0), // held
+            ok(30.0, 41.0), // confirms: published, stamped 22 s
+            ok(20.0, 70.0), // humidity jump: held
+            ok(31.0, 41.0), // contradicts it: the 70 % is never published
+        ];
+        let run = run_reader(Model::Dht11, 10, script, true, 0, 33).await;
+        assert_eq!(run.call_secs(), [1, 11, 21, 22, 31, 32]);
+        assert_eq!(
+            run.readings(),
+            [
+                (1, 1.0, 20.0),
+                (2, 11.0, 20.0),
+                (3, 22.0, 30.0),
+                (4, 32.0, 31.0)
+            ]
+        );
+        let c = run.counters;
+        assert_eq!(
+            (c.spike_held, c.spike_confirmed, c.spike_discarded),
+            (2, 1, 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_sensor_is_reopened_periodically_and_comes_online_when_fixed() {
+        let run = run_reader(Model::Dht11, 10, vec![], false, 1, 62).await;
+        // Opened at 0 s (failed), 30 s (failed), 60 s (worked): online, then read at 61 s.
+        assert!(matches!(
+            run.updates.first(),
+            Some(Update::Sensor(Availability::Online))
+        ));
+        assert_eq!(run.readings(), [(1, 61.0, 20.0)]);
+        assert_eq!(run.call_secs(), [61]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sensor_that_goes_away_is_reported_offline() {
+        let script = vec![ok(20.0, 40.0), Err(ReadError::Unavailable("gone".into()))];
+        // The opener has no sensor to give back: the reader keeps reporting offline.
+        let run = run_reader(Model::Dht11, 10, script, true, 0, 45).await;
+        let kinds: Vec<String> = run
+            .updates
+            .iter()
+            .map(|u| match u {
+                Update::Reading(r) => format!("r{}", r.seq),
+                Update::Sensor(a) => a.to_string(),
+            })
+            .collect();
+        assert_eq!(kinds, ["r1", "offline"]);
+        assert_eq!(run.counters.unavailable, 1);
+    }
+}
