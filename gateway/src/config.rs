@@ -41,6 +41,11 @@ pub struct Options {
     #[arg(long, env = "K3SENSE_CLIENT_QUEUE", default_value_t = 256)]
     pub client_queue: usize,
 
+    /// How long one write to a WebSocket client may take; a client whose socket accepts nothing
+    /// for this long has stopped reading and is disconnected (close code 1008).
+    #[arg(long, env = "K3SENSE_SEND_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+
     /// Largest message a browser may send, in bytes; larger closes the socket (code 1009).
     #[arg(long, env = "K3SENSE_MAX_FRAME", default_value_t = 4096)]
     pub max_frame: usize,
@@ -49,7 +54,8 @@ pub struct Options {
     #[arg(long, env = "K3SENSE_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
-    /// How long shutdown waits for WebSocket clients to take their close frame.
+    /// How long shutdown waits for WebSocket clients to answer their close frame (1001); the
+    /// listener stays open meanwhile, with /readyz answering 503 and /ws refusing (503).
     #[arg(long, env = "K3SENSE_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 }
@@ -61,6 +67,7 @@ impl Default for Options {
             max_clients: 10_000,
             history: 8640,
             client_queue: 256,
+            send_timeout: Duration::from_secs(10),
             max_frame: 4096,
             ping_interval: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(5),

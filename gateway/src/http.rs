@@ -12,10 +12,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use chrono::{DateTime, Utc};
 use k3sense_protocol::SensorId;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{Error, Options, Result, hub::Hub, metrics::Metrics, page, ws};
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub(crate) origins: Arc<Origins>,
     pub(crate) options: Arc<Options>,
     pub(crate) shutdown: CancellationToken,
+    /// Every WebSocket session, so shutdown can wait for them to take their close frame.
+    pub(crate) sessions: TaskTracker,
 }
 
 impl AppState {
@@ -42,6 +45,7 @@ impl AppState {
             origins: Arc::new(origins),
             options: Arc::new(options),
             shutdown,
+            sessions: TaskTracker::new(),
         })
     }
 }
@@ -104,6 +108,7 @@ async fn sensors(State(app): State<AppState>) -> Response {
 #[derive(Deserialize)]
 struct HistoryQuery {
     limit: Option<String>,
+    since: Option<String>,
 }
 
 async fn history(
@@ -124,9 +129,21 @@ async fn history(
             }
         },
     };
+    let since = match query.since.as_deref() {
+        None => None,
+        Some(text) => match DateTime::parse_from_rfc3339(text) {
+            Ok(at) => Some(at.with_timezone(&Utc)),
+            Err(_) => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "since must be an RFC 3339 time such as 2026-11-27T04:00:00.000Z",
+                );
+            }
+        },
+    };
     let readings = SensorId::new(id.clone())
         .ok()
-        .and_then(|id| app.hub.history(&id, limit));
+        .and_then(|id| app.hub.history(&id, limit, since));
     match readings {
         Some(readings) => Json(readings).into_response(),
         None => json_error(

@@ -9,6 +9,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use axum::extract::ws::Utf8Bytes;
+use chrono::{DateTime, Utc};
 use k3sense_protocol::{
     Availability, Reading, SensorId,
     ws::{SensorSummary, ServerMessage},
@@ -73,9 +74,15 @@ impl Hub {
         self.lock().registry.summaries()
     }
 
-    /// A sensor's newest readings, for `GET /api/sensors/{id}/history`.
-    pub fn history(&self, id: &SensorId, limit: usize) -> Option<Vec<Reading>> {
-        self.lock().registry.history(id, limit)
+    /// A sensor's newest readings (only those after `since`, if given), for
+    /// `GET /api/sensors/{id}/history`.
+    pub fn history(
+        &self,
+        id: &SensorId,
+        limit: usize,
+        since: Option<DateTime<Utc>>,
+    ) -> Option<Vec<Reading>> {
+        self.lock().registry.history(id, limit, since)
     }
 
     /// Number of known sensors.

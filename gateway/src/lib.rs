@@ -32,8 +32,9 @@ mod page;
 mod state;
 mod ws;
 
-use std::sync::Arc;
+use std::{future::IntoFuture, sync::Arc, time::Duration};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -55,14 +56,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     serve(listener, config, shutdown).await
 }
 
+/// Kernel send buffer of each connection. Linux would grow it to megabytes for a client that
+/// stopped reading; this bounds that memory, and makes such a client's writes wait (and the
+/// client be dropped, see `--send-timeout`) after tens of kilobytes instead of megabytes.
+const SOCKET_SEND_BUFFER: usize = 64 * 1024;
+
+/// Time the HTTP server gets, after the WebSocket drain, to finish requests in flight.
+const HTTP_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves on an already bound listener (tests bind port 0) until `shutdown`, then drains:
-/// readiness turns false, the listener closes, every WebSocket gets close code 1001, and the
-/// call returns once they are gone or `drain_timeout` has passed.
+///
+/// 1. `/readyz` answers 503 and `/ws` refuses new clients (503), so load balancers and pages
+///    move to another replica; the listener stays open for them meanwhile;
+/// 2. every WebSocket client gets close code 1001, and the gateway waits up to `drain_timeout`
+///    for their answers;
+/// 3. the listener closes (new connections are refused), requests in flight finish, and the
+///    call returns: within `2 × drain_timeout` plus two seconds in the worst case.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // Fail fast on a bad prefix, broker address or password file, before serving anything.
+    config.mqtt.topics()?;
+    config.mqtt.mqtt_options("probe")?;
     let state = AppState::new(config.options.clone(), shutdown.clone())?;
     let tasks = TaskTracker::new();
     let link = mqtt::Link {
@@ -70,30 +87,52 @@ pub async fn serve(
         metrics: Arc::clone(&state.metrics),
         subscribed: Arc::clone(&state.subscribed),
     };
-    // Fail fast on a bad prefix, broker address or password file, before serving anything.
-    config.mqtt.topics()?;
-    config.mqtt.mqtt_options("probe")?;
     let mqtt_task = tasks.spawn(mqtt::run(config.mqtt.clone(), link, shutdown.clone()));
     tasks.close();
     let addr = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(%addr, "gateway listening: page at http://{addr}/");
-    let clients = Arc::clone(&state.clients);
-    let max_clients = config.options.max_clients;
+
     let drain = config.options.drain_timeout;
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let served = server.await.map_err(Error::Serve);
-    // Wait for the WebSocket sessions to deliver their close frames.
-    let drained = tokio::time::timeout(drain, async {
-        while clients.available_permits() < max_clients {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let sessions = state.sessions.clone();
+    let drained = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!(clients = sessions.len(), "draining WebSocket clients");
+            sessions.close();
+            if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
+                tracing::warn!(
+                    ?drain,
+                    clients = sessions.len(),
+                    "some WebSocket clients did not close in time"
+                );
+            }
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(?drain, "some WebSocket clients did not close in time");
-    }
+    };
+    let listener = listener.tap_io(|stream: &mut tokio::net::TcpStream| {
+        // Updates are small and must go out at once, not wait for Nagle's algorithm.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        if let Err(e) = socket2::SockRef::from(&*stream).set_send_buffer_size(SOCKET_SEND_BUFFER) {
+            tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+        }
+    });
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(drained)
+        .into_future();
+    let served = tokio::select! {
+        served = server => served.map_err(Error::Serve),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain * 2 + HTTP_GRACE).await;
+        } => {
+            tracing::warn!("HTTP connections still open after the drain; closing them");
+            Ok(())
+        }
+    };
     tasks.wait().await;
+    tracing::info!("gateway stopped");
     served?;
     match mqtt_task.await {
         Ok(result) => result,

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use chrono::{DateTime, Utc};
 use k3sense_protocol::{
     Availability, Reading, SensorId,
     ws::{SensorStatus, SensorSummary, ServerMessage},
@@ -69,7 +70,16 @@ impl History {
 
     /// The newest `limit` readings, oldest first.
     pub fn newest(&self, limit: usize) -> Vec<Reading> {
-        let skip = self.readings.len().saturating_sub(limit);
+        self.newest_since(limit, None)
+    }
+
+    /// The newest `limit` readings read after `since` (all, without it), oldest first: what a
+    /// page that reconnects asks for, so it fetches only what it missed.
+    pub fn newest_since(&self, limit: usize, since: Option<DateTime<Utc>>) -> Vec<Reading> {
+        let first_after = since.map_or(0, |since| {
+            self.readings.partition_point(|r| r.read_at <= since)
+        });
+        let skip = self.readings.len().saturating_sub(limit).max(first_after);
         self.readings.iter().skip(skip).cloned().collect()
     }
 
@@ -159,9 +169,17 @@ impl Registry {
             .collect()
     }
 
-    /// The newest `limit` readings of a sensor, oldest first; `None` for an unknown sensor.
-    pub fn history(&self, id: &SensorId, limit: usize) -> Option<Vec<Reading>> {
-        self.sensors.get(id).map(|s| s.history.newest(limit))
+    /// The newest `limit` readings of a sensor read after `since`, oldest first; `None` for an
+    /// unknown sensor.
+    pub fn history(
+        &self,
+        id: &SensorId,
+        limit: usize,
+        since: Option<DateTime<Utc>>,
+    ) -> Option<Vec<Reading>> {
+        self.sensors
+            .get(id)
+            .map(|s| s.history.newest_since(limit, since))
     }
 
     /// Number of known sensors.
@@ -235,6 +253,26 @@ mod tests {
     }
 
     #[test]
+    fn since_returns_only_what_came_after() {
+        let mut h = History::new(10);
+        for s in 1..=5 {
+            h.insert(reading("a", s, s as u32));
+        }
+        let at = |second| Utc.with_ymd_and_hms(2026, 11, 27, 4, 0, second).unwrap();
+        let got = |limit, since| {
+            h.newest_since(limit, since)
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(got(10, Some(at(3))), [4, 5]);
+        assert_eq!(got(1, Some(at(3))), [5]);
+        assert_eq!(got(10, Some(at(0))), [1, 2, 3, 4, 5]);
+        assert!(got(10, Some(at(9))).is_empty());
+        assert_eq!(got(2, None), [4, 5]);
+    }
+
+    #[test]
     fn registry_reports_changes_only() {
         let mut reg = Registry::new(5);
         let id = SensorId::new("a").unwrap();
@@ -247,7 +285,10 @@ mod tests {
         let summary = &reg.summaries()[0];
         assert_eq!(summary.status, SensorStatus::Offline);
         assert_eq!(summary.latest.as_ref().unwrap().seq, 1);
-        assert_eq!(reg.history(&id, 10).unwrap().len(), 1);
-        assert!(reg.history(&SensorId::new("b").unwrap(), 10).is_none());
+        assert_eq!(reg.history(&id, 10, None).unwrap().len(), 1);
+        assert!(
+            reg.history(&SensorId::new("b").unwrap(), 10, None)
+                .is_none()
+        );
     }
 }
