@@ -5,9 +5,11 @@
 const CHART_SPAN_MS = 60 * 60 * 1000;      // the chart shows the last hour
 const DEFAULT_INTERVAL_MS = 10 * 1000;     // until two readings tell the real interval
 const STALE_INTERVALS = 3;                 // no reading for three intervals: stale
-const HISTORY_LIMIT = 720;                 // readings fetched per sensor for the chart
+const HISTORY_LIMIT = 3600;                // an hour at the fastest rate a DHT11 allows
+const SKEW_SAMPLES = 10;                   // live readings used to estimate the publisher's clock offset
 
-const sensors = new Map();                 // sensor_id -> { card, status, latest, history: [] }
+// sensor_id -> { card, status, latest, history: [], skews: [] }
+const sensors = new Map();
 let backoffMs = 500;
 
 function $(root, selector) { return root.querySelector(selector); }
@@ -24,7 +26,7 @@ function sensorFor(id) {
   const card = document.getElementById("sensor-card").content.firstElementChild.cloneNode(true);
   card.dataset.sensor = id;
   $(card, ".sensor-id").textContent = id;
-  s = { card, status: "unknown", latest: null, history: [] };
+  s = { card, status: "unknown", latest: null, history: [], skews: [] };
   sensors.set(id, s);
   const list = document.getElementById("sensors");
   const after = [...list.children].find((c) => c.dataset.sensor > id);
@@ -42,7 +44,7 @@ function addReading(s, r) {
   while (i > 0 && before(r, h[i - 1])) i--;
   if (i > 0 && h[i - 1].seq === r.seq && h[i - 1].read_at === r.read_at) return;
   h.splice(i, 0, r);
-  const cutoff = Date.now() - CHART_SPAN_MS;
+  const cutoff = Date.now() - skewOf(s) - CHART_SPAN_MS;
   while (h.length > 1 && Date.parse(h[0].read_at) < cutoff) h.shift();
   if (!s.latest || !before(r, s.latest)) s.latest = r;
 }
@@ -58,11 +60,23 @@ function intervalOf(s) {
   return Math.max(1000, gaps[Math.floor(gaps.length / 2)]);
 }
 
+// The publisher's clock (read_at) and this browser's may disagree, a Pi without a real-time
+// clock by minutes. The smallest (arrival - read_at) of the last live readings estimates the
+// offset plus the delivery time; subtracting it keeps "updated N s ago" and `stale` honest.
+function noteArrival(s, r) {
+  s.skews.push(Date.now() - Date.parse(r.read_at));
+  if (s.skews.length > SKEW_SAMPLES) s.skews.shift();
+}
+
+function skewOf(s) { return s.skews.length ? Math.min(...s.skews) : 0; }
+
+// Milliseconds since the reading was taken, on this browser's clock.
+function ageOf(s, r) { return Math.max(0, Date.now() - Date.parse(r.read_at) - skewOf(s)); }
+
 function displayedStatus(s) {
   if (s.status === "offline") return "offline";
-  if (!s.latest) return "stale";
-  const age = Date.now() - Date.parse(s.latest.read_at);
-  return age > STALE_INTERVALS * intervalOf(s) ? "stale" : "live";
+  if (!s.latest) return "waiting";
+  return ageOf(s, s.latest) > STALE_INTERVALS * intervalOf(s) ? "stale" : "live";
 }
 
 function ago(ms) {
@@ -81,7 +95,7 @@ function render(s) {
     const r = s.latest;
     $(c, ".temperature .number").textContent = r.temperature_c.toFixed(1);
     $(c, ".humidity .number").textContent = r.humidity_pct.toFixed(1);
-    $(c, ".age").textContent = `updated ${ago(Date.now() - Date.parse(r.read_at))}`;
+    $(c, ".age").textContent = `updated ${ago(ageOf(s, r))}`;
     $(c, ".age").title = r.read_at;
     $(c, ".model").textContent = r.model;
     $(c, ".seq").textContent = `#${r.seq}`;
@@ -90,12 +104,12 @@ function render(s) {
 }
 
 function drawChart(s) {
-  const now = Date.now();
+  const now = Date.now() - skewOf(s);     // on the publisher's clock, like read_at
   const points = s.history.filter((r) => now - Date.parse(r.read_at) <= CHART_SPAN_MS);
   const line = (field, el, rangeEl, unit) => {
     if (points.length === 0) { el.setAttribute("points", ""); rangeEl.textContent = ""; return; }
     let lo = Math.min(...points.map((r) => r[field])), hi = Math.max(...points.map((r) => r[field]));
-    rangeEl.textContent = `${lo.toFixed(1)}–${hi.toFixed(1)} ${unit}`;
+    rangeEl.textContent = lo === hi ? `${lo.toFixed(1)} ${unit}` : `${lo.toFixed(1)}–${hi.toFixed(1)} ${unit}`;
     if (hi - lo < 1) { const mid = (hi + lo) / 2; lo = mid - 0.5; hi = mid + 0.5; }
     const xy = points.map((r) => {
       const x = 300 * (1 - (now - Date.parse(r.read_at)) / CHART_SPAN_MS);
@@ -109,11 +123,17 @@ function drawChart(s) {
   line("humidity_pct", $(c, ".line-humidity"), $(c, ".range-humidity"), "%");
 }
 
-async function loadHistory(id) {
+// Fetches what the chart lacks: the last hour, or after a reconnect only what came after
+// `newest`, the newest reading held before it, so a gateway restart does not make every page
+// download an hour again.
+async function loadHistory(s, newest) {
+  const since = newest
+    ? newest.read_at
+    : new Date((s.latest ? Date.parse(s.latest.read_at) : Date.now()) - CHART_SPAN_MS).toISOString();
+  const id = encodeURIComponent(s.card.dataset.sensor);
   try {
-    const res = await fetch(`/api/sensors/${encodeURIComponent(id)}/history?limit=${HISTORY_LIMIT}`);
+    const res = await fetch(`/api/sensors/${id}/history?limit=${HISTORY_LIMIT}&since=${encodeURIComponent(since)}`);
     if (!res.ok) return;
-    const s = sensorFor(id);
     for (const r of await res.json()) addReading(s, r);
     render(s);
   } catch (e) {
@@ -127,14 +147,16 @@ function onMessage(event) {
   if (m.type === "snapshot") {
     for (const entry of m.sensors) {
       const s = sensorFor(entry.sensor_id);
+      const held = s.history.length ? s.history[s.history.length - 1] : null;
       s.status = entry.status;
       if (entry.latest) addReading(s, entry.latest);
       render(s);
-      loadHistory(entry.sensor_id);
+      loadHistory(s, held);
     }
   } else if (m.type === "reading") {
     const { type, ...r } = m;
     const s = sensorFor(r.sensor_id);
+    noteArrival(s, r);
     addReading(s, r);
     render(s);
   } else if (m.type === "availability") {
@@ -147,7 +169,7 @@ function onMessage(event) {
 function connect() {
   const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
   const ws = new WebSocket(url);
-  ws.onopen = () => { backoffMs = 500; setConnection("connected", "live"); };
+  ws.onopen = () => { backoffMs = 500; setConnection("connected", "connected"); };
   ws.onmessage = onMessage;
   ws.onclose = (event) => {
     // Full jitter, so a restarted gateway is not hit by every browser at once.

@@ -1,0 +1,536 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The live page in real headless Chromium, driven over WebDriver (chromedriver + fantoccini),
+//! against a real broker and gateway, with readings published over MQTT by rumqttc.
+//!
+//! What it proves, as a person looking at the page would see it:
+//!
+//! - a published reading shows within a second;
+//! - a sensor whose readings stop turns `stale` after three of its intervals (the page derives
+//!   the interval from the readings: here 300 ms, floored at one second);
+//! - a publisher that dies turns `offline` when its last will fires;
+//! - when the gateway restarts the page reconnects on its own and shows the newest value.
+//!
+//! Screenshots land in `target/tmp/screenshots/` (light and dark, desktop and phone);
+//! `docs/screenshot.png` is a copy of one of them.
+//!
+//! Needs Debian's `chromium` and `chromium-driver`. Without them the tests print a notice and
+//! pass, unless the `CI` environment variable is set: then they fail. They run one at a time
+//! (two Chromiums at once are too much for a small CI machine).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use fantoccini::{Client, ClientBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use k3sense_gateway::Options;
+use k3sense_protocol::{Model, Reading, SensorId};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::Mutex, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// One Chromium at a time.
+static BROWSER: Mutex<()> = Mutex::const_new(());
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Chromium and chromedriver, or `None` (with a notice) when they are missing outside CI.
+fn tools() -> Option<(PathBuf, PathBuf)> {
+    let chromium = find_program(&["chromium", "chromium-browser", "google-chrome"]);
+    let driver = find_program(&["chromedriver"]);
+    match (chromium, driver) {
+        (Some(chromium), Some(driver)) => Some((chromium, driver)),
+        (chromium, driver) => {
+            let missing = format!(
+                "chromium: {}, chromedriver: {} (Debian: apt-get install chromium chromium-driver)",
+                chromium.map_or("missing".into(), |p| p.display().to_string()),
+                driver.map_or("missing".into(), |p| p.display().to_string()),
+            );
+            if std::env::var_os("CI").is_some() {
+                panic!("CI must run the browser tests: {missing}");
+            }
+            eprintln!("SKIPPED: browser test needs Chromium and chromedriver; {missing}");
+            None
+        }
+    }
+}
+
+/// Kills a child process when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Headless Chromium behind its own chromedriver, with a fresh profile.
+struct Browser {
+    client: Client,
+    _driver: Child,
+    profile: PathBuf,
+}
+
+impl Browser {
+    async fn start(chromium: &Path, driver: &Path, dark: bool) -> Self {
+        let port = free_port();
+        let driver = Child(
+            Command::new(driver)
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let profile =
+            std::env::temp_dir().join(format!("k3sense-chromium-{}-{port}", std::process::id()));
+        let mut args = vec![
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--hide-scrollbars".to_owned(),
+            "--window-size=1280,860".to_owned(),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        if dark {
+            args.push("--force-dark-mode".to_owned());
+            args.push("--blink-settings=preferredColorScheme=0".to_owned());
+        }
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({ "binary": chromium, "args": args }),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = loop {
+            let attempt = ClientBuilder::new(HttpConnector::new())
+                .capabilities(capabilities.clone())
+                .connect(&url)
+                .await;
+            match attempt {
+                Ok(client) => break client,
+                Err(e) if Instant::now() > deadline => panic!("cannot start Chromium: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        Self {
+            client,
+            _driver: driver,
+            profile,
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.client.clone().close().await;
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+
+    /// What a sensor's card shows, or `null` while there is no card.
+    async fn card(&self, id: &str) -> Value {
+        self.client
+            .execute(
+                r#"
+                const card = document.querySelector(`[data-sensor="${arguments[0]}"]`);
+                const conn = document.getElementById("connection").dataset.state;
+                if (!card) return { connection: conn };
+                const text = (sel) => card.querySelector(sel).textContent;
+                return {
+                    connection: conn,
+                    status: card.dataset.status,
+                    badge: text(".badge-text"),
+                    temperature: text(".temperature .number"),
+                    humidity: text(".humidity .number"),
+                    seq: text(".seq"),
+                    age: text(".age"),
+                    points: card.querySelector(".line-temperature").getAttribute("points").split(" ").filter(Boolean).length,
+                };
+                "#,
+                vec![json!(id)],
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Polls the card until `wanted` holds; returns how long that took.
+    async fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let card = self.card(id).await;
+            if wanted(&card) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{id}: {what} not seen within {limit:?}; the card shows {card}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, self.client.screenshot().await.unwrap()).unwrap();
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+}
+
+async fn start_broker() -> SocketAddr {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let started = k3sense_broker::start(&k3sense_broker::Config::new(addr))
+        .await
+        .unwrap();
+    tokio::spawn(started.serve(CancellationToken::new()));
+    addr
+}
+
+struct Gateway {
+    shutdown: CancellationToken,
+    task: JoinHandle<k3sense_gateway::Result<()>>,
+}
+
+/// A gateway on `addr` (a fixed port, so it can be restarted where the page looks for it).
+async fn start_gateway(addr: SocketAddr, broker: SocketAddr) -> Gateway {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let mut config = k3sense_gateway::Config::new(addr, broker.to_string());
+    config.options = Options {
+        drain_timeout: Duration::from_secs(1),
+        ..Options::default()
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(k3sense_gateway::serve(listener, config, shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the gateway never got ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Gateway { shutdown, task }
+}
+
+impl Gateway {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    response
+}
+
+/// A stand-in publisher: rumqttc with `offline` as its last will, its event loop in a task.
+struct Publisher {
+    client: AsyncClient,
+    task: JoinHandle<()>,
+}
+
+impl Publisher {
+    async fn connect(broker: SocketAddr, client_id: &str, sensor: &str) -> Self {
+        let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_last_will(LastWill::new(
+            format!("k3sense/{sensor}/availability"),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, mut events) = AsyncClient::new(options, 100);
+        let task = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+        Self { client, task }
+    }
+
+    async fn availability(&self, sensor: &str, status: &str) {
+        self.client
+            .publish(
+                format!("k3sense/{sensor}/availability"),
+                QoS::AtLeastOnce,
+                true,
+                status,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn reading(&self, sensor: &str, seq: u64, t: f64, h: f64, at: DateTime<Utc>) {
+        let reading = Reading::new(SensorId::new(sensor).unwrap(), Model::Dht22, t, h, at, seq)
+            .unwrap()
+            .to_json()
+            .unwrap();
+        self.client
+            .publish(
+                format!("k3sense/{sensor}/state"),
+                QoS::AtLeastOnce,
+                true,
+                reading,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// An hour of readings, one a minute, the last half a minute before `end`; gentle curves.
+    async fn backfill(&self, sensor: &str, end: DateTime<Utc>, base_t: f64, base_h: f64) -> u64 {
+        for minute in 0..60u64 {
+            let at = end - chrono::Duration::seconds((60 - minute as i64) * 60 - 30);
+            let x = minute as f64 / 60.0 * std::f64::consts::PI;
+            let t = base_t + 1.8 * x.sin() + 0.3 * (3.0 * x).cos();
+            let h = base_h - 6.0 * x.sin() + 1.5 * (2.0 * x).cos();
+            self.reading(sensor, minute + 1, (t * 10.0).round() / 10.0, h.round(), at)
+                .await;
+        }
+        60
+    }
+
+    /// Dies without a word: the broker sees the connection drop and publishes the last will.
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until the gateway holds `count` readings of `sensor`.
+async fn wait_history(gateway: SocketAddr, sensor: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = http_get(gateway, &format!("/api/sensors/{sensor}/history")).await;
+        let held = response.matches("\"seq\"").count();
+        if held >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sensor}: {held} of {count} readings"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_live_stale_offline_and_reconnects() {
+    let Some((chromium, driver)) = tools() else {
+        return;
+    };
+    let _one_at_a_time = BROWSER.lock().await;
+    let broker = start_broker().await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gateway = start_gateway(addr, broker).await;
+    let publisher = Publisher::connect(broker, "pub-a", "pi-1").await;
+    publisher.availability("pi-1", "online").await;
+    let mut seq = publisher.backfill("pi-1", Utc::now(), 21.0, 48.0).await;
+    wait_history(addr, "pi-1", 60).await;
+
+    let browser = Browser::start(&chromium, &driver, false).await;
+    browser
+        .client
+        .goto(&format!("http://{addr}/"))
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "pi-1",
+            "the snapshot and the hour of history",
+            Duration::from_secs(10),
+            |c| c["connection"] == "connected" && c["seq"] == "#60" && c["points"] == 60,
+        )
+        .await;
+
+    // 1. A reading shows within a second of its publish.
+    seq += 1;
+    let published = Instant::now();
+    publisher.reading("pi-1", seq, 22.7, 41.0, Utc::now()).await;
+    browser
+        .wait_for("pi-1", "the new reading", Duration::from_secs(5), |c| {
+            c["temperature"] == "22.7" && c["humidity"] == "41.0" && c["status"] == "live"
+        })
+        .await;
+    let shown = published.elapsed();
+    assert!(shown < Duration::from_secs(1), "took {shown:?}");
+    assert_eq!(browser.card("pi-1").await["badge"], "live");
+
+    // 2. Readings every 300 ms, then none: stale after three intervals (floored at 1 s each).
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        seq += 1;
+        publisher.reading("pi-1", seq, 22.8, 41.0, Utc::now()).await;
+    }
+    let last = Instant::now();
+    browser
+        .wait_for("pi-1", "the last reading", Duration::from_secs(2), |c| {
+            c["seq"] == format!("#{seq}").as_str()
+        })
+        .await;
+    assert_eq!(browser.card("pi-1").await["status"], "live");
+    browser
+        .wait_for("pi-1", "stale", Duration::from_secs(8), |c| {
+            c["status"] == "stale" && c["badge"] == "stale"
+        })
+        .await;
+    let stale_after = last.elapsed();
+    assert!(
+        stale_after >= Duration::from_millis(2500),
+        "stale too early: {stale_after:?}"
+    );
+
+    // 3. The publisher dies: its last will turns the card offline.
+    seq += 1;
+    publisher.reading("pi-1", seq, 22.9, 40.0, Utc::now()).await;
+    browser
+        .wait_for("pi-1", "live again", Duration::from_secs(2), |c| {
+            c["status"] == "live"
+        })
+        .await;
+    publisher.kill();
+    browser
+        .wait_for("pi-1", "offline (last will)", Duration::from_secs(5), |c| {
+            c["status"] == "offline" && c["badge"] == "offline"
+        })
+        .await;
+
+    // 4. The gateway restarts: the page reconnects by itself and shows the newest value, which
+    //    was published while it was away.
+    let publisher = Publisher::connect(broker, "pub-b", "pi-1").await;
+    publisher.availability("pi-1", "online").await;
+    seq += 1;
+    publisher.reading("pi-1", seq, 23.4, 39.0, Utc::now()).await;
+    browser
+        .wait_for("pi-1", "back online", Duration::from_secs(3), |c| {
+            c["status"] == "live" && c["temperature"] == "23.4"
+        })
+        .await;
+    gateway.stop().await;
+    browser
+        .wait_for("pi-1", "the disconnect", Duration::from_secs(3), |c| {
+            c["connection"] == "disconnected"
+        })
+        .await;
+    seq += 1;
+    publisher.reading("pi-1", seq, 24.1, 38.0, Utc::now()).await;
+    let gateway = start_gateway(addr, broker).await;
+    let want_seq = format!("#{seq}");
+    browser
+        .wait_for(
+            "pi-1",
+            "the newest value after reconnecting",
+            Duration::from_secs(10),
+            |c| {
+                c["connection"] == "connected"
+                    && c["temperature"] == "24.1"
+                    && c["seq"] == want_seq.as_str()
+                    && c["status"] == "live"
+            },
+        )
+        .await;
+    let card = browser.card("pi-1").await;
+    assert!(card["points"].as_u64().unwrap() >= 60, "{card}");
+    browser.screenshot("reconnected-desktop-light").await;
+    browser.close().await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn screenshots_light_and_dark_on_desktop_and_phone() {
+    let Some((chromium, driver)) = tools() else {
+        return;
+    };
+    let _one_at_a_time = BROWSER.lock().await;
+    let broker = start_broker().await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gateway = start_gateway(addr, broker).await;
+    let now = Utc::now();
+    let live = Publisher::connect(broker, "pub-live", "greenhouse").await;
+    live.availability("greenhouse", "online").await;
+    let seq = live.backfill("greenhouse", now, 24.0, 62.0).await;
+    live.reading("greenhouse", seq + 1, 23.9, 63.0, now).await;
+    let stale = Publisher::connect(broker, "pub-stale", "attic").await;
+    stale.availability("attic", "online").await;
+    stale
+        .backfill("attic", now - chrono::Duration::minutes(5), 18.5, 45.0)
+        .await;
+    let offline = Publisher::connect(broker, "pub-offline", "garage").await;
+    offline
+        .backfill("garage", now - chrono::Duration::minutes(2), 9.0, 71.0)
+        .await;
+    offline.availability("garage", "offline").await;
+    for (sensor, count) in [("greenhouse", 61), ("attic", 60), ("garage", 60)] {
+        wait_history(addr, sensor, count).await;
+    }
+
+    for dark in [false, true] {
+        let browser = Browser::start(&chromium, &driver, dark).await;
+        let scheme = if dark { "dark" } else { "light" };
+        for (device, width, height) in [("desktop", 1280, 860), ("phone", 390, 1400)] {
+            browser.client.set_window_size(width, height).await.unwrap();
+            browser
+                .client
+                .goto(&format!("http://{addr}/"))
+                .await
+                .unwrap();
+            for (sensor, status) in [
+                ("greenhouse", "live"),
+                ("attic", "stale"),
+                ("garage", "offline"),
+            ] {
+                browser
+                    .wait_for(sensor, status, Duration::from_secs(10), |c| {
+                        c["status"] == status && c["points"].as_u64() >= Some(50)
+                    })
+                    .await;
+            }
+            let is_dark: bool = browser
+                .client
+                .execute(
+                    "return matchMedia('(prefers-color-scheme: dark)').matches",
+                    vec![],
+                )
+                .await
+                .unwrap()
+                .as_bool()
+                .unwrap();
+            assert_eq!(is_dark, dark, "Chromium's colour scheme");
+            browser.screenshot(&format!("{device}-{scheme}")).await;
+        }
+        browser.close().await;
+    }
+    gateway.stop().await;
+}
