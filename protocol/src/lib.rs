@@ -20,6 +20,7 @@
 //! | `sensor_id` | `SensorId` and its rule |
 //! | `topic` | `Topics`, `TopicKind`, topic parsing |
 //! | `availability` | `Availability` |
+//! | `replay` | [`ReplayRequest`] and the replay topics: how a gateway gets back readings it missed |
 //! | `ws` | WebSocket and HTTP API messages |
 //! | `client` | [`MqttConfig`]: how publisher, gateway and tools reach the broker; [`Backoff`] |
 //! | `error` | `Error`, the one error type of this crate |
@@ -28,6 +29,7 @@ mod availability;
 mod client;
 mod error;
 mod reading;
+mod replay;
 mod sensor_id;
 mod topic;
 pub mod ws;
@@ -36,5 +38,6 @@ pub use availability::Availability;
 pub use client::{Backoff, MqttConfig};
 pub use error::{Error, Result};
 pub use reading::{MAX_PAYLOAD_BYTES, Model, Reading, format_read_at};
+pub use replay::ReplayRequest;
 pub use sensor_id::SensorId;
 pub use topic::{DEFAULT_PREFIX, TopicKind, Topics};
