@@ -5,22 +5,29 @@
 //! k3sense broker       # the MQTT broker (rumqttd)
 //! k3sense publisher    # reads the sensor, publishes readings
 //! k3sense gateway      # MQTT → WebSocket/HTTP, serves the page
+//! k3sense check        # diagnoses a node: broker, sensor, gateway
+//! k3sense watch        # live readings in the terminal
 //! ```
 //!
 //! This file only sets up logging, parses the command line, turns SIGINT/SIGTERM into a
 //! cancellation token and calls the component's `run`; the components are library crates.
 
 mod all;
+mod check;
 mod cli;
+mod connect;
 mod logging;
 mod shutdown;
+mod watch;
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let mut cli = Cli::parse();
     logging::init(cli.log_format);
     cli.fill_passwords_from_env();
@@ -31,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let token = shutdown::on_signal();
-        match cli.command.unwrap_or(Command::All(cli.all)) {
+        let done = match cli.command.unwrap_or(Command::All(cli.all)) {
             Command::All(args) => all::run(args, token).await,
             Command::Broker(config) => k3sense_broker::run(config, token).await.map_err(Into::into),
             Command::Publisher(config) => k3sense_publisher::run(config, token)
@@ -40,6 +47,9 @@ fn main() -> anyhow::Result<()> {
             Command::Gateway(config) => k3sense_gateway::run(config, token)
                 .await
                 .map_err(Into::into),
-        }
+            Command::Check(args) => return check::run(args, token).await,
+            Command::Watch(args) => return watch::run(args, token).await,
+        };
+        done.map(|()| ExitCode::SUCCESS)
     })
 }
