@@ -156,3 +156,94 @@ pub fn tool_available(tool: &str) -> bool {
     }
     found
 }
+
+/// Whether `python3` can import `module` (e.g. `paho.mqtt.client`). Like [`tool_available`]: a
+/// missing module fails in CI and skips elsewhere.
+pub fn python_module_available(module: &str) -> bool {
+    if !tool_available("python3") {
+        return false;
+    }
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("python module {module} is required in CI but is not installed (see .ci/run)");
+        }
+        eprintln!(
+            "SKIPPED: python module {module} is not installed; `python3 -m pip install paho-mqtt`"
+        );
+    }
+    found
+}
+
+/// Debian's Mosquitto broker (`/usr/sbin/mosquitto`), anonymous, on a free port of 127.0.0.1;
+/// killed when dropped.
+pub struct Mosquitto {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+}
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+impl Mosquitto {
+    /// Starts it and returns once it logs that it is running; `None` when it is not installed
+    /// (outside CI).
+    pub async fn start() -> Option<Self> {
+        use tokio::io::AsyncBufReadExt;
+        if !tool_available(MOSQUITTO) {
+            return None;
+        }
+        let addr = free_addr();
+        let dir = std::env::temp_dir().join(format!("k3sense-mosquitto-{}", addr.port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n",
+                addr.port()
+            ),
+        )
+        .unwrap();
+        let mut child = tokio::process::Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        let running = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains(" running") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(running, Ok(true)),
+            "mosquitto did not start:\n{log}"
+        );
+        // Keep draining its log so the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Some(Self { addr, child, dir })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
