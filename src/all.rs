@@ -28,6 +28,11 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         .sensor_id
         .get_or_insert_with(|| ALL_SENSOR_ID.to_owned());
     sensor.interval.get_or_insert(ALL_INTERVAL);
+    // No metrics server unless asked for (--metrics-listen): 9101 may be taken on a laptop.
+    sensor
+        .metrics
+        .listen
+        .get_or_insert(k3sense_publisher::MetricsListen::Off);
     let publisher = k3sense_publisher::Config {
         mqtt: mqtt.clone(),
         sensor,

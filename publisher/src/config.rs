@@ -1,6 +1,6 @@
 //! The publisher's configuration: every flag also reads a `K3SENSE_*` environment variable.
 
-use std::{path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use k3sense_protocol::{Model, MqttConfig, SensorId};
 
@@ -18,7 +18,8 @@ pub struct Config {
     pub sensor: SensorConfig,
 }
 
-/// Where readings come from; `k3sense all` takes the same flags.
+/// Where readings come from, and how the publisher shows itself to Home Assistant and
+/// Prometheus; `k3sense all` takes the same flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SensorConfig {
     /// Sensor backend: `sim` (simulated, no hardware), `dht11` / `dht22` (GPIO bit-banging with
@@ -52,6 +53,102 @@ pub struct SensorConfig {
     /// oldest are dropped (and counted) beyond this.
     #[arg(long, env = "K3SENSE_BUFFER", default_value_t = 8640)]
     pub buffer: usize,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub ha: HaConfig,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub metrics: MetricsConfig,
+}
+
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HaConfig {
+    /// Announce the sensor to Home Assistant (MQTT discovery): a device with a temperature and
+    /// a humidity entity, retained, on every connect and whenever Home Assistant restarts.
+    #[arg(long = "ha-discovery", env = "K3SENSE_HA_DISCOVERY", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub discovery: bool,
+
+    /// Home Assistant's discovery prefix (its MQTT integration setting of the same name).
+    #[arg(long = "ha-prefix", env = "K3SENSE_HA_PREFIX", default_value = crate::discovery::DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            discovery: true,
+            prefix: crate::discovery::DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// The publisher's `/metrics` and `/healthz` server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsConfig {
+    /// Address of the HTTP server with /metrics (Prometheus) and /healthz, or `off`
+    /// [default: 0.0.0.0:9101; off in `all`].
+    #[arg(
+        long = "metrics-listen",
+        env = "K3SENSE_METRICS_LISTEN",
+        value_name = "ADDR|off"
+    )]
+    pub listen: Option<MetricsListen>,
+}
+
+/// The default `--metrics-listen` of `k3sense publisher`.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9101);
+
+impl MetricsConfig {
+    /// No metrics server.
+    pub fn off() -> Self {
+        Self {
+            listen: Some(MetricsListen::Off),
+        }
+    }
+
+    /// Where to serve metrics, if anywhere: [`DEFAULT_METRICS_LISTEN`] unless told otherwise.
+    pub fn effective_listen(&self) -> Option<SocketAddr> {
+        match self.listen {
+            None => Some(DEFAULT_METRICS_LISTEN),
+            Some(MetricsListen::Off) => None,
+            Some(MetricsListen::At(address)) => Some(address),
+        }
+    }
+}
+
+/// A value of `--metrics-listen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// No metrics server.
+    Off,
+    /// Serve on this address.
+    At(SocketAddr),
+}
+
+impl FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::At)
+            .map_err(|_| format!("{s:?} is neither host:port (e.g. 0.0.0.0:9101) nor `off`"))
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::At(address) => write!(f, "{address}"),
+        }
+    }
 }
 
 fn parse_model(s: &str) -> Result<Model, String> {
@@ -75,7 +172,8 @@ pub enum SensorKind {
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
 impl SensorConfig {
-    /// A simulated sensor called `id`, reading every `interval`.
+    /// A simulated sensor called `id`, reading every `interval`; Home Assistant discovery on
+    /// (the default), no metrics server (tests run many at once).
     pub fn sim(id: &str, interval: Duration) -> Self {
         Self {
             sensor: SensorKind::Sim,
@@ -85,6 +183,8 @@ impl SensorConfig {
             sensor_id: Some(id.to_owned()),
             interval: Some(interval),
             buffer: 8640,
+            ha: HaConfig::default(),
+            metrics: MetricsConfig::off(),
         }
     }
 
@@ -141,5 +241,49 @@ mod tests {
         assert_eq!(c.effective_model(), Model::Dht22);
         c.sensor = SensorKind::Dht11;
         assert_eq!(c.effective_model(), Model::Dht11);
+    }
+
+    #[test]
+    fn metrics_listen_defaults_and_off() {
+        assert_eq!(
+            MetricsConfig { listen: None }.effective_listen(),
+            Some(DEFAULT_METRICS_LISTEN)
+        );
+        assert_eq!(MetricsConfig::off().effective_listen(), None);
+        assert_eq!("OFF".parse::<MetricsListen>(), Ok(MetricsListen::Off));
+        assert_eq!(
+            "127.0.0.1:9".parse::<MetricsListen>(),
+            Ok(MetricsListen::At(SocketAddr::from(([127, 0, 0, 1], 9))))
+        );
+        assert!("9101".parse::<MetricsListen>().is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sensor: SensorConfig,
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(cli.sensor.ha.discovery);
+        assert_eq!(cli.sensor.ha.prefix, "homeassistant");
+        assert_eq!(cli.sensor.metrics.listen, None);
+        let cli = Cli::try_parse_from([
+            "x",
+            "--ha-discovery",
+            "false",
+            "--ha-prefix",
+            "ha",
+            "--metrics-listen",
+            "off",
+        ])
+        .unwrap();
+        assert!(!cli.sensor.ha.discovery);
+        assert_eq!(cli.sensor.ha.prefix, "ha");
+        assert_eq!(cli.sensor.metrics.listen, Some(MetricsListen::Off));
+        assert!(Cli::try_parse_from(["x", "--ha-discovery"]).is_err());
     }
 }

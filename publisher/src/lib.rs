@@ -4,7 +4,10 @@
 //!
 //! ```text
 //! Sensor (sim | dht11/dht22 via rppal | iio) ──blocking read──▶ reader (ReadPolicy) ──▶ link ──MQTT──▶ broker
-//!                                                                                        └─ Outbox: kept until PUBACK
+//!                                                      │                                 ├─ Outbox: kept until PUBACK
+//!                                                      │ ReadCounters                    └─ Home Assistant discovery
+//!                                                      ▼
+//!                                  Metrics ◀── link ── http: /metrics, /healthz (--metrics-listen, default 0.0.0.0:9101)
 //! ```
 //!
 //! In a cluster it is the `publisher` Deployment pinned to the node labelled
@@ -21,12 +24,18 @@
 //! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings |
 //! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
 //! | `link` | the MQTT connection task |
+//! | `discovery` | Home Assistant MQTT discovery configs (pure) |
+//! | `metrics` | [`Metrics`]: the Prometheus metrics (docs/metrics.md) |
+//! | `http` | `/metrics` and `/healthz` |
 //! | `error` | [`Error`] |
 
 mod config;
 pub mod dht;
+pub mod discovery;
 mod error;
+mod http;
 mod link;
+mod metrics;
 mod outbox;
 pub mod policy;
 pub mod reader;
@@ -38,9 +47,13 @@ use k3sense_protocol::Availability;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, DEFAULT_INTERVAL, SensorConfig, SensorKind};
+pub use config::{
+    Config, DEFAULT_INTERVAL, DEFAULT_METRICS_LISTEN, HaConfig, MetricsConfig, MetricsListen,
+    SensorConfig, SensorKind,
+};
 pub use error::{Error, Result};
 pub use link::Update;
+pub use metrics::Metrics;
 pub use outbox::Outbox;
 pub use policy::{ReadCounters, ReadPolicy, Verdict};
 pub use reader::{Clock, ReaderConfig};
@@ -81,8 +94,37 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let id = config.sensor.effective_id()?;
-    config.mqtt.topics()?;
+    let topics = config.mqtt.topics()?;
     config.mqtt.mqtt_options("probe")?;
+    let discovery = if config.sensor.ha.discovery {
+        Some(discovery::Announcement::new(
+            &config.sensor.ha.prefix,
+            &topics,
+            &id,
+            config.sensor.effective_model(),
+            config.sensor.effective_interval(),
+        )?)
+    } else {
+        None
+    };
+    let metrics = Metrics::new(&id, counters.subscribe());
+    let server_stop = shutdown.child_token();
+    let server = match config.sensor.metrics.effective_listen() {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
+                Error::Invalid(format!(
+                    "cannot serve metrics on {address} ({e}); pick another address with \
+                     --metrics-listen, or turn the server off with --metrics-listen off"
+                ))
+            })?;
+            Some(tokio::spawn(http::serve(
+                listener,
+                metrics.clone(),
+                server_stop.clone(),
+            )))
+        }
+        None => None,
+    };
     let sensor_config = config.sensor.clone();
     let opener: reader::Opener = Box::new(move || sensor::open(&sensor_config));
     let (opener, first) = reader::open(opener).await;
@@ -92,11 +134,16 @@ pub async fn run_with(
         Availability::Offline
     };
     let (tx, rx) = mpsc::channel(64);
+    let settings = link::Settings {
+        mqtt: config.mqtt.clone(),
+        id: id.clone(),
+        buffer: config.sensor.buffer,
+        discovery,
+    };
     let link = tokio::spawn(link::run(
-        config.mqtt.clone(),
-        id.clone(),
-        config.sensor.buffer,
+        settings,
         availability,
+        metrics,
         rx,
         shutdown.clone(),
     ));
@@ -107,8 +154,13 @@ pub async fn run_with(
     );
     reader_config.reopen_every = options.reopen_every;
     reader_config.clock = options.clock;
-    reader::run(opener, first, reader_config, tx, counters, shutdown).await;
-    match link.await {
+    reader::run(opener, first, reader_config, tx, counters, shutdown.clone()).await;
+    let linked = link.await;
+    if let Some(server) = server {
+        server_stop.cancel();
+        let _ = server.await;
+    }
+    match linked {
         Ok(result) => result,
         Err(e) => Err(Error::Invalid(format!("the MQTT task failed: {e}"))),
     }

@@ -1,9 +1,12 @@
 //! The publisher's MQTT connection: one task owns the client, its event loop and the
 //! [`Outbox`], so ordering and acknowledgements are tracked in one place.
 //!
-//! On every connect it publishes `online` (retained) and then every unacknowledged reading in
-//! order; the broker announces `offline` (the last will) if the connection dies; on shutdown it
-//! publishes `offline` itself and disconnects cleanly.
+//! On every connect it announces the sensor to Home Assistant (when discovery is on: the
+//! retained configs of `discovery.rs`, and a subscription to Home Assistant's status topic, so
+//! a restarted Home Assistant gets them again), publishes `online` (retained) and then every
+//! unacknowledged reading in order; the broker announces `offline` (the last will) if the
+//! connection dies; on shutdown it publishes `offline` itself and disconnects cleanly. It keeps
+//! the connection, buffer and reading metrics up to date.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -11,11 +14,12 @@ use std::{
 };
 
 use k3sense_protocol::{Availability, Backoff, MqttConfig, Reading, SensorId, Topics};
+use rumqttc::Publish;
 use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, outbox::Outbox};
+use crate::{Result, discovery, discovery::Announcement, metrics::Metrics, outbox::Outbox};
 
 /// What the reader hands to the link.
 #[derive(Debug)]
@@ -38,8 +42,23 @@ enum Sent {
     Other,
 }
 
+/// What the link is told once, at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The broker and topic prefix.
+    pub mqtt: MqttConfig,
+    /// The sensor's id in topics.
+    pub id: SensorId,
+    /// Readings kept while the broker is away.
+    pub buffer: usize,
+    /// What to announce to Home Assistant; `None` when discovery is off.
+    pub discovery: Option<Announcement>,
+}
+
 struct Link {
     client: AsyncClient,
+    discovery: Option<Announcement>,
+    metrics: Metrics,
     topics: Topics,
     id: SensorId,
     outbox: Outbox,
@@ -54,13 +73,18 @@ struct Link {
 /// Runs until `shutdown`, publishing what arrives on `updates`; `sensor` is the sensor's
 /// availability until an update says otherwise.
 pub async fn run(
-    mqtt: MqttConfig,
-    id: SensorId,
-    buffer: usize,
+    settings: Settings,
     sensor: Availability,
+    metrics: Metrics,
     mut updates: mpsc::Receiver<Update>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let Settings {
+        mqtt,
+        id,
+        buffer,
+        discovery,
+    } = settings;
     let topics = mqtt.topics()?;
     let mut options = mqtt.mqtt_options(&format!("k3sense-publisher-{id}"))?;
     options.set_clean_session(true);
@@ -71,8 +95,16 @@ pub async fn run(
         true,
     ));
     let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
+    metrics
+        .buffer_capacity
+        .set(i64::try_from(buffer).unwrap_or(i64::MAX));
+    metrics
+        .sensor_available
+        .set(i64::from(sensor == Availability::Online));
     let mut link = Link {
         client,
+        discovery,
+        metrics,
         topics,
         id,
         outbox: Outbox::new(buffer),
@@ -120,17 +152,28 @@ pub async fn run(
 
 impl Link {
     fn push(&mut self, reading: Reading) {
+        self.metrics.observe(&reading);
         if let Some(lost) = self.outbox.push(reading) {
+            self.metrics.dropped_readings.inc();
             tracing::warn!(
                 seq = lost.seq,
                 "buffer full: dropped the oldest unsent reading; raise --buffer to keep more"
             );
         }
         self.pump();
+        self.count_buffered();
+    }
+
+    fn count_buffered(&self) {
+        let depth = i64::try_from(self.outbox.len()).unwrap_or(i64::MAX);
+        self.metrics.buffered_readings.set(depth);
     }
 
     fn sensor_changed(&mut self, availability: Availability) {
         self.sensor = availability;
+        self.metrics
+            .sensor_available
+            .set(i64::from(availability == Availability::Online));
         if self.connected {
             self.publish_availability(availability);
         }
@@ -144,6 +187,65 @@ impl Link {
             .is_ok()
         {
             self.queued.push_back(Sent::Other);
+        }
+    }
+
+    /// Publishes the Home Assistant discovery configs (retained), if discovery is on.
+    fn announce(&mut self) {
+        let Some(announcement) = &self.discovery else {
+            return;
+        };
+        let mut published = 0;
+        for message in &announcement.messages {
+            match self.client.try_publish(
+                message.topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                message.payload.clone(),
+            ) {
+                Ok(()) => {
+                    self.queued.push_back(Sent::Other);
+                    published += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %message.topic, error = %e, "could not queue a Home Assistant discovery message");
+                }
+            }
+        }
+        if published == announcement.messages.len() {
+            self.metrics.ha_announcements.inc();
+            tracing::debug!(
+                status_topic = %announcement.status_topic,
+                "announced the sensor to Home Assistant"
+            );
+        }
+    }
+
+    /// Subscribes to Home Assistant's status topic, to announce again when it restarts.
+    fn watch_home_assistant(&mut self) {
+        let Some(announcement) = &self.discovery else {
+            return;
+        };
+        if let Err(e) = self
+            .client
+            .try_subscribe(announcement.status_topic.clone(), QoS::AtLeastOnce)
+        {
+            tracing::warn!(error = %e, "could not subscribe to Home Assistant's status topic");
+        }
+    }
+
+    /// A message arrived: Home Assistant saying `online` gets a new announcement. A retained
+    /// `online` arrives right after our own announcement on connect and is skipped.
+    fn received(&mut self, publish: &Publish) {
+        let Some(announcement) = &self.discovery else {
+            return;
+        };
+        if publish.topic == announcement.status_topic
+            && !publish.retain
+            && discovery::is_online(&publish.payload)
+        {
+            tracing::info!("Home Assistant came online; announcing the sensor again");
+            self.announce();
         }
     }
 
@@ -184,12 +286,19 @@ impl Link {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => {
                 self.connected = true;
+                self.metrics.broker_connected.set(1);
+                self.metrics.broker_connects.inc();
                 self.queued.clear();
                 self.by_pkid.clear();
                 self.outbox.resend_all();
+                // Subscribe first: once our announcement is seen, Home Assistant's next
+                // `online` reaches us.
+                self.watch_home_assistant();
+                self.announce();
                 self.publish_availability(self.sensor);
                 self.pump();
             }
+            Event::Incoming(Packet::Publish(publish)) => self.received(&publish),
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(sent) = self.queued.pop_front() {
                     self.by_pkid.insert(pkid, sent);
@@ -198,9 +307,11 @@ impl Link {
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(Sent::Reading(seq)) = self.by_pkid.remove(&ack.pkid) {
                     self.outbox.acked(seq);
+                    self.metrics.acknowledged_readings.inc();
                     tracing::debug!(seq, "reading acknowledged");
                 }
                 self.pump();
+                self.count_buffered();
             }
             _ => {}
         }
@@ -208,6 +319,7 @@ impl Link {
 
     fn disconnected(&mut self) {
         self.connected = false;
+        self.metrics.broker_connected.set(0);
         self.queued.clear();
         self.by_pkid.clear();
         self.outbox.resend_all();
@@ -216,6 +328,7 @@ impl Link {
     /// Publishes `offline` and disconnects, so the broker does not fire the will and
     /// subscribers see a deliberate stop.
     async fn goodbye(&mut self, events: &mut rumqttc::EventLoop) {
+        self.metrics.broker_connected.set(0);
         if !self.connected {
             return;
         }
