@@ -8,7 +8,9 @@
 use std::{io, time::Duration};
 
 use k3sense_protocol::MqttConfig;
-use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Packet};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Packet, StateError,
+};
 
 /// Why the broker cannot be used, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +116,14 @@ pub fn explain(error: &ConnectionError, mqtt: &MqttConfig) -> Refusal {
             };
             (problem, fix)
         }
-        ConnectionError::Io(e) => explain_io(e, broker, &credentials),
+        ConnectionError::Io(e) | ConnectionError::MqttState(StateError::Io(e)) => {
+            explain_io(e, broker, &credentials)
+        }
+        ConnectionError::MqttState(StateError::ConnectionAborted) => explain_io(
+            &io::Error::from(io::ErrorKind::UnexpectedEof),
+            broker,
+            &credentials,
+        ),
         ConnectionError::NetworkTimeout => (
             format!("no answer from {broker} (timed out)"),
             "is the host up, and is a firewall or NetworkPolicy dropping port 1883?".into(),
@@ -145,9 +154,10 @@ fn explain_io(e: &io::Error, broker: &str, credentials: &str) -> (String, String
         | io::ErrorKind::BrokenPipe => (
             format!("{broker} closed the connection without a CONNACK"),
             format!(
-                "a broker that drops a client silently usually refused its credentials \
-                 ({credentials}) or its keepalive (rumqttd drops keepalive 0); look at the \
-                 broker's log"
+                "k3sense's broker (rumqttd) answers a wrong username or password this way: check \
+                 the credentials ({credentials}) — --username / K3SENSE_USERNAME and the password \
+                 in --password-file or K3SENSE_PASSWORD — against the broker's users file; it also \
+                 drops clients with keepalive 0. The broker's log says which"
             ),
         ),
         io::ErrorKind::TimedOut => (
@@ -193,10 +203,14 @@ mod tests {
         );
         assert!(r.problem.contains("nothing listens on b:1883"), "{r:?}");
         let r = explain(
-            &ConnectionError::Io(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            &ConnectionError::MqttState(StateError::ConnectionAborted),
             &mqtt,
         );
         assert!(r.problem.contains("without a CONNACK"), "{r:?}");
+        assert!(
+            r.fix.contains("\"gw\"") && r.fix.contains("password"),
+            "{r:?}"
+        );
     }
 
     #[test]

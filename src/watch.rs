@@ -17,7 +17,7 @@ use std::{collections::HashMap, process::ExitCode, time::Duration};
 use chrono::{TimeDelta, Utc};
 use clap::Args;
 use k3sense_protocol::{Availability, Backoff, MqttConfig, Reading, TopicKind, Topics};
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::{ConnectionError, Event, Packet, QoS, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect;
@@ -70,9 +70,9 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
             return Ok(ExitCode::FAILURE);
         }
     };
-    if !args.no_header {
-        println!("{}", header());
-    }
+    // The header is printed once the broker granted the subscription, so whatever is
+    // published after it appears below it.
+    let mut header_due = !args.no_header;
     let mut view = View::new(topics, args.sensor_id.clone());
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     // The CONNACK came in connect(); (re)subscribe after it and after every reconnect.
@@ -98,6 +98,19 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
                 eprintln!("k3sense watch: reconnected to {}", args.mqtt.broker);
                 subscribe = true;
             }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    eprintln!(
+                        "k3sense watch: the broker refused the subscription to {filter} (SUBACK \
+                         0x80)\n  fix: the user may not read these topics; check the broker's ACL"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                if header_due {
+                    header_due = false;
+                    println!("{}", header());
+                }
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let (line, is_reading) = view.line(&p.topic, &p.payload, p.retain);
                 if let Some(line) = line {
@@ -112,11 +125,15 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
             }
             Ok(_) => {}
             Err(e) => {
-                let refusal = connect::explain(&e, &args.mqtt);
+                let why = match &e {
+                    ConnectionError::ConnectionRefused(_) | ConnectionError::Io(_) => {
+                        connect::explain(&e, &args.mqtt).problem
+                    }
+                    other => other.to_string(),
+                };
                 let delay = backoff.next_delay();
                 eprintln!(
-                    "k3sense watch: connection lost: {}; retrying in {}",
-                    refusal.problem,
+                    "k3sense watch: connection lost ({why}); retrying in {}",
                     humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
                 );
                 tokio::select! {

@@ -395,7 +395,12 @@ async fn mosquitto_delivers_the_publishers_last_will_when_it_is_killed() {
         return;
     };
     let broker = mosquitto.addr;
-    let mut sub = subscriber(broker, "k3sense/pi-k/#").await;
+    let id = format!("killed-{}", broker.port());
+    let (availability, state) = (
+        format!("k3sense/{id}/availability"),
+        format!("k3sense/{id}/state"),
+    );
+    let mut sub = subscriber(broker, &format!("k3sense/{id}/#")).await;
     let mut publisher = tokio::process::Command::new(env!("CARGO_BIN_EXE_k3sense"))
         .args([
             "publisher",
@@ -406,7 +411,7 @@ async fn mosquitto_delivers_the_publishers_last_will_when_it_is_killed() {
         ])
         .args([
             "--sensor-id",
-            "pi-k",
+            &id,
             "--interval",
             "200ms",
             "--keepalive",
@@ -419,14 +424,14 @@ async fn mosquitto_delivers_the_publishers_last_will_when_it_is_killed() {
         .spawn()
         .unwrap();
     let deadline = 10 * SECOND;
-    let (online, _) = next_on(&mut sub, "k3sense/pi-k/availability", deadline).await;
-    assert_eq!(online, b"online");
-    next_on(&mut sub, "k3sense/pi-k/state", deadline).await;
+    // Online (whatever came before it, e.g. a retained value from a slow start).
+    while next_on(&mut sub, &availability, deadline).await.0 != b"online" {}
+    next_on(&mut sub, &state, deadline).await;
     // SIGKILL: no goodbye; the broker must publish the will.
     publisher.start_kill().unwrap();
     publisher.wait().await.unwrap();
-    let (will, _) = next_on(&mut sub, "k3sense/pi-k/availability", deadline).await;
-    assert_eq!(will, b"offline");
+    let (will, _) = next_on(&mut sub, &availability, deadline).await;
+    assert_eq!(String::from_utf8_lossy(&will), "offline");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -505,6 +510,40 @@ async fn rumqttd_drops_keepalive_zero_without_connack_known_gap() {
     // The same client with keepalive 30 is accepted, so the packet itself is fine.
     let (_, answer) = raw_connect(broker, 30).await;
     assert_eq!(answer, connack_accepted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttd_drops_a_wrong_password_without_connack_known_gap() {
+    let addr = free_addr();
+    let dir = std::env::temp_dir().join(format!("k3sense-interop-users-{}", addr.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("users"), "gateway:right-password\n").unwrap();
+    let mut config = k3sense_broker::Config::new(addr);
+    config.options.users_file = Some(dir.join("users"));
+    let started = k3sense_broker::start(&config).await.unwrap();
+    tokio::spawn(started.serve(CancellationToken::new()));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let login = |password: &str| {
+        let mut stream_bytes = connect_packet("raw-login", 30);
+        // Set the user name and password flags, append both to the payload.
+        stream_bytes[9] |= 0xC0;
+        for field in ["gateway", password] {
+            stream_bytes.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            stream_bytes.extend_from_slice(field.as_bytes());
+        }
+        stream_bytes[1] = (stream_bytes.len() - 2) as u8;
+        stream_bytes
+    };
+    let answer = |packet: Vec<u8>| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&packet).await.unwrap();
+        read_answer(&mut stream).await
+    };
+    assert_eq!(answer(login("right-password")).await, connack_accepted());
+    // KNOWN GAP (issue 8): MQTT 3.1.1 answers a wrong password with CONNACK 4 ("bad user name or
+    // password"), so clients can tell it from a network fault; rumqttd closes the socket.
+    assert_eq!(answer(login("wrong")).await, Answer::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
