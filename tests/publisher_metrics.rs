@@ -180,3 +180,127 @@ async fn a_taken_metrics_port_is_a_clear_startup_error() {
         "{message}"
     );
 }
+
+/// The metric names in an exposition: counters with `_total`, as Prometheus stores them.
+fn exposed_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// The `k3sense_…` names written as code in `text` (docs) or used in its queries (dashboard).
+fn mentioned_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // A bare prefix (`k3sense_publisher_`) names no metric.
+        if !tail[..end].ends_with('_') {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docs_list_exactly_the_exposed_metrics_and_the_dashboard_uses_only_those() {
+    let broker = start_broker().await;
+    let addr = free_addr();
+    let stop = CancellationToken::new();
+    let publisher = start(broker, "metrics-4", addr, &stop);
+    let ok = "k3sense_publisher_acknowledged_readings_total{sensor_id=\"metrics-4\"}";
+    let publisher_text = scrape_until(addr, |t| value(t, ok).is_some_and(|v| v >= 1.0)).await;
+    let (gateway, _) = support::start_gateway(broker, stop.clone()).await;
+    let (status, gateway_text) = http_get(gateway, "/metrics").await;
+    assert_eq!(status, 200);
+
+    let docs = repo_file("docs/metrics.md");
+    assert_eq!(
+        exposed_names(&publisher_text),
+        mentioned_names(&docs, "k3sense_publisher_"),
+        "docs/metrics.md must list exactly the k3sense_publisher_* metrics served"
+    );
+    // The gateway shows a labelled family only once it has a child (e.g. the first invalid
+    // payload), so here: everything it serves is documented.
+    let documented = mentioned_names(&docs, "k3sense_gateway_");
+    let exposed = exposed_names(&gateway_text);
+    assert!(exposed.len() >= 5, "{gateway_text}");
+    for name in &exposed {
+        assert!(
+            documented.contains(name),
+            "docs/metrics.md does not list {name}"
+        );
+    }
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&repo_file("deploy/grafana/k3sense-dashboard.json"))
+            .expect("the dashboard is JSON");
+    assert_eq!(dashboard["title"], "k3sense");
+    assert!(dashboard["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    assert!(dashboard["schemaVersion"].as_u64().is_some());
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut used = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate panel id"
+        );
+        for key in ["x", "y", "w", "h"] {
+            assert!(panel["gridPos"][key].as_u64().is_some(), "{panel}");
+        }
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for target in targets {
+            assert!(target["refId"].as_str().is_some());
+            used.extend(mentioned_names(
+                target["expr"].as_str().unwrap(),
+                "k3sense_",
+            ));
+        }
+    }
+    let documented = mentioned_names(&docs, "k3sense_");
+    for name in &used {
+        assert!(
+            documented.contains(name),
+            "the dashboard queries {name}, which docs/metrics.md does not list"
+        );
+    }
+    for needed in [
+        "k3sense_publisher_temperature_celsius",
+        "k3sense_publisher_humidity_ratio",
+        "k3sense_publisher_reads_total",
+        "k3sense_gateway_ws_clients",
+        "k3sense_gateway_mqtt_messages_total",
+        "k3sense_gateway_invalid_messages_total",
+        "k3sense_gateway_broker_connected",
+        "k3sense_publisher_broker_connected",
+    ] {
+        assert!(
+            used.contains(needed),
+            "the dashboard does not show {needed}"
+        );
+    }
+
+    stop.cancel();
+    publisher.await.unwrap().unwrap();
+}
