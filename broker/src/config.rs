@@ -15,15 +15,59 @@ pub struct Config {
 
     #[command(flatten)]
     #[allow(missing_docs)]
+    pub tls: TlsOptions,
+
+    /// Serve the broker's counters in the Prometheus text format at http://ADDR/metrics.
+    #[arg(long, env = "K3SENSE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
     pub options: Options,
+}
+
+/// The optional second listener, MQTT over TLS, for clients outside the cluster.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsOptions {
+    /// Address and port of an MQTT-over-TLS listener (e.g. 0.0.0.0:8883); needs --tls-cert and --tls-key.
+    #[arg(
+        long,
+        env = "K3SENSE_TLS_LISTEN",
+        value_name = "ADDR",
+        requires_all = ["tls_cert", "tls_key"]
+    )]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// PEM file with the TLS certificate chain, leaf first.
+    #[arg(
+        long,
+        env = "K3SENSE_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_listen"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "K3SENSE_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_listen"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Broker settings that `k3sense all` shares with `k3sense broker` (everything but the address).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// File of `username:password` lines. Without it the broker accepts anonymous clients.
+    /// File of `username:password[:role]` lines (see broker/README.md). Without it the broker
+    /// accepts anonymous clients with full access.
     #[arg(long, env = "K3SENSE_USERS_FILE", value_name = "PATH")]
     pub users_file: Option<PathBuf>,
+
+    /// First level(s) of the sensors' topics, which the roles' rules are written against.
+    #[arg(long, env = "K3SENSE_TOPIC_PREFIX", default_value = k3sense_protocol::DEFAULT_PREFIX)]
+    pub topic_prefix: String,
 
     /// Most clients connected at once; more are refused.
     #[arg(long, env = "K3SENSE_MAX_CONNECTIONS", default_value_t = 1000)]
@@ -33,7 +77,7 @@ pub struct Options {
     #[arg(long, env = "K3SENSE_MAX_PAYLOAD", default_value_t = 64 * 1024)]
     pub max_payload: usize,
 
-    /// How long a new connection may take to send CONNECT before it is closed.
+    /// How long a new connection may take for its TLS handshake and CONNECT before it is closed.
     #[arg(long, env = "K3SENSE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime_duration)]
     pub connect_timeout: Duration,
 }
@@ -52,6 +96,8 @@ impl Config {
     pub fn new(listen: SocketAddr) -> Self {
         Self {
             listen,
+            tls: TlsOptions::default(),
+            metrics_listen: None,
             options: Options::default(),
         }
     }
@@ -71,6 +117,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             users_file: None,
+            topic_prefix: k3sense_protocol::DEFAULT_PREFIX.to_owned(),
             max_connections: 1000,
             max_payload: 64 * 1024,
             connect_timeout: Duration::from_secs(5),

@@ -1,11 +1,15 @@
 //! rumqttd, embedded: its configuration and its thread.
+//!
+//! rumqttd listens only on a loopback port that the proxy (see `session`) connects to; it accepts
+//! one account, whose random password exists only in this process's memory, so nothing on the
+//! host can reach it around the proxy's rules.
 
 use std::collections::HashMap;
 
 use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::sync::oneshot;
 
-use crate::{Config, Error, Result, Users};
+use crate::{Config, Error, Result, session::HEADER_ROOM, session::Upstream};
 
 /// Per-filter in-memory log segment: rumqttd keeps recent messages of each subscription filter in
 /// segments; its defaults (10 × 100 MB) suit servers, not a 1 GB Pi. Readings are ~130 bytes, so
@@ -15,21 +19,25 @@ const SEGMENT_COUNT: usize = 4;
 /// QoS 1 messages a client may have unacknowledged before the broker waits.
 const MAX_INFLIGHT: usize = 100;
 
-/// Builds rumqttd's configuration: one MQTT 3.1.1 listener, no console, no metrics server.
-pub(crate) fn rumqttd_config(config: &Config, users: Option<Users>) -> rumqttd::Config {
+/// Builds rumqttd's configuration: one internal MQTT 3.1.1 listener, no console, no metrics server.
+pub(crate) fn rumqttd_config(config: &Config, upstream: &Upstream) -> rumqttd::Config {
     let connections = ConnectionSettings {
         // rumqttd keeps this in a u16 of milliseconds; the flag's parser enforces the bound.
         connection_timeout_ms: u16::try_from(config.options.connect_timeout.as_millis())
             .unwrap_or(u16::MAX),
-        max_payload_size: config.options.max_payload,
+        // The proxy enforces --max-payload; rumqttd must never be the one to refuse a packet.
+        max_payload_size: config.options.max_payload + 2 * HEADER_ROOM,
         max_inflight_count: MAX_INFLIGHT,
-        auth: users.map(Users::into_table),
+        auth: Some(HashMap::from([(
+            upstream.username.clone(),
+            upstream.password.clone(),
+        )])),
         external_auth: None,
         dynamic_filters: true,
     };
     let server = ServerSettings {
-        name: "mqtt".to_owned(),
-        listen: config.listen,
+        name: "internal".to_owned(),
+        listen: upstream.addr,
         tls: None,
         next_connection_delay_ms: 1,
         connections,
@@ -37,7 +45,8 @@ pub(crate) fn rumqttd_config(config: &Config, users: Option<Users>) -> rumqttd::
     rumqttd::Config {
         id: 0,
         router: RouterConfig {
-            max_connections: config.options.max_connections,
+            // The proxy enforces --max-connections; the probe needs a slot beside them.
+            max_connections: config.options.max_connections + 8,
             max_outgoing_packet_count: 200,
             max_segment_size: SEGMENT_BYTES,
             max_segment_count: SEGMENT_COUNT,

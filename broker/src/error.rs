@@ -7,11 +7,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 pub enum Error {
     /// The listen address is taken or not ours to bind.
     #[error(
-        "cannot listen on {addr}: {source}. Is another MQTT broker (mosquitto, another k3sense) running? Stop it or pick another address with --listen"
+        "cannot listen on {addr}: {source}. Is another MQTT broker (mosquitto, another k3sense) running? Stop it or pick another address with {flag}"
     )]
     Bind {
-        /// The address from `--listen`.
+        /// The address that could not be bound.
         addr: SocketAddr,
+        /// The flag that sets it (`--listen`, `--tls-listen`, `--metrics-listen`).
+        flag: &'static str,
         /// The operating system's reason.
         source: std::io::Error,
     },
@@ -36,9 +38,9 @@ pub enum Error {
         /// The operating system's reason.
         source: std::io::Error,
     },
-    /// A line of the users file is not `username:password`.
+    /// A line of the users file is not `username:password[:role]`.
     #[error(
-        "users file {path}, line {line}: {reason}. Each line must be `username:password` (blank lines and lines starting with # are ignored)"
+        "users file {path}, line {line}: {reason}. Each line must be `username:password` or `username:password:ROLE` with ROLE one of admin, reader, gateway, publisher:<sensor-ids>|* (blank lines and lines starting with # are ignored; see broker/README.md)"
     )]
     UsersSyntax {
         /// The path from `--users-file`.
@@ -48,6 +50,19 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The TLS certificate or key could not be used.
+    #[error(
+        "TLS: {path}: {reason}. --tls-cert takes a PEM certificate chain, --tls-key its PEM private key"
+    )]
+    Tls {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--topic-prefix` cannot form topics.
+    #[error(transparent)]
+    Prefix(#[from] k3sense_protocol::Error),
     /// The OS refused to start a thread.
     #[error("cannot start the broker thread: {0}")]
     Thread(std::io::Error),

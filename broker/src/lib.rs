@@ -1,51 +1,93 @@
-//! The k3sense MQTT broker: [rumqttd] embedded, configured for a Raspberry Pi, and made to behave
-//! like a service (clear start-up errors, a `run` that returns on shutdown).
+//! The k3sense MQTT broker: an authorising MQTT 3.1.1 proxy in front of an embedded [rumqttd],
+//! configured for a Raspberry Pi, that behaves like a service (clear start-up errors, a `run`
+//! that returns on shutdown).
 //!
 //! The publisher sends its readings here (retained, QoS 1) and the gateway, `mosquitto_sub`,
 //! Home Assistant and any other MQTT client subscribe here. In a cluster it is the `broker`
 //! Deployment behind the Service `broker:1883`; in `k3sense all` it runs in the same process.
 //!
+//! # Why a proxy in front of rumqttd
+//!
+//! rumqttd routes and retains messages well, but measured here it has no authorisation, lets any
+//! empty publish erase a retained reading, refuses keepalive 0 by closing the socket, disconnects
+//! a `$SYS/#` subscriber, and stalls its TLS listener on one silent client. Patching rumqttd would
+//! mean a fork; instead this crate owns the public listeners and speaks MQTT to every client
+//! itself, and rumqttd only ever sees connections the proxy has vetted:
+//!
+//! ```text
+//! client ─▶ listener ─▶ [TLS handshake] ─▶ CONNECT (deadline) ─▶ authenticate ─▶ authorise each
+//!           (accept only)  (own task)          (own task)          users file     PUBLISH/SUBSCRIBE
+//!                                                                                      │
+//!                                         rumqttd on 127.0.0.1:<random>, one internal account ◀┘
+//! ```
+//!
+//! See broker/README.md for the users file, the roles, TLS, limits, refusal codes and metrics.
+//!
 //! # What rumqttd does not do, and what this crate does about it
 //!
-//! - `Broker::start()` blocks forever and has no stop: it runs on its own thread and [`run`]
-//!   returns when the shutdown token fires. The thread ends with the process.
-//! - A failed bind is only logged by rumqttd: [`run`] checks the address can be bound first and
-//!   then waits until the listener accepts connections, so "port taken" is an error, not a silent
-//!   broker that never answers.
+//! - `Broker::start()` blocks forever and has no stop: it runs on its own thread; [`Started::serve`]
+//!   stops the public listeners and ends the connections on shutdown. The thread ends with the
+//!   process.
+//! - A failed bind is only logged by rumqttd: the public listeners are bound by this crate (a
+//!   taken port is an error), and [`start`] waits for a CONNACK through the whole chain.
 //! - rumqttd's defaults size its in-memory log for servers (10 × 100 MB segments): this crate
-//!   caps it for a 1 GB Pi (see [`Config`]).
+//!   caps it for a 1 GB Pi.
 //!
 //! # Layout
 //!
 //! | module | concern |
 //! |---|---|
 //! | `config` | [`Config`]: the command-line flags and their `K3SENSE_*` variables |
-//! | `users` | [`Users`]: the username/password file |
-//! | `embedded` | turning a [`Config`] into rumqttd's config, and the broker thread |
+//! | `users` | [`Users`], [`Role`]: the users file |
+//! | `acl` | the rules of each role, as pure functions |
+//! | `listener` | accept loops: one task per connection, flood cap |
+//! | `tls` | the TLS acceptor from PEM files |
+//! | `session` | one connection: CONNECT, authentication, authorisation, relaying to rumqttd |
+//! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
+//! | `retained` | which topics hold a retained message |
+//! | `metrics`, `exporter` | [`Metrics`] and `--metrics-listen` |
+//! | `embedded` | rumqttd's config on the internal port, and its thread |
 //! | `error` | [`Error`] |
 
+mod acl;
 mod config;
 mod embedded;
 mod error;
+mod exporter;
+mod frame;
+mod listener;
+mod metrics;
+mod retained;
+mod session;
+mod tls;
 mod users;
 
-use std::time::Duration;
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use config::{Config, Options};
+pub use config::{Config, Options, TlsOptions};
 pub use error::{Error, Result};
-pub use users::Users;
+pub use metrics::{Metrics, Reason, Snapshot};
+pub use users::{Role, Sensors, Users};
 
 /// How long the broker may take to accept its first connection after start.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connections may take to end by themselves once shutdown begins (clients shutting
+/// down beside the broker, as in `k3sense all`, send their DISCONNECT in this time).
+const DRAIN: Duration = Duration::from_secs(1);
 
 /// Starts the broker and serves until `shutdown` is cancelled.
 ///
-/// Returns an error at start-up when the listen address cannot be bound (say, another broker
-/// already holds port 1883), when the users file is unreadable, or when rumqttd's listener dies.
-/// After `shutdown`, the rumqttd threads keep their socket until the process exits, because
-/// rumqttd offers no way to stop them.
+/// Returns an error at start-up when a listen address cannot be bound (say, another broker
+/// already holds port 1883), when the users file or TLS files are unusable, or when rumqttd dies.
+/// After `shutdown`, the rumqttd thread keeps its internal socket until the process exits,
+/// because rumqttd offers no way to stop it; the public listeners are closed.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     start(&config).await?.serve(shutdown).await
 }
@@ -53,15 +95,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 /// A broker that is accepting connections; [`Started::serve`] keeps it until shutdown.
 /// `k3sense all` starts the broker first and its clients only once this exists.
 pub struct Started {
-    listen: std::net::SocketAddr,
-    /// Resolves with a reason if rumqttd's threads end (they never should).
+    listen: SocketAddr,
+    tls_listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    sessions: CancellationToken,
+    /// Resolves with a reason if rumqttd's thread ends (it never should).
     stopped: tokio::sync::oneshot::Receiver<String>,
 }
 
 impl Started {
-    /// Waits for `shutdown` (Ok) or for rumqttd to die (Err).
+    /// The plain MQTT listener's address (its real port, when `--listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_listen
+    }
+
+    /// The `--metrics-listen` address, if there is one.
+    pub fn metrics_local_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listen
+    }
+
+    /// The broker's counters; they keep counting while the broker serves.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Waits for `shutdown` (Ok) or for rumqttd to die (Err). On shutdown the listeners close at
+    /// once, connections get a moment to end by themselves, then the rest are closed.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<()> {
-        tokio::select! {
+        let result = tokio::select! {
             () = shutdown.cancelled() => {
                 tracing::info!(listen = %self.listen, "MQTT broker stopping");
                 Ok(())
@@ -70,61 +139,179 @@ impl Started {
                 let why = result.unwrap_or_else(|_| "broker thread vanished".to_owned());
                 Err(Error::Stopped(why))
             }
+        };
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.sessions.cancel();
+            let _ = tokio::time::timeout(DRAIN, self.tracker.wait()).await;
         }
+        result
     }
 }
 
-/// Starts rumqttd and returns once its listener accepts connections.
+/// Starts rumqttd on an internal port and the public listeners in front of it, and returns once
+/// a client gets a CONNACK through the public listener.
 pub async fn start(config: &Config) -> Result<Started> {
-    let users = match &config.options.users_file {
+    let options = &config.options;
+    let users = match &options.users_file {
         Some(path) => Some(Users::from_file(path)?),
         None => None,
     };
-    if users.is_none() {
-        tracing::warn!(
-            "no --users-file: the broker accepts anonymous clients; set one in any shared network"
-        );
+    match &users {
+        None => tracing::warn!(
+            "no --users-file: the broker accepts anonymous clients with full access; set one in any shared network"
+        ),
+        Some(users) => {
+            for name in users.unscoped() {
+                tracing::warn!(
+                    user = name,
+                    "this account has no role and so full access; add :admin, :reader, :gateway or :publisher:<ids> to its line in the users file"
+                );
+            }
+        }
     }
-    // rumqttd only logs a failed bind, so prove the address is free ourselves.
-    let probe = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    drop(probe);
+    let topics = k3sense_protocol::Topics::new(options.topic_prefix.clone())?;
+    let tls = match (
+        &config.tls.tls_listen,
+        &config.tls.tls_cert,
+        &config.tls.tls_key,
+    ) {
+        (Some(addr), Some(cert), Some(key)) => Some((*addr, tls::acceptor(cert, key)?)),
+        _ => None,
+    };
 
-    let auth = users.is_some();
-    let probe_login = users.as_ref().and_then(Users::any_login);
-    let rumqttd_config = embedded::rumqttd_config(config, users);
-    let mut stopped = embedded::spawn(rumqttd_config)?;
-    wait_until_listening(config, probe_login, &mut stopped).await?;
-    tracing::info!(listen = %config.listen, auth, "MQTT broker ready");
+    let plain = bind(config.listen, "--listen").await?;
+    let listen = plain.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        flag: "--listen",
+        source,
+    })?;
+    let tls = match tls {
+        Some((addr, acceptor)) => Some((bind(addr, "--tls-listen").await?, acceptor)),
+        None => None,
+    };
+    let exporter = match config.metrics_listen {
+        Some(addr) => Some(bind(addr, "--metrics-listen").await?),
+        None => None,
+    };
+
+    let upstream = internal_upstream()?;
+    let mut stopped = embedded::spawn(embedded::rumqttd_config(config, &upstream))?;
+    let internal_login = Some((upstream.username.clone(), upstream.password.clone()));
+    wait_until_answering(upstream.addr, config.listen, internal_login, &mut stopped).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(session::Shared {
+        acl: acl::Acl::new(topics.prefix()),
+        users: users.clone(),
+        metrics: metrics.clone(),
+        upstream,
+        retained: retained::RetainedTopics::default(),
+        clients: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),
+        max_payload: options.max_payload,
+        connect_timeout: options.connect_timeout,
+    });
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let sessions = CancellationToken::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let listener = |listener, tls| listener::Listener {
+        listener,
+        tls,
+        shared: shared.clone(),
+        open: open.clone(),
+        max_open: options.max_connections.saturating_mul(2).max(64),
+        tracker: tracker.clone(),
+        stop: stop.clone(),
+        sessions: sessions.clone(),
+    };
+    tracker.spawn(listener(plain, None).run());
+    let mut tls_listen = None;
+    if let Some((tls_listener, acceptor)) = tls {
+        tls_listen = tls_listener.local_addr().ok();
+        tracker.spawn(listener(tls_listener, Some(acceptor)).run());
+    }
+    let mut metrics_listen = None;
+    if let Some(exporter) = exporter {
+        metrics_listen = exporter.local_addr().ok();
+        tracker.spawn(exporter::serve(
+            exporter,
+            metrics.clone(),
+            tracker.clone(),
+            stop.clone(),
+        ));
+    }
+
+    let public = Config::new(listen).connect_address();
+    let login = users.as_ref().and_then(Users::any_login);
+    wait_until_answering(public, config.listen, login, &mut stopped).await?;
+    tracing::info!(
+        listen = %listen,
+        tls_listen = ?tls_listen,
+        metrics_listen = ?metrics_listen,
+        auth = users.is_some(),
+        accounts = users.as_ref().map_or(0, Users::len),
+        prefix = topics.prefix(),
+        "MQTT broker ready"
+    );
     Ok(Started {
-        listen: config.listen,
+        listen,
+        tls_listen,
+        metrics_listen,
+        metrics,
+        tracker,
+        stop,
+        sessions,
         stopped,
     })
 }
 
-/// Polls the listen address with a real MQTT CONNECT until the broker answers with a CONNACK,
-/// or its thread dies. A CONNACK proves the listener is ours and working, not merely bound.
-async fn wait_until_listening(
-    config: &Config,
-    probe_login: Option<(String, String)>,
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, flag, source })
+}
+
+/// A free loopback port for rumqttd (which binds by itself and cannot take port 0) and the one
+/// account it will accept, with a random password that never leaves this process.
+fn internal_upstream() -> Result<session::Upstream> {
+    let addr = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|source| Error::Bind {
+            addr: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            flag: "(the internal loopback port)",
+            source,
+        })?;
+    Ok(session::Upstream {
+        addr,
+        username: "k3sense-proxy".to_owned(),
+        password: format!("{:032x}", rand::random::<u128>()),
+    })
+}
+
+/// Polls `target` with a real MQTT CONNECT until it answers with a successful CONNACK, or
+/// rumqttd's thread dies. A CONNACK proves the listener is ours and working, not merely bound.
+async fn wait_until_answering(
+    target: SocketAddr,
+    listen: SocketAddr,
+    login: Option<(String, String)>,
     stopped: &mut tokio::sync::oneshot::Receiver<String>,
 ) -> Result<()> {
-    let target = config.connect_address();
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(why) = stopped.try_recv() {
             return Err(Error::Stopped(why));
         }
-        if probe(target, probe_login.clone()).await {
+        if probe(target, login.clone()).await {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::NotListening {
-                addr: config.listen,
+                addr: listen,
                 waited: READY_TIMEOUT,
             });
         }
@@ -132,8 +319,8 @@ async fn wait_until_listening(
     }
 }
 
-async fn probe(target: std::net::SocketAddr, login: Option<(String, String)>) -> bool {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet};
+async fn probe(target: SocketAddr, login: Option<(String, String)>) -> bool {
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet};
     let mut options = MqttOptions::new(
         "k3sense-broker-probe",
         target.ip().to_string(),
@@ -147,7 +334,9 @@ async fn probe(target: std::net::SocketAddr, login: Option<(String, String)>) ->
     let answered = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    return ack.code == ConnectReturnCode::Success;
+                }
                 Ok(_) => {}
                 Err(_) => return false,
             }

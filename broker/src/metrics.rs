@@ -1,0 +1,290 @@
+//! The broker's counters: connections, refusals by reason, messages, forbidden publishes and
+//! subscriptions — what an operator needs to see an intruder, a flood or a broken client.
+//!
+//! Plain atomics, shared by every connection task; [`Metrics::render`] writes them in the
+//! Prometheus text format (served by `--metrics-listen`, or by whoever embeds the broker).
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// Why a connection was refused before or at CONNECT, or closed afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No CONNECT (or no TLS handshake) within `--connect-timeout`.
+    ConnectTimeout,
+    /// The TLS handshake failed.
+    TlsHandshake,
+    /// Wrong username or password (CONNACK 4).
+    BadCredentials,
+    /// No credentials where they are required, or a forbidden last will (CONNACK 5).
+    NotAuthorised,
+    /// Not MQTT 3.1.1 (CONNACK 1).
+    ProtocolVersion,
+    /// More than `--max-connections` clients (CONNACK 3, or closed at accept when far over).
+    TooManyConnections,
+    /// rumqttd did not answer (CONNACK 3).
+    BrokerUnavailable,
+    /// Bytes that are not MQTT, a truncated packet, a bad remaining length, a second CONNECT.
+    Malformed,
+    /// A packet over `--max-payload`.
+    Oversized,
+    /// Nothing received within 1.5 × the client's keepalive.
+    KeepaliveTimeout,
+}
+
+impl Reason {
+    const ALL: [Reason; 10] = [
+        Reason::ConnectTimeout,
+        Reason::TlsHandshake,
+        Reason::BadCredentials,
+        Reason::NotAuthorised,
+        Reason::ProtocolVersion,
+        Reason::TooManyConnections,
+        Reason::BrokerUnavailable,
+        Reason::Malformed,
+        Reason::Oversized,
+        Reason::KeepaliveTimeout,
+    ];
+
+    /// The label value in the metrics and the log lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConnectTimeout => "connect_timeout",
+            Self::TlsHandshake => "tls_handshake",
+            Self::BadCredentials => "bad_credentials",
+            Self::NotAuthorised => "not_authorised",
+            Self::ProtocolVersion => "protocol_version",
+            Self::TooManyConnections => "too_many_connections",
+            Self::BrokerUnavailable => "broker_unavailable",
+            Self::Malformed => "malformed",
+            Self::Oversized => "oversized",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Counters of one broker (all listeners). Cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    accepted: AtomicU64,
+    active: AtomicU64,
+    refused: [AtomicU64; Reason::ALL.len()],
+    publishes_forwarded: AtomicU64,
+    publishes_delivered: AtomicU64,
+    publishes_forbidden: AtomicU64,
+    publishes_would_erase: AtomicU64,
+    subscriptions_forwarded: AtomicU64,
+    subscriptions_forbidden: AtomicU64,
+    subscriptions_system: AtomicU64,
+    subscriptions_invalid: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// TCP connections accepted on any listener.
+    pub accepted: u64,
+    /// Clients connected (past CONNACK) right now.
+    pub active: u64,
+    /// Connections refused or closed, by reason.
+    pub refused: Vec<(Reason, u64)>,
+    /// Client PUBLISHes passed to rumqttd.
+    pub publishes_forwarded: u64,
+    /// PUBLISHes rumqttd sent to clients.
+    pub publishes_delivered: u64,
+    /// PUBLISHes (and wills) dropped because the role may not publish there.
+    pub publishes_forbidden: u64,
+    /// Empty PUBLISHes dropped because they would have erased a retained message.
+    pub publishes_would_erase: u64,
+    /// SUBSCRIBE filters passed to rumqttd.
+    pub subscriptions_forwarded: u64,
+    /// SUBSCRIBE filters refused (0x80) because the role may not read there.
+    pub subscriptions_forbidden: u64,
+    /// `$SYS/…` and other `$` filters refused (0x80).
+    pub subscriptions_system: u64,
+    /// Invalid filters refused (0x80).
+    pub subscriptions_invalid: u64,
+}
+
+impl Snapshot {
+    /// The count for one reason.
+    pub fn refused(&self, reason: Reason) -> u64 {
+        self.refused
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+fn add(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub(crate) fn accepted(&self) {
+        add(&self.accepted);
+    }
+    pub(crate) fn refused(&self, reason: Reason) {
+        if let Some(counter) = self.refused.get(reason.index()) {
+            add(counter);
+        }
+    }
+    pub(crate) fn connected(&self) {
+        add(&self.active);
+    }
+    pub(crate) fn disconnected(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub(crate) fn publish_forwarded(&self) {
+        add(&self.publishes_forwarded);
+    }
+    pub(crate) fn publish_delivered(&self) {
+        add(&self.publishes_delivered);
+    }
+    pub(crate) fn publish_forbidden(&self) {
+        add(&self.publishes_forbidden);
+    }
+    pub(crate) fn publish_would_erase(&self) {
+        add(&self.publishes_would_erase);
+    }
+    pub(crate) fn subscription_forwarded(&self) {
+        add(&self.subscriptions_forwarded);
+    }
+    pub(crate) fn subscription_forbidden(&self) {
+        add(&self.subscriptions_forbidden);
+    }
+    pub(crate) fn subscription_system(&self) {
+        add(&self.subscriptions_system);
+    }
+    pub(crate) fn subscription_invalid(&self) {
+        add(&self.subscriptions_invalid);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> Snapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Snapshot {
+            accepted: get(&self.accepted),
+            active: get(&self.active),
+            refused: Reason::ALL
+                .iter()
+                .zip(&self.refused)
+                .map(|(r, c)| (*r, get(c)))
+                .collect(),
+            publishes_forwarded: get(&self.publishes_forwarded),
+            publishes_delivered: get(&self.publishes_delivered),
+            publishes_forbidden: get(&self.publishes_forbidden),
+            publishes_would_erase: get(&self.publishes_would_erase),
+            subscriptions_forwarded: get(&self.subscriptions_forwarded),
+            subscriptions_forbidden: get(&self.subscriptions_forbidden),
+            subscriptions_system: get(&self.subscriptions_system),
+            subscriptions_invalid: get(&self.subscriptions_invalid),
+        }
+    }
+
+    /// The counters in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let s = self.snapshot();
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        family(
+            "k3sense_broker_connections_accepted_total",
+            "counter",
+            "TCP connections accepted on any MQTT listener.",
+            &[("", s.accepted)],
+        );
+        family(
+            "k3sense_broker_clients_connected",
+            "gauge",
+            "MQTT clients connected (CONNACK sent) right now.",
+            &[("", s.active)],
+        );
+        let refused: Vec<(String, u64)> = s
+            .refused
+            .iter()
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.as_str()), *n))
+            .collect();
+        let refused: Vec<(&str, u64)> = refused.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        family(
+            "k3sense_broker_connections_refused_total",
+            "counter",
+            "Connections refused or closed by the broker, by reason.",
+            &refused,
+        );
+        family(
+            "k3sense_broker_publishes_total",
+            "counter",
+            "Client PUBLISH packets, by what the broker did with them.",
+            &[
+                ("{outcome=\"forwarded\"}", s.publishes_forwarded),
+                ("{outcome=\"forbidden\"}", s.publishes_forbidden),
+                ("{outcome=\"would_erase\"}", s.publishes_would_erase),
+            ],
+        );
+        family(
+            "k3sense_broker_deliveries_total",
+            "counter",
+            "PUBLISH packets sent to clients.",
+            &[("", s.publishes_delivered)],
+        );
+        family(
+            "k3sense_broker_subscriptions_total",
+            "counter",
+            "SUBSCRIBE filters, by what the broker did with them.",
+            &[
+                ("{outcome=\"forwarded\"}", s.subscriptions_forwarded),
+                ("{outcome=\"forbidden\"}", s.subscriptions_forbidden),
+                ("{outcome=\"system\"}", s.subscriptions_system),
+                ("{outcome=\"invalid\"}", s.subscriptions_invalid),
+            ],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders_every_reason() {
+        let m = Metrics::default();
+        m.accepted();
+        m.refused(Reason::BadCredentials);
+        m.refused(Reason::BadCredentials);
+        m.refused(Reason::KeepaliveTimeout);
+        m.connected();
+        m.connected();
+        m.disconnected();
+        m.publish_forbidden();
+        let s = m.snapshot();
+        assert_eq!(s.accepted, 1);
+        assert_eq!(s.active, 1);
+        assert_eq!(s.refused(Reason::BadCredentials), 2);
+        assert_eq!(s.refused(Reason::KeepaliveTimeout), 1);
+        assert_eq!(s.refused(Reason::Oversized), 0);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "k3sense_broker_connections_refused_total{reason=\"bad_credentials\"} 2\n"
+            )
+        );
+        assert!(text.contains("k3sense_broker_publishes_total{outcome=\"forbidden\"} 1\n"));
+        assert!(text.contains("# TYPE k3sense_broker_clients_connected gauge\n"));
+        for reason in Reason::ALL {
+            assert!(text.contains(reason.as_str()), "{reason:?} missing");
+        }
+    }
+}

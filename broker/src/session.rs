@@ -1,0 +1,763 @@
+//! One client's connection, from its first byte to its last: CONNECT under a deadline,
+//! authentication, authorisation of every PUBLISH and SUBSCRIBE, and relaying to rumqttd.
+//!
+//! ```text
+//! client ──▶ [client_to_broker] ── allowed packets ──────────────────────────▶ rumqttd (internal)
+//!    ▲               │ PUBACK/PUBREC/PUBCOMP/SUBACK/PINGRESP for what it answers itself
+//!    │               ▼
+//!    └────── [broker_to_client] ◀── PUBLISH, acks, SUBACK (merged with refused filters) ── rumqttd
+//! ```
+//!
+//! Both directions run as two futures of the connection's one task; when either ends, the
+//! connection ends. Each connection is its own task, so a slow or silent client delays nobody.
+//!
+//! Refusal semantics (MQTT 3.1.1 has no negative PUBACK):
+//! - A forbidden PUBLISH, or an empty one that would erase a retained message, is dropped and
+//!   acknowledged as if delivered (PUBACK for QoS 1, PUBREC/PUBCOMP for QoS 2), so a client's
+//!   queue is not stuck on it; it is counted and logged once per connection.
+//! - A forbidden SUBSCRIBE filter gets return code 0x80; the allowed filters of the same packet
+//!   are forwarded and their codes merged into one SUBACK.
+//! - Keepalive 0 is served: rumqttd gets a keepalive of its own and the proxy keeps that link
+//!   alive with PINGREQs; the client's PINGREQs are answered by the proxy.
+//! - A protocol violation, an oversized packet or bytes that are not MQTT close only that
+//!   connection, without DISCONNECT to rumqttd, so the client's will is published.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{
+    QoS,
+    v4::{
+        ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, PubComp, PubRec, Publish,
+        SubAck, Subscribe, SubscribeReasonCode,
+    },
+    valid_topic,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Metrics, Users,
+    acl::{Acl, PublishVerdict, SubscribeVerdict},
+    frame::{self, First, FrameError, FrameReader},
+    metrics::Reason,
+    retained::RetainedTopics,
+    users::Role,
+};
+
+/// The keepalive the proxy announces to rumqttd for every client (rumqttd refuses 0), and keeps
+/// by pinging at half of it.
+const UPSTREAM_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How long rumqttd may take to accept a connection and answer CONNECT.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for the topic and headers above `--max-payload` in one packet.
+pub(crate) const HEADER_ROOM: usize = 1024;
+/// Replies the proxy makes itself, queued for the client's writer.
+const LOCAL_REPLIES: usize = 32;
+
+/// Where rumqttd listens inside the process, and the one account it accepts.
+#[derive(Clone)]
+pub(crate) struct Upstream {
+    pub(crate) addr: SocketAddr,
+    pub(crate) username: String,
+    pub(crate) password: String,
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) users: Option<Users>,
+    pub(crate) acl: Acl,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) upstream: Upstream,
+    pub(crate) retained: RetainedTopics,
+    pub(crate) clients: Arc<Semaphore>,
+    pub(crate) max_payload: usize,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Who is on the other end, for log lines.
+struct Client<'a> {
+    peer: SocketAddr,
+    id: &'a str,
+    user: Option<&'a str>,
+    role: &'a Role,
+}
+
+/// How the client side of a connection ended.
+enum End {
+    /// The client sent DISCONNECT (forwarded: no will).
+    Disconnect,
+    /// The client closed, broke a rule or went silent: rumqttd publishes its will.
+    Abrupt,
+}
+
+/// Serves one connection (already through TLS, if any) until it ends; `deadline` bounds how long
+/// the CONNECT may take to arrive.
+pub(crate) async fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    deadline: Instant,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut client_rd, mut client_wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(shared.max_payload + HEADER_ROOM);
+    let mut scratch = BytesMut::new();
+    let metrics = &shared.metrics;
+
+    let connect = match tokio::time::timeout_at(deadline, read_connect(&mut reader, &mut client_rd))
+        .await
+    {
+        Err(_) => {
+            metrics.refused(Reason::ConnectTimeout);
+            tracing::info!(%peer, "closed: no CONNECT within --connect-timeout");
+            return;
+        }
+        Ok(Ok(Some(connect))) => connect,
+        Ok(Ok(None)) => return,
+        Ok(Err(Refusal::Version(level))) => {
+            metrics.refused(Reason::ProtocolVersion);
+            tracing::info!(%peer, level, "refused: only MQTT 3.1.1 (protocol level 4) is served");
+            let _ = refuse(
+                &mut client_wr,
+                ConnectReturnCode::RefusedProtocolVersion,
+                &mut scratch,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(Refusal::Frame(e))) => {
+            let reason = frame_reason(&e);
+            metrics.refused(reason);
+            tracing::info!(%peer, reason = reason.as_str(), error = %e, "closed before CONNECT");
+            return;
+        }
+    };
+
+    let role = match authenticate(shared.users.as_ref(), connect.login.as_ref()) {
+        Ok(role) => role,
+        Err(code) => {
+            let reason = if code == ConnectReturnCode::BadUserNamePassword {
+                Reason::BadCredentials
+            } else {
+                Reason::NotAuthorised
+            };
+            metrics.refused(reason);
+            let user = connect.login.as_ref().map(|l| l.username.as_str());
+            tracing::info!(%peer, client_id = connect.client_id, user, reason = reason.as_str(), "refused");
+            let _ = refuse(&mut client_wr, code, &mut scratch).await;
+            return;
+        }
+    };
+    let user = connect.login.as_ref().map(|l| l.username.clone());
+    let client = Client {
+        peer,
+        id: &connect.client_id,
+        user: user.as_deref(),
+        role: &role,
+    };
+
+    if let Some(will) = &connect.last_will {
+        let verdict = shared
+            .acl
+            .publish(&role, &will.topic, will.message.is_empty());
+        if !valid_topic(&will.topic) || will.topic.is_empty() || verdict != PublishVerdict::Allow {
+            metrics.refused(Reason::NotAuthorised);
+            metrics.publish_forbidden();
+            tracing::warn!(peer = %client.peer, client_id = client.id, user = client.user, role = role.name(), topic = will.topic, "refused: last will to a topic this account may not publish");
+            let _ = refuse(
+                &mut client_wr,
+                ConnectReturnCode::NotAuthorized,
+                &mut scratch,
+            )
+            .await;
+            return;
+        }
+    }
+
+    let Ok(_permit) = shared.clients.clone().try_acquire_owned() else {
+        metrics.refused(Reason::TooManyConnections);
+        tracing::warn!(%peer, "refused: --max-connections clients are connected");
+        let _ = refuse(
+            &mut client_wr,
+            ConnectReturnCode::ServiceUnavailable,
+            &mut scratch,
+        )
+        .await;
+        return;
+    };
+
+    let upstream = match connect_upstream(
+        &shared.upstream,
+        &connect,
+        shared.users.is_some(),
+        user.as_deref(),
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(why) => {
+            metrics.refused(Reason::BrokerUnavailable);
+            tracing::warn!(%peer, why, "refused: the embedded broker did not answer");
+            let _ = refuse(
+                &mut client_wr,
+                ConnectReturnCode::ServiceUnavailable,
+                &mut scratch,
+            )
+            .await;
+            return;
+        }
+    };
+    let (mut up_rd, mut up_wr, ack, mut up_reader) = upstream;
+    if frame::write(&mut client_wr, &Packet::ConnAck(ack.clone()), &mut scratch)
+        .await
+        .is_err()
+        || ack.code != ConnectReturnCode::Success
+    {
+        return;
+    }
+
+    let _connected = Connected::new(metrics, _permit);
+    tracing::debug!(%peer, client_id = client.id, user = client.user, role = role.name(), keepalive = connect.keep_alive, "client connected");
+
+    let pending = PendingSubacks::default();
+    let (local_tx, local_rx) = mpsc::channel(LOCAL_REPLIES);
+    let mut refusals = Refusals::default();
+    let end = tokio::select! {
+        end = client_to_broker(&shared, &client, connect.keep_alive, &mut reader, &mut client_rd, &mut up_wr, &local_tx, &pending, &mut refusals) => end,
+        () = broker_to_client(metrics, &mut up_reader, &mut up_rd, &mut client_wr, local_rx, &pending) => End::Abrupt,
+        () = shutdown.cancelled() => End::Abrupt,
+    };
+    if refusals.total() > 1 {
+        tracing::info!(peer = %client.peer, client_id = client.id, user = client.user, publishes = refusals.publishes, subscriptions = refusals.subscriptions, "refusals on this connection");
+    }
+    if let End::Disconnect = end {
+        let _ = frame::write(&mut up_wr, &Packet::Disconnect, &mut scratch).await;
+    }
+    tracing::debug!(%peer, client_id = client.id, "client gone");
+}
+
+/// Why a connection got no further than its first packet.
+enum Refusal {
+    Version(u8),
+    Frame(FrameError),
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader,
+    stream: &mut R,
+) -> Result<Option<Connect>, Refusal> {
+    match reader.first(stream).await.map_err(Refusal::Frame)? {
+        First::Closed => return Ok(None),
+        First::NotConnect => {
+            return Err(Refusal::Frame(FrameError::Malformed(
+                rumqttc::mqttbytes::Error::IncorrectPacketFormat,
+            )));
+        }
+        First::Connect(4) => {}
+        First::Connect(level) => return Err(Refusal::Version(level)),
+    }
+    match reader.next(stream).await.map_err(Refusal::Frame)? {
+        Some(Packet::Connect(connect)) => Ok(Some(connect)),
+        Some(_) | None => Err(Refusal::Frame(FrameError::Truncated)),
+    }
+}
+
+/// The role of this login, or the CONNACK code that refuses it: 5 without credentials where a
+/// users file is set, 4 for a wrong username or password. Without a users file everyone is in.
+fn authenticate(users: Option<&Users>, login: Option<&Login>) -> Result<Role, ConnectReturnCode> {
+    let Some(users) = users else {
+        return Ok(Role::Unscoped);
+    };
+    let login = login.ok_or(ConnectReturnCode::NotAuthorized)?;
+    users
+        .authenticate(&login.username, &login.password)
+        .cloned()
+        .ok_or(ConnectReturnCode::BadUserNamePassword)
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    code: ConnectReturnCode,
+    scratch: &mut BytesMut,
+) -> std::io::Result<()> {
+    let ack = Packet::ConnAck(ConnAck::new(code, false));
+    tokio::time::timeout(Duration::from_secs(1), frame::write(stream, &ack, scratch))
+        .await
+        .unwrap_or(Ok(()))
+}
+
+type Upstreamed = (
+    ReadHalf<TcpStream>,
+    WriteHalf<TcpStream>,
+    ConnAck,
+    FrameReader,
+);
+
+/// Opens the client's link to rumqttd: its CONNECT with the internal credential, a keepalive
+/// rumqttd accepts, and a client id namespaced by username (so one account cannot take over
+/// another's session by reusing its client id).
+async fn connect_upstream(
+    upstream: &Upstream,
+    connect: &Connect,
+    namespaced: bool,
+    user: Option<&str>,
+) -> Result<Upstreamed, String> {
+    let work = async {
+        let stream = TcpStream::connect(upstream.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut inner = connect.clone();
+        inner.keep_alive = u16::try_from(UPSTREAM_KEEPALIVE.as_secs()).unwrap_or(u16::MAX);
+        inner.login = Some(Login::new(&upstream.username, &upstream.password));
+        inner.client_id = internal_client_id(
+            namespaced.then(|| user.unwrap_or_default()),
+            &connect.client_id,
+        );
+        let mut scratch = BytesMut::new();
+        frame::write(&mut wr, &Packet::Connect(inner), &mut scratch)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reader = FrameReader::new(usize::MAX >> 4);
+        match reader.next(&mut rd).await {
+            Ok(Some(Packet::ConnAck(ack))) => Ok((rd, wr, ack, reader)),
+            Ok(other) => Err(format!("expected CONNACK, got {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
+}
+
+/// The client id rumqttd sees: `<user>.<id>` when accounts exist (so one account cannot take over
+/// another's session by reusing its client id), with `+ $ # / % .` escaped as `%XX`. rumqttd
+/// refuses ids holding `+ $ # /` and, worse, a second connect with such an id panics its listener
+/// thread (measured with rumqttd 0.20): legal MQTT ids like `home/pi-1` must never reach it as is.
+/// An empty id stays empty (rumqttd assigns one).
+pub(crate) fn internal_client_id(user: Option<&str>, id: &str) -> String {
+    fn escape(out: &mut String, text: &str) {
+        for c in text.chars() {
+            if "+$#/%.".contains(c) {
+                out.push_str(&format!("%{:02X}", u32::from(c)));
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    let mut out = String::with_capacity(id.len() + 16);
+    if id.is_empty() {
+        return out;
+    }
+    if let Some(user) = user {
+        escape(&mut out, user);
+        out.push('.');
+    }
+    escape(&mut out, id);
+    out
+}
+
+/// Counts the client as connected while it lives, and holds its `--max-connections` slot.
+struct Connected<'a> {
+    metrics: &'a Metrics,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<'a> Connected<'a> {
+    fn new(metrics: &'a Metrics, permit: OwnedSemaphorePermit) -> Self {
+        metrics.connected();
+        Self {
+            metrics,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.metrics.disconnected();
+    }
+}
+
+/// SUBSCRIBEs forwarded with some filters taken out: the codes of the refused ones, by packet id,
+/// to merge into rumqttd's SUBACK (`None` marks a forwarded filter's place).
+#[derive(Default)]
+struct PendingSubacks(Mutex<HashMap<u16, Vec<Option<SubscribeReasonCode>>>>);
+
+impl PendingSubacks {
+    fn insert(&self, pkid: u16, codes: Vec<Option<SubscribeReasonCode>>) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(pkid, codes);
+        }
+    }
+
+    /// rumqttd's SUBACK (for the forwarded filters) with the refused filters put back in place.
+    fn merge(&self, ack: SubAck) -> SubAck {
+        let Some(codes) = self.0.lock().ok().and_then(|mut map| map.remove(&ack.pkid)) else {
+            return ack;
+        };
+        let mut forwarded = ack.return_codes.into_iter();
+        let return_codes = codes
+            .into_iter()
+            .map(|code| {
+                code.unwrap_or_else(|| forwarded.next().unwrap_or(SubscribeReasonCode::Failure))
+            })
+            .collect();
+        SubAck::new(ack.pkid, return_codes)
+    }
+}
+
+/// Refusals on one connection: the first of each kind is logged, the rest only counted.
+#[derive(Default)]
+struct Refusals {
+    publishes: u64,
+    subscriptions: u64,
+}
+
+impl Refusals {
+    fn total(&self) -> u64 {
+        self.publishes + self.subscriptions
+    }
+}
+
+/// Reads the client, judges each packet, forwards what is allowed, answers the rest itself.
+#[allow(clippy::too_many_arguments)]
+async fn client_to_broker<R, W>(
+    shared: &Shared,
+    client: &Client<'_>,
+    keep_alive: u16,
+    reader: &mut FrameReader,
+    client_rd: &mut R,
+    up_wr: &mut W,
+    local: &mpsc::Sender<Packet>,
+    pending: &PendingSubacks,
+    refusals: &mut Refusals,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let metrics = &shared.metrics;
+    let mut scratch = BytesMut::new();
+    // MQTT: a server closes a client silent for 1.5 × its keepalive; 0 means never.
+    let silence = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let ping_every = UPSTREAM_KEEPALIVE / 2;
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let mut dropped_qos2: HashSet<u16> = HashSet::new();
+    let mut last_heard = Instant::now();
+    let close = |reason: Reason, why: &dyn std::fmt::Display| {
+        metrics.refused(reason);
+        tracing::info!(peer = %client.peer, client_id = client.id, user = client.user, reason = reason.as_str(), %why, "connection closed");
+        End::Abrupt
+    };
+    loop {
+        let silent_until = silence.map(|s| last_heard + s);
+        let packet = tokio::select! {
+            packet = reader.next(client_rd) => packet,
+            _ = ping.tick() => {
+                if frame::write(up_wr, &Packet::PingReq, &mut scratch).await.is_err() {
+                    return End::Abrupt;
+                }
+                continue;
+            }
+            () = sleep_until(silent_until) => {
+                return close(Reason::KeepaliveTimeout, &"nothing received within 1.5 × keepalive");
+            }
+        };
+        let packet = match packet {
+            Ok(Some(packet)) => packet,
+            Ok(None) => return End::Abrupt,
+            Err(FrameError::Io(_)) => return End::Abrupt,
+            Err(e) => return close(frame_reason(&e), &e),
+        };
+        last_heard = Instant::now();
+        let forward = match packet {
+            Packet::Publish(publish) => {
+                if publish.topic.is_empty() || !valid_topic(&publish.topic) {
+                    return close(Reason::Malformed, &"PUBLISH to an empty or wildcard topic");
+                }
+                if publish.payload.len() > shared.max_payload {
+                    return close(
+                        Reason::Oversized,
+                        &format_args!(
+                            "payload of {} bytes is over --max-payload",
+                            publish.payload.len()
+                        ),
+                    );
+                }
+                match judge_publish(shared, client.role, &publish) {
+                    PublishVerdict::Allow => {
+                        if publish.retain {
+                            shared
+                                .retained
+                                .record(&publish.topic, publish.payload.is_empty());
+                        }
+                        metrics.publish_forwarded();
+                        Some(Packet::Publish(publish))
+                    }
+                    verdict => {
+                        refusals.publishes += 1;
+                        let why = if verdict == PublishVerdict::Forbidden {
+                            metrics.publish_forbidden();
+                            "this account may not publish to the topic"
+                        } else {
+                            metrics.publish_would_erase();
+                            "an empty payload would erase a retained message"
+                        };
+                        if refusals.publishes == 1 {
+                            tracing::warn!(peer = %client.peer, client_id = client.id, user = client.user, role = client.role.name(), topic = publish.topic, why, "PUBLISH dropped (acknowledged; later ones on this connection are only counted)");
+                        }
+                        let reply = match publish.qos {
+                            QoS::AtMostOnce => None,
+                            QoS::AtLeastOnce => Some(Packet::PubAck(PubAck::new(publish.pkid))),
+                            QoS::ExactlyOnce => {
+                                dropped_qos2.insert(publish.pkid);
+                                Some(Packet::PubRec(PubRec::new(publish.pkid)))
+                            }
+                        };
+                        if let Some(reply) = reply {
+                            if local.send(reply).await.is_err() {
+                                return End::Abrupt;
+                            }
+                        }
+                        None
+                    }
+                }
+            }
+            Packet::PubRel(rel) if dropped_qos2.remove(&rel.pkid) => {
+                if local
+                    .send(Packet::PubComp(PubComp::new(rel.pkid)))
+                    .await
+                    .is_err()
+                {
+                    return End::Abrupt;
+                }
+                None
+            }
+            Packet::Subscribe(subscribe) => {
+                let pkid = subscribe.pkid;
+                let (forward, codes) = judge_subscribe(shared, client, subscribe, refusals);
+                match forward {
+                    Some(forward) => {
+                        pending.insert(forward.pkid, codes);
+                        Some(Packet::Subscribe(forward))
+                    }
+                    None => {
+                        let ack = SubAck::new(pkid, codes.into_iter().flatten().collect());
+                        if local.send(Packet::SubAck(ack)).await.is_err() {
+                            return End::Abrupt;
+                        }
+                        None
+                    }
+                }
+            }
+            Packet::PingReq => {
+                if local.send(Packet::PingResp).await.is_err() {
+                    return End::Abrupt;
+                }
+                None
+            }
+            Packet::Disconnect => return End::Disconnect,
+            packet @ (Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::Unsubscribe(_)) => Some(packet),
+            other => {
+                return close(
+                    Reason::Malformed,
+                    &format_args!("a client may not send {}", packet_name(&other)),
+                );
+            }
+        };
+        if let Some(packet) = forward {
+            if frame::write(up_wr, &packet, &mut scratch).await.is_err() {
+                return End::Abrupt;
+            }
+        }
+    }
+}
+
+fn judge_publish(shared: &Shared, role: &Role, publish: &Publish) -> PublishVerdict {
+    let empty = publish.payload.is_empty();
+    match shared.acl.publish(role, &publish.topic, empty) {
+        PublishVerdict::Allow
+            if empty && !publish.retain && shared.retained.holds(&publish.topic) =>
+        {
+            PublishVerdict::WouldErase
+        }
+        verdict => verdict,
+    }
+}
+
+/// Splits a SUBSCRIBE into the part to forward (if any filter is allowed) and the per-filter
+/// codes of the refused filters (`None` where a filter is forwarded).
+fn judge_subscribe(
+    shared: &Shared,
+    client: &Client<'_>,
+    subscribe: Subscribe,
+    refusals: &mut Refusals,
+) -> (Option<Subscribe>, Vec<Option<SubscribeReasonCode>>) {
+    let metrics = &shared.metrics;
+    let mut allowed = Vec::new();
+    let mut codes = Vec::with_capacity(subscribe.filters.len());
+    for filter in subscribe.filters {
+        let verdict = shared.acl.subscribe(client.role, &filter.path);
+        match verdict {
+            SubscribeVerdict::Allow => {
+                metrics.subscription_forwarded();
+                codes.push(None);
+                allowed.push(filter);
+                continue;
+            }
+            SubscribeVerdict::Forbidden => metrics.subscription_forbidden(),
+            SubscribeVerdict::System => metrics.subscription_system(),
+            SubscribeVerdict::Invalid => metrics.subscription_invalid(),
+        }
+        refusals.subscriptions += 1;
+        if refusals.subscriptions == 1 {
+            tracing::warn!(peer = %client.peer, client_id = client.id, user = client.user, role = client.role.name(), filter = filter.path, verdict = ?verdict, "SUBSCRIBE filter refused with 0x80 (later ones on this connection are only counted)");
+        }
+        codes.push(Some(SubscribeReasonCode::Failure));
+    }
+    let forward = (!allowed.is_empty()).then_some(Subscribe {
+        pkid: subscribe.pkid,
+        filters: allowed,
+    });
+    (forward, codes)
+}
+
+/// Relays rumqttd's packets to the client, merging SUBACKs, and writes the proxy's own replies.
+async fn broker_to_client<R, W>(
+    metrics: &Metrics,
+    reader: &mut FrameReader,
+    up_rd: &mut R,
+    client_wr: &mut W,
+    mut local: mpsc::Receiver<Packet>,
+    pending: &PendingSubacks,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scratch = BytesMut::new();
+    loop {
+        let packet = tokio::select! {
+            packet = reader.next(up_rd) => match packet {
+                Ok(Some(Packet::PingResp)) => continue,
+                Ok(Some(Packet::SubAck(ack))) => Packet::SubAck(pending.merge(ack)),
+                Ok(Some(packet)) => {
+                    if matches!(packet, Packet::Publish(_)) {
+                        metrics.publish_delivered();
+                    }
+                    packet
+                }
+                Ok(None) | Err(_) => return,
+            },
+            reply = local.recv() => match reply {
+                Some(reply) => reply,
+                None => return,
+            },
+        };
+        if frame::write(client_wr, &packet, &mut scratch)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn frame_reason(e: &FrameError) -> Reason {
+    match e {
+        FrameError::Oversized(_) => Reason::Oversized,
+        FrameError::Truncated | FrameError::Malformed(_) | FrameError::Io(_) => Reason::Malformed,
+    }
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "a second CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingResp => "PINGRESP",
+        _ => "this packet",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_client_ids_are_safe_for_rumqttd_and_distinct_per_user() {
+        assert_eq!(internal_client_id(None, "pi-1"), "pi-1");
+        assert_eq!(internal_client_id(Some("pub"), "pi-1"), "pub.pi-1");
+        assert_eq!(internal_client_id(Some("a.b"), "c"), "a%2Eb.c");
+        assert_ne!(
+            internal_client_id(Some("a.b"), "c"),
+            internal_client_id(Some("a"), "b.c")
+        );
+        assert_eq!(internal_client_id(None, "home/+#$%"), "home%2F%2B%23%24%25");
+        assert_eq!(internal_client_id(Some("u"), ""), "");
+        for id in ["a/b", "$x", "#", "+"] {
+            assert!(!internal_client_id(Some("u/v"), id).contains(['+', '$', '#', '/']));
+        }
+    }
+
+    #[test]
+    fn refused_filters_keep_their_place_in_the_suback() {
+        let pending = PendingSubacks::default();
+        let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+        let no = SubscribeReasonCode::Failure;
+        pending.insert(9, vec![Some(no), None, Some(no), None]);
+        let merged = pending.merge(SubAck::new(
+            9,
+            vec![ok, SubscribeReasonCode::Success(QoS::AtMostOnce)],
+        ));
+        assert_eq!(
+            merged.return_codes,
+            [no, ok, no, SubscribeReasonCode::Success(QoS::AtMostOnce)]
+        );
+        let untouched = pending.merge(SubAck::new(10, vec![ok]));
+        assert_eq!(untouched.return_codes, [ok]);
+    }
+
+    #[test]
+    fn logins_map_to_roles_or_connack_codes() {
+        let users = Users::parse("r:pw:reader").unwrap();
+        assert_eq!(authenticate(None, None), Ok(Role::Unscoped));
+        assert_eq!(
+            authenticate(Some(&users), None),
+            Err(ConnectReturnCode::NotAuthorized)
+        );
+        let wrong = Login::new("r", "nope");
+        assert_eq!(
+            authenticate(Some(&users), Some(&wrong)),
+            Err(ConnectReturnCode::BadUserNamePassword)
+        );
+        let right = Login::new("r", "pw");
+        assert_eq!(authenticate(Some(&users), Some(&right)), Ok(Role::Reader));
+    }
+}
