@@ -109,20 +109,12 @@ pub async fn run_with(
     };
     let metrics = Metrics::new(&id, counters.subscribe());
     let server_stop = shutdown.child_token();
-    let server = match config.sensor.metrics.effective_listen() {
-        Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
-                Error::Invalid(format!(
-                    "cannot serve metrics on {address} ({e}); pick another address with \
-                     --metrics-listen, or turn the server off with --metrics-listen off"
-                ))
-            })?;
-            Some(tokio::spawn(http::serve(
-                listener,
-                metrics.clone(),
-                server_stop.clone(),
-            )))
-        }
+    let server = match metrics_listener(&config.sensor.metrics).await? {
+        Some(listener) => Some(tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            server_stop.clone(),
+        ))),
         None => None,
     };
     let sensor_config = config.sensor.clone();
@@ -163,5 +155,30 @@ pub async fn run_with(
     match linked {
         Ok(result) => result,
         Err(e) => Err(Error::Invalid(format!("the MQTT task failed: {e}"))),
+    }
+}
+
+/// Binds the metrics server's socket. An address given with `--metrics-listen` that cannot be
+/// bound stops the start (the operator asked for it); the default one only logs why, so a second
+/// publisher on one host still publishes.
+async fn metrics_listener(config: &MetricsConfig) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(address) = config.effective_listen() else {
+        return Ok(None);
+    };
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if config.listen.is_none() => {
+            tracing::warn!(
+                %address,
+                error = %e,
+                "cannot serve metrics on the default address; publishing without /metrics. Pick \
+                 another address with --metrics-listen, or turn the server off with --metrics-listen off"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(Error::Invalid(format!(
+            "cannot serve metrics on {address} ({e}); pick another address with \
+             --metrics-listen, or turn the server off with --metrics-listen off"
+        ))),
     }
 }
