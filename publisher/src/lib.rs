@@ -109,14 +109,9 @@ pub async fn run_with(
     };
     let metrics = Metrics::new(&id, counters.subscribe());
     let server_stop = shutdown.child_token();
-    let server = match metrics_listener(&config.sensor.metrics).await? {
-        Some(listener) => Some(tokio::spawn(http::serve(
-            listener,
-            metrics.clone(),
-            server_stop.clone(),
-        ))),
-        None => None,
-    };
+    let server = metrics_listener(&config.sensor.metrics)
+        .await?
+        .map(|listener| tokio::spawn(http::serve(listener, metrics.clone(), server_stop.clone())));
     let sensor_config = config.sensor.clone();
     let opener: reader::Opener = Box::new(move || sensor::open(&sensor_config));
     let (opener, first) = reader::open(opener).await;
