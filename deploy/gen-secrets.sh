@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Writes the three credential files that deploy/base/kustomization.yaml's secretGenerator reads,
-# with random passwords: users.txt (for the broker), publisher.password and gateway.password.
+# with random passwords: users.txt (for the broker, each account with its role), publisher.password
+# and gateway.password.
 # Usage: deploy/gen-secrets.sh [DIR]   (DIR defaults to deploy/base/secrets next to this script)
 # Refuses to overwrite existing files, so running it twice never changes a working password.
 set -euo pipefail
@@ -18,5 +19,11 @@ gateway=$(random_password)
 umask 077
 printf '%s' "$publisher" >"$dir/publisher.password"
 printf '%s' "$gateway" >"$dir/gateway.password"
-printf 'publisher:%s\ngateway:%s\n' "$publisher" "$gateway" >"$dir/users.txt"
+# One role per component (broker/README.md): the publisher may publish the topics of any sensor
+# id (its id is the node's name, known only at run time: `*`); the gateway may only read.
+{
+  printf '# username:password:role  (see broker/README.md; add e.g. `viewer:<password>:reader`)\n'
+  printf 'publisher:%s:publisher:*\n' "$publisher"
+  printf 'gateway:%s:reader\n' "$gateway"
+} >"$dir/users.txt"
 echo "gen-secrets: wrote users.txt, publisher.password and gateway.password in $dir"

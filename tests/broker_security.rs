@@ -738,3 +738,57 @@ async fn mosquitto_sub_reads_the_retained_reading_with_reader_credentials() {
         "mosquitto_sub explains the refusal: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
+    let dir = tempdir::Dir::new();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/gen-secrets.sh");
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let password = |name: &str| std::fs::read_to_string(dir.0.join(name)).unwrap();
+    let (publisher_pw, gateway_pw) = (password("publisher.password"), password("gateway.password"));
+    let mut config = k3sense_broker::Config::new(free_addr());
+    config.options.users_file = Some(dir.0.join("users.txt"));
+    let started = k3sense_broker::start(&config).await.unwrap();
+    let addr = started.local_addr();
+    let metrics = started.metrics();
+    tokio::spawn(started.serve(CancellationToken::new()));
+
+    // The gateway reads every sensor, and may publish nothing.
+    let (gateway, mut gw_events) = client(addr, Some(("gateway", &gateway_pw))).await;
+    let codes = subscribe(&gateway, &mut gw_events, &["k3sense/+/state"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    publish_acked(&gateway, &mut gw_events, "k3sense/node-1/state", "{}", true).await;
+    assert_eq!(metrics.snapshot().publishes_forbidden, 1);
+    // The publisher (any node name as sensor id) publishes its readings.
+    let (publisher, mut events) = client(addr, Some(("publisher", &publisher_pw))).await;
+    publish_acked(
+        &publisher,
+        &mut events,
+        "k3sense/node-7/state",
+        "{\"seq\":1}",
+        true,
+    )
+    .await;
+    let (topic, payload) = next_publish(&mut gw_events, 2 * SECOND).await;
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        ("k3sense/node-7/state", "{\"seq\":1}")
+    );
+
+    // The example file parses too (with its placeholders as passwords).
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/base/secrets/users.txt.example"
+    );
+    let users = k3sense_broker::Users::from_file(std::path::Path::new(example)).unwrap();
+    assert!(
+        users.authenticate("gateway", "REPLACE-ME-gateway-password")
+            == Some(&k3sense_broker::Role::Reader)
+    );
+    assert!(users.unscoped().is_empty());
+}
