@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
-    Availability, Reading, SensorId,
+    Availability, Reading, ReplayRequest, SensorId,
     ws::{SensorSummary, ServerMessage},
 };
 use tokio::sync::broadcast;
@@ -51,6 +51,20 @@ impl Hub {
         let mut inner = self.lock();
         let message = inner.registry.apply_reading(reading);
         inner.send(message)
+    }
+
+    /// Records a live reading (from the state topic) and sends it to every client; returns
+    /// whether it was new, and the replay request for readings missing before it.
+    pub fn live_reading(&self, reading: Reading) -> (bool, Option<ReplayRequest>) {
+        let mut inner = self.lock();
+        let gap = inner.registry.gap_before(&reading);
+        let message = inner.registry.apply_reading(reading);
+        (inner.send(message), gap)
+    }
+
+    /// The newest `seq` held per sensor.
+    pub fn newest_seqs(&self) -> Vec<(SensorId, u64)> {
+        self.lock().registry.newest_seqs()
     }
 
     /// Records an availability and sends it to every client; `false` if nothing changed.

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     /// Sensors known.
     pub sensors: Gauge,
+    /// Replay requests sent to publishers (missing readings asked for again).
+    pub replay_requests: Counter,
 }
 
 impl Metrics {
@@ -48,6 +50,7 @@ impl Metrics {
         let invalid_messages = Family::<Labels, Counter>::default();
         let broker_connected = Gauge::default();
         let sensors = Gauge::default();
+        let replay_requests = Counter::default();
         registry.register(
             "ws_clients",
             "WebSocket clients connected now",
@@ -89,6 +92,11 @@ impl Metrics {
             broker_connected.clone(),
         );
         registry.register("sensors", "Sensors known to the gateway", sensors.clone());
+        registry.register(
+            "replay_requests",
+            "Replay requests sent to publishers for missing readings",
+            replay_requests.clone(),
+        );
         Self {
             registry,
             ws_clients,
@@ -100,6 +108,7 @@ impl Metrics {
             invalid_messages,
             broker_connected,
             sensors,
+            replay_requests,
         }
     }
 

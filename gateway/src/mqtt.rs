@@ -1,6 +1,11 @@
-//! The gateway's MQTT side: subscribe to every sensor's state and availability, validate each
-//! message, feed the [`Hub`]. Reconnects forever with jittered backoff; readiness follows the
-//! subscription.
+//! The gateway's MQTT side: subscribe to every sensor's state, availability and replays,
+//! validate each message, feed the [`Hub`]. Reconnects forever with jittered backoff; readiness
+//! follows the subscription.
+//!
+//! Missing readings are asked for again (see `k3sense_protocol::ReplayRequest`): everything the
+//! publisher keeps when a sensor is first seen (a new gateway pod starts with a full chart), the
+//! range in between when a live reading's `seq` jumps, and everything after the newest held
+//! after the broker connection comes back.
 
 use std::{
     collections::HashMap,
@@ -11,7 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k3sense_protocol::{Availability, Backoff, MqttConfig, Reading, TopicKind, Topics};
+use k3sense_protocol::{
+    Availability, Backoff, MqttConfig, Reading, ReplayRequest, SensorId, TopicKind, Topics,
+};
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +43,11 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let filters = vec![
         SubscribeFilter::new(topics.filter(TopicKind::State), QoS::AtLeastOnce),
         SubscribeFilter::new(topics.filter(TopicKind::Availability), QoS::AtLeastOnce),
+        SubscribeFilter::new(topics.replay_filter(), QoS::AtLeastOnce),
     ];
+    // Set when the connection was lost: after the next subscription, ask every publisher for
+    // what came after the newest reading held.
+    let mut resume = false;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut complaints = Complaints::default();
     tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
@@ -67,10 +78,20 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                     link.subscribed.store(true, Ordering::SeqCst);
                     link.metrics.broker_connected.set(1);
                     tracing::info!(prefix = topics.prefix(), "subscribed; ready");
+                    if std::mem::take(&mut resume) {
+                        for (id, seq) in link.hub.newest_seqs() {
+                            let request = ReplayRequest {
+                                after_seq: seq,
+                                until_seq: None,
+                            };
+                            ask_replay(&client, &topics, &link, &id, request);
+                        }
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 handle(
+                    &client,
                     &topics,
                     &link,
                     &mut complaints,
@@ -80,6 +101,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
             }
             Ok(_) => {}
             Err(e) => {
+                resume = true;
                 link.subscribed.store(false, Ordering::SeqCst);
                 link.metrics.broker_connected.set(0);
                 let delay = backoff.next_delay();
@@ -96,8 +118,54 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     Ok(())
 }
 
+/// Asks the publisher of `id` to send readings again.
+fn ask_replay(
+    client: &AsyncClient,
+    topics: &Topics,
+    link: &Link,
+    id: &SensorId,
+    request: ReplayRequest,
+) {
+    tracing::debug!(sensor_id = %id, ?request, "asking for missing readings");
+    match client.try_publish(
+        topics.replay_request(id),
+        QoS::AtLeastOnce,
+        false,
+        request.to_json(),
+    ) {
+        Ok(()) => {
+            link.metrics.replay_requests.inc();
+        }
+        Err(e) => tracing::warn!(sensor_id = %id, error = %e, "cannot queue a replay request"),
+    }
+}
+
 /// Validates one message and feeds it to the hub; counts and logs what it refuses.
-fn handle(topics: &Topics, link: &Link, complaints: &mut Complaints, topic: &str, payload: &[u8]) {
+fn handle(
+    client: &AsyncClient,
+    topics: &Topics,
+    link: &Link,
+    complaints: &mut Complaints,
+    topic: &str,
+    payload: &[u8],
+) {
+    if let Some(id) = topics.parse_replay(topic) {
+        link.metrics.received("replay");
+        match Reading::from_json(payload) {
+            Ok(reading) if reading.sensor_id == id => {
+                link.hub.reading(reading);
+            }
+            Ok(_) => link.metrics.invalid("id_mismatch"),
+            Err(e) => {
+                let reason = reason_of(&e);
+                link.metrics.invalid(reason);
+                complaints.say(reason, || {
+                    format!("dropping an invalid replayed reading on {topic}: {e}")
+                });
+            }
+        }
+        return;
+    }
     let Some((id, kind)) = topics.parse(topic) else {
         link.metrics.invalid("unknown_topic");
         complaints.say("unknown_topic", || {
@@ -121,8 +189,11 @@ fn handle(topics: &Topics, link: &Link, complaints: &mut Complaints, topic: &str
                     });
                 }
                 Ok(reading) => {
-                    link.hub.reading(reading);
+                    let (_, gap) = link.hub.live_reading(reading);
                     link.metrics.sensors.set(link.hub.sensor_count() as i64);
+                    if let Some(request) = gap {
+                        ask_replay(client, topics, link, &id, request);
+                    }
                 }
                 Err(e) => {
                     let reason = reason_of(&e);

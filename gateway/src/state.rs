@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
-    Availability, Reading, SensorId,
+    Availability, Reading, ReplayRequest, SensorId,
     ws::{SensorStatus, SensorSummary, ServerMessage},
 };
 
@@ -137,6 +137,41 @@ impl Registry {
             Inserted::Newest | Inserted::Older => Some(ServerMessage::Reading(reading)),
             Inserted::Duplicate | Inserted::TooOld => None,
         }
+    }
+
+    /// The readings missing before a live `reading`, as a replay request to the publisher:
+    /// everything it keeps up to this one when the sensor is new here, the range in between
+    /// when `seq` jumps. `None` when nothing is missing (or the publisher restarted its count).
+    pub fn gap_before(&self, reading: &Reading) -> Option<ReplayRequest> {
+        let latest = self
+            .sensors
+            .get(&reading.sensor_id)
+            .and_then(|s| s.history.latest());
+        match latest {
+            None => Some(ReplayRequest {
+                after_seq: 0,
+                until_seq: Some(reading.seq),
+            })
+            .filter(|_| reading.seq > 1),
+            Some(latest)
+                if reading.seq > latest.seq.saturating_add(1)
+                    && reading.read_at > latest.read_at =>
+            {
+                Some(ReplayRequest {
+                    after_seq: latest.seq,
+                    until_seq: Some(reading.seq),
+                })
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// The newest `seq` held per sensor: where to resume after a lost broker connection.
+    pub fn newest_seqs(&self) -> Vec<(SensorId, u64)> {
+        self.sensors
+            .iter()
+            .filter_map(|(id, s)| s.history.latest().map(|r| (id.clone(), r.seq)))
+            .collect()
     }
 
     /// Records an availability change; `None` when nothing changed.
@@ -290,5 +325,32 @@ mod tests {
             reg.history(&SensorId::new("b").unwrap(), 10, None)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn asks_for_what_is_missing() {
+        let mut reg = Registry::new(10);
+        // New sensor: everything before the first reading seen.
+        assert_eq!(
+            reg.gap_before(&reading("a", 42, 10)),
+            Some(ReplayRequest {
+                after_seq: 0,
+                until_seq: Some(42)
+            })
+        );
+        assert_eq!(reg.gap_before(&reading("a", 1, 10)), None);
+        reg.apply_reading(reading("a", 42, 10));
+        assert_eq!(reg.gap_before(&reading("a", 43, 11)), None);
+        assert_eq!(
+            reg.gap_before(&reading("a", 46, 12)),
+            Some(ReplayRequest {
+                after_seq: 42,
+                until_seq: Some(46)
+            })
+        );
+        // Duplicates and a restarted publisher (seq from 1, later time) ask for nothing.
+        assert_eq!(reg.gap_before(&reading("a", 42, 10)), None);
+        assert_eq!(reg.gap_before(&reading("a", 1, 20)), None);
+        assert_eq!(reg.newest_seqs(), [(SensorId::new("a").unwrap(), 42)]);
     }
 }
