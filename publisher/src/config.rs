@@ -54,6 +54,11 @@ pub struct SensorConfig {
     #[arg(long, env = "K3SENSE_BUFFER", default_value_t = 8640)]
     pub buffer: usize,
 
+    /// Recent readings kept to answer gateways' replay requests (a new gateway pod fills its
+    /// chart from them; 8640 = 24 h at 10 s); 0 turns replays off.
+    #[arg(long, env = "K3SENSE_REPLAY_BUFFER", default_value_t = 8640)]
+    pub replay_buffer: usize,
+
     #[command(flatten)]
     #[allow(missing_docs)]
     pub ha: HaConfig,
@@ -183,6 +188,7 @@ impl SensorConfig {
             sensor_id: Some(id.to_owned()),
             interval: Some(interval),
             buffer: 8640,
+            replay_buffer: 8640,
             ha: HaConfig::default(),
             metrics: MetricsConfig::off(),
         }

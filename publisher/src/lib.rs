@@ -23,6 +23,7 @@
 //! | `policy` | [`ReadPolicy`]: pacing, retries, spike hold, freshness, read counters (pure) |
 //! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings |
 //! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
+//! | `recent` | the recent readings kept to answer gateways' replay requests (pure) |
 //! | `link` | the MQTT connection task |
 //! | `discovery` | Home Assistant MQTT discovery configs (pure) |
 //! | `metrics` | [`Metrics`]: the Prometheus metrics (docs/metrics.md) |
@@ -39,6 +40,7 @@ mod metrics;
 mod outbox;
 pub mod policy;
 pub mod reader;
+mod recent;
 pub mod sensor;
 
 use std::time::Duration;
@@ -125,6 +127,7 @@ pub async fn run_with(
         mqtt: config.mqtt.clone(),
         id: id.clone(),
         buffer: config.sensor.buffer,
+        replay_buffer: config.sensor.replay_buffer,
         discovery,
     };
     let link = tokio::spawn(link::run(

@@ -7,19 +7,32 @@
 //! unacknowledged reading in order; the broker announces `offline` (the last will) if the
 //! connection dies; on shutdown it publishes `offline` itself and disconnects cleanly. It keeps
 //! the connection, buffer and reading metrics up to date.
+//!
+//! It also makes the publisher the source of truth for gateways:
+//! - `seq` continues across publisher restarts: before its first reading goes out, the link
+//!   reads its own retained state (waiting at most [`SEQ_WAIT`] after connecting) and numbers on
+//!   from there.
+//! - After a broker restart (which loses retained messages) it publishes its newest reading
+//!   again, retained, so a new subscriber still gets the latest value at once.
+//! - It answers replay requests (`<prefix>/<id>/replay/request`) from its [`Recent`] readings on
+//!   `<prefix>/<id>/replay`.
 
 use std::{
     collections::{HashMap, VecDeque},
     time::Duration,
 };
 
-use k3sense_protocol::{Availability, Backoff, MqttConfig, Reading, SensorId, Topics};
+use k3sense_protocol::{
+    Availability, Backoff, MqttConfig, Reading, ReplayRequest, SensorId, Topics,
+};
 use rumqttc::Publish;
 use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, discovery, discovery::Announcement, metrics::Metrics, outbox::Outbox};
+use crate::{
+    Result, discovery, discovery::Announcement, metrics::Metrics, outbox::Outbox, recent::Recent,
+};
 
 /// What the reader hands to the link.
 #[derive(Debug)]
@@ -34,6 +47,9 @@ pub enum Update {
 const WINDOW: usize = 32;
 /// How long a clean shutdown waits for the broker to take `offline` and the disconnect.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long after the first connect the link waits for its own retained reading, to continue
+/// its `seq`, before numbering from 1.
+pub const SEQ_WAIT: Duration = Duration::from_secs(1);
 
 /// What a PUBLISH we queued was, so its PUBACK can be matched.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,6 +67,8 @@ pub struct Settings {
     pub id: SensorId,
     /// Readings kept while the broker is away.
     pub buffer: usize,
+    /// Recent readings kept to answer replay requests.
+    pub replay_buffer: usize,
     /// What to announce to Home Assistant; `None` when discovery is off.
     pub discovery: Option<Announcement>,
 }
@@ -68,6 +86,16 @@ struct Link {
     by_pkid: HashMap<u16, Sent>,
     connected: bool,
     sensor: Availability,
+    /// Readings kept for replays.
+    recent: Recent,
+    /// Readings waiting to go out on the replay topic.
+    replays: VecDeque<Reading>,
+    /// Added to the reader's `seq`; `None` until the retained state told where to continue.
+    seq_offset: Option<u64>,
+    /// Readings that arrived before `seq_offset` was known.
+    early: VecDeque<Reading>,
+    /// When to stop waiting for the retained state.
+    seq_deadline: Option<tokio::time::Instant>,
 }
 
 /// Runs until `shutdown`, publishing what arrives on `updates`; `sensor` is the sensor's
@@ -83,6 +111,7 @@ pub async fn run(
         mqtt,
         id,
         buffer,
+        replay_buffer,
         discovery,
     } = settings;
     let topics = mqtt.topics()?;
@@ -112,12 +141,18 @@ pub async fn run(
         by_pkid: HashMap::new(),
         connected: false,
         sensor,
+        recent: Recent::new(replay_buffer),
+        replays: VecDeque::new(),
+        seq_offset: None,
+        early: VecDeque::new(),
+        seq_deadline: None,
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     tracing::info!(broker = %mqtt.broker, sensor_id = %link.id, "connecting to the MQTT broker");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            () = until(link.seq_deadline) => link.resolve_seq(0),
             update = updates.recv() => match update {
                 Some(Update::Reading(reading)) => link.push(reading),
                 Some(Update::Sensor(a)) => link.sensor_changed(a),
@@ -150,8 +185,27 @@ pub async fn run(
     Ok(())
 }
 
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Link {
-    fn push(&mut self, reading: Reading) {
+    fn push(&mut self, mut reading: Reading) {
+        let Some(offset) = self.seq_offset else {
+            // Numbering is not settled yet: hold it (bounded like the outbox).
+            if self.early.len() >= self.outbox.capacity() {
+                self.early.pop_front();
+                self.metrics.dropped_readings.inc();
+            }
+            self.early.push_back(reading);
+            return;
+        };
+        reading.seq += offset;
+        self.recent.push(reading.clone());
         self.metrics.observe(&reading);
         if let Some(lost) = self.outbox.push(reading) {
             self.metrics.dropped_readings.inc();
@@ -162,6 +216,45 @@ impl Link {
         }
         self.pump();
         self.count_buffered();
+    }
+
+    /// Settles the numbering: `last_seq` is the newest `seq` this sensor published before
+    /// (0 if none is known); held readings go out numbered after it.
+    fn resolve_seq(&mut self, last_seq: u64) {
+        if self.seq_offset.is_some() {
+            return;
+        }
+        self.seq_offset = Some(last_seq);
+        self.seq_deadline = None;
+        if last_seq > 0 {
+            tracing::info!(last_seq, "continuing seq after the retained reading");
+        }
+        let _ = self.client.try_unsubscribe(self.topics.state(&self.id));
+        for reading in std::mem::take(&mut self.early) {
+            self.push(reading);
+        }
+    }
+
+    /// A gateway asks for readings again.
+    fn replay(&mut self, payload: &[u8]) {
+        let request = match ReplayRequest::from_json(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring a malformed replay request");
+                return;
+            }
+        };
+        self.metrics.replay_requests.inc();
+        let capacity = self.recent.kept();
+        let wanted: Vec<Reading> = self.recent.wanted(&request).cloned().collect();
+        tracing::debug!(?request, readings = wanted.len(), "replaying");
+        for reading in wanted {
+            if self.replays.len() >= capacity.max(1) {
+                break;
+            }
+            self.replays.push_back(reading);
+        }
+        self.pump();
     }
 
     fn count_buffered(&self) {
@@ -237,6 +330,18 @@ impl Link {
     /// A message arrived: Home Assistant saying `online` gets a new announcement. A retained
     /// `online` arrives right after our own announcement on connect and is skipped.
     fn received(&mut self, publish: &Publish) {
+        if publish.topic == self.topics.replay_request(&self.id) {
+            self.replay(&publish.payload);
+            return;
+        }
+        if self.seq_offset.is_none() && publish.topic == self.topics.state(&self.id) {
+            let last = Reading::from_json(&publish.payload)
+                .ok()
+                .filter(|r| r.sensor_id == self.id)
+                .map_or(0, |r| r.seq);
+            self.resolve_seq(last);
+            return;
+        }
         let Some(announcement) = &self.discovery else {
             return;
         };
@@ -280,6 +385,44 @@ impl Link {
                 }
             }
         }
+        while let Some(reading) = self.replays.front() {
+            let Ok(payload) = reading.to_json() else {
+                self.replays.pop_front();
+                continue;
+            };
+            let topic = self.topics.replay(&self.id);
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                break;
+            }
+            self.replays.pop_front();
+            self.queued.push_back(Sent::Other);
+            self.metrics.replayed_readings.inc();
+        }
+    }
+
+    /// After a broker restart its retained messages are gone: publish the newest reading again
+    /// (same `seq`, same `read_at`) unless newer ones are about to go out anyway.
+    fn restore_retained(&mut self) {
+        if !self.outbox.is_empty() {
+            return;
+        }
+        let Some(latest) = self.recent.latest() else {
+            return;
+        };
+        let Ok(payload) = latest.to_json() else {
+            return;
+        };
+        if self
+            .client
+            .try_publish(self.topics.state(&self.id), QoS::AtLeastOnce, true, payload)
+            .is_ok()
+        {
+            self.queued.push_back(Sent::Other);
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -296,6 +439,20 @@ impl Link {
                 self.watch_home_assistant();
                 self.announce();
                 self.publish_availability(self.sensor);
+                if let Err(e) = self
+                    .client
+                    .try_subscribe(self.topics.replay_request(&self.id), QoS::AtLeastOnce)
+                {
+                    tracing::warn!(error = %e, "cannot subscribe to replay requests");
+                }
+                if self.seq_offset.is_none() {
+                    // Our own retained reading, if the broker has one, says where seq goes on.
+                    let _ = self
+                        .client
+                        .try_subscribe(self.topics.state(&self.id), QoS::AtLeastOnce);
+                    self.seq_deadline = Some(tokio::time::Instant::now() + SEQ_WAIT);
+                }
+                self.restore_retained();
                 self.pump();
             }
             Event::Incoming(Packet::Publish(publish)) => self.received(&publish),

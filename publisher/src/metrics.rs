@@ -48,6 +48,10 @@ pub struct Metrics {
     pub broker_connects: Counter,
     /// Home Assistant discovery announcements (each one publishes every entity's config).
     pub ha_announcements: Counter,
+    /// Replay requests received from gateways.
+    pub replay_requests: Counter,
+    /// Readings sent again on the replay topic.
+    pub replayed_readings: Counter,
     latest: Arc<Mutex<Option<Latest>>>,
 }
 
@@ -79,6 +83,8 @@ impl Metrics {
             acknowledged_readings: Counter::default(),
             broker_connects: Counter::default(),
             ha_announcements: Counter::default(),
+            replay_requests: Counter::default(),
+            replayed_readings: Counter::default(),
             latest: Arc::new(Mutex::new(None)),
         };
         registry.register(
@@ -120,6 +126,16 @@ impl Metrics {
             "ha_announcements",
             "Home Assistant discovery announcements published",
             metrics.ha_announcements.clone(),
+        );
+        registry.register(
+            "replay_requests",
+            "Replay requests received from gateways",
+            metrics.replay_requests.clone(),
+        );
+        registry.register(
+            "replayed_readings",
+            "Readings sent again on the replay topic",
+            metrics.replayed_readings.clone(),
         );
         registry.register_collector(Box::new(ReadCollector {
             counters,

@@ -81,6 +81,11 @@ impl Outbox {
         self.entries.iter().filter(|e| e.sent).count()
     }
 
+    /// The most readings held.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Readings held.
     pub fn len(&self) -> usize {
         self.entries.len()
