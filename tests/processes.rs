@@ -6,7 +6,7 @@
 mod support;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,93 +14,35 @@ use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_k3sense");
 
-/// A child process that is killed if the test fails before stopping it.
-struct Proc(Child);
-
-impl Proc {
-    fn start(args: &[&str]) -> Self {
-        let child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("K3SENSE_PASSWORD")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Self(child)
-    }
-
-    fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// Sends `signal`, waits for the exit; returns how long it took and stderr.
-    fn stop(self, signal: &str) -> (Duration, std::process::ExitStatus, String) {
-        let started = Instant::now();
-        self.signal(signal);
-        self.wait(started)
-    }
-
-    /// Waits for the exit; returns the time since `started`, the status and stderr.
-    fn wait(mut self, started: Instant) -> (Duration, std::process::ExitStatus, String) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit after the signal"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let elapsed = started.elapsed();
-        let mut stderr = String::new();
-        use std::io::Read;
-        self.0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        (elapsed, status, stderr)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_behave_like_all() {
     let mqtt = free_addr();
     let http = free_addr();
-    let broker = Proc::start(&["broker", "--listen", &mqtt.to_string()]);
-    let publisher = Proc::start(&[
-        "publisher",
-        "--broker",
-        &mqtt.to_string(),
-        "--sensor",
-        "sim",
-        "--sensor-id",
-        "pi-1",
-        "--interval",
-        "300ms",
-    ]);
-    let gateway = Proc::start(&[
-        "gateway",
-        "--broker",
-        &mqtt.to_string(),
-        "--listen",
-        &http.to_string(),
-    ]);
+    let broker = Proc::start(BIN, &["broker", "--listen", &mqtt.to_string()]);
+    let publisher = Proc::start(
+        BIN,
+        &[
+            "publisher",
+            "--broker",
+            &mqtt.to_string(),
+            "--sensor",
+            "sim",
+            "--sensor-id",
+            "pi-1",
+            "--interval",
+            "300ms",
+        ],
+    );
+    let gateway = Proc::start(
+        BIN,
+        &[
+            "gateway",
+            "--broker",
+            &mqtt.to_string(),
+            "--listen",
+            &http.to_string(),
+        ],
+    );
     wait_ready(http).await;
 
     let mut ws = ws_connect(http).await;
@@ -152,13 +94,16 @@ async fn three_processes_behave_like_all() {
 async fn all_serves_the_page_and_stops_on_ctrl_c_within_two_seconds() {
     let mqtt = free_addr();
     let http = free_addr();
-    let all = Proc::start(&[
-        "all",
-        "--mqtt-listen",
-        &mqtt.to_string(),
-        "--http-listen",
-        &http.to_string(),
-    ]);
+    let all = Proc::start(
+        BIN,
+        &[
+            "all",
+            "--mqtt-listen",
+            &mqtt.to_string(),
+            "--http-listen",
+            &http.to_string(),
+        ],
+    );
     wait_ready(http).await;
     let (status, page) = http_get(http, "/").await;
     assert_eq!(status, 200);

@@ -47,6 +47,8 @@ pub enum Update {
 const WINDOW: usize = 32;
 /// How long a clean shutdown waits for the broker to take `offline` and the disconnect.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a clean shutdown waits for buffered readings to be acknowledged.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long after the first connect the link waits for its own retained reading, to continue
 /// its `seq`, before numbering from 1.
 pub const SEQ_WAIT: Duration = Duration::from_secs(1);
@@ -485,6 +487,25 @@ impl Link {
     /// Publishes `offline` and disconnects, so the broker does not fire the will and
     /// subscribers see a deliberate stop.
     async fn goodbye(&mut self, events: &mut rumqttc::EventLoop) {
+        if self.connected && !self.outbox.is_empty() {
+            // Hand over what is still buffered before saying goodbye, within a bound: a stop
+            // (a rollout, Ctrl-C) must not lose readings the broker could still take.
+            let flushed = tokio::time::timeout(FLUSH_TIMEOUT, async {
+                while self.connected && !self.outbox.is_empty() {
+                    match events.poll().await {
+                        Ok(event) => self.handle(event),
+                        Err(_) => self.disconnected(),
+                    }
+                }
+            })
+            .await;
+            if flushed.is_err() {
+                tracing::warn!(
+                    backlog = self.outbox.len(),
+                    "stopping before the broker took every buffered reading"
+                );
+            }
+        }
         self.metrics.broker_connected.set(0);
         if !self.connected {
             return;

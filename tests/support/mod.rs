@@ -247,3 +247,74 @@ impl Drop for Mosquitto {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A child process of the real binary, killed if the test ends before stopping it. Its stderr
+/// goes to a file (a pipe nobody reads would fill up and stall a long-running process).
+pub struct Proc(pub std::process::Child, std::path::PathBuf);
+
+impl Proc {
+    /// Starts `bin` with `args` (read its log with [`Proc::stop`] / [`Proc::wait`]).
+    pub fn start(bin: &str, args: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "k3sense-test-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("K3SENSE_PASSWORD")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self(child, log)
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Sends `signal`, waits for the exit; returns how long it took, the status and stderr.
+    pub fn stop(self, signal: &str) -> (Duration, std::process::ExitStatus, String) {
+        let started = std::time::Instant::now();
+        self.signal(signal);
+        self.wait(started)
+    }
+
+    /// Waits (at most 10 s) for the exit; returns the time since `started`, the status and stderr.
+    pub fn wait(
+        mut self,
+        started: std::time::Instant,
+    ) -> (Duration, std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit after the signal"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let elapsed = started.elapsed();
+        let stderr = std::fs::read_to_string(&self.1).unwrap_or_default();
+        (elapsed, status, stderr)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if std::env::var_os("K3SENSE_KEEP_TEST_LOGS").is_none() {
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+}
