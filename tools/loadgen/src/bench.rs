@@ -111,14 +111,31 @@ pub async fn run(size: Size, bins: &Binaries, command: &str, revision: &str) -> 
 
 async fn run_ours(bins: &Binaries, load: Load) -> Result<Measurement> {
     eprintln!("k3sense, {} clients", load.clients);
-    let (servers, target) = Servers::k3sense(bins, load.clients).await?;
+    let bins = bins.in_subdir(&format!("k3sense-{}", load.clients))?;
+    let (servers, target) = retry(|| Servers::k3sense(&bins, load.clients)).await?;
     finish(servers, &target, load).await
 }
 
 async fn run_mosquitto(bins: &Binaries, load: Load) -> Result<Measurement> {
     eprintln!("mosquitto, {} clients", load.clients);
-    let (servers, target) = Servers::mosquitto(bins).await?;
+    let bins = bins.in_subdir(&format!("mosquitto-{}", load.clients))?;
+    let (servers, target) = retry(|| Servers::mosquitto(&bins)).await?;
     finish(servers, &target, load).await
+}
+
+/// Starts servers, trying up to three times (on new ports): one failed start is not a result.
+async fn retry<F: Future<Output = Result<(Servers, Target)>>>(
+    start: impl Fn() -> F,
+) -> Result<(Servers, Target)> {
+    let mut attempt = 1;
+    loop {
+        match start().await {
+            Ok(started) => return Ok(started),
+            Err(e) if attempt < 3 => eprintln!("  could not start ({e:#}); trying again"),
+            Err(e) => return Err(e),
+        }
+        attempt += 1;
+    }
 }
 
 async fn finish(servers: Servers, target: &Target, load: Load) -> Result<Measurement> {
@@ -140,6 +157,7 @@ async fn finish(servers: Servers, target: &Target, load: Load) -> Result<Measure
 
 async fn idle(bins: &Binaries, window: Duration) -> Result<Idle> {
     eprintln!("idle: k3sense all, and broker + publisher + gateway, for {window:?}");
+    let bins = &bins.in_subdir("idle")?;
     let mut all = Servers::none();
     let all_ready = all.k3sense_all(bins).await?;
     let mut trio = Servers::none();

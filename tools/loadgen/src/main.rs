@@ -76,6 +76,9 @@ enum Command {
         /// Clients connecting at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Also print, for each reading, when the last client had it.
+        #[arg(long)]
+        per_reading: bool,
     },
     /// Run the whole benchmark, k3sense beside Mosquitto, and print the markdown report.
     Bench {
@@ -119,6 +122,7 @@ async fn main() -> Result<()> {
             readings,
             rate,
             concurrency,
+            per_reading,
         } => {
             warn_if_short(limit, clients);
             let target = Target {
@@ -167,6 +171,13 @@ async fn main() -> Result<()> {
             }
             for e in &m.errors {
                 println!("client error: {e}");
+            }
+            if per_reading {
+                for (i, last) in l.per_reading.iter().enumerate() {
+                    let shown =
+                        last.map_or("not everyone".to_owned(), |d| format!("{:.3} ms", ms(d)));
+                    println!("seq {:>4}: {shown}", i + 1);
+                }
             }
         }
         Command::Bench {

@@ -234,11 +234,17 @@ impl Publisher {
         let stop = CancellationToken::new();
         let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
         let mut connected_tx = Some(connected_tx);
-        let polling = stop.clone();
+        let stopping = stop.clone();
         tokio::spawn(async move {
+            // Ends with the connection once `stop` has asked for a DISCONNECT (the broker
+            // closes it, or is killed), or after a second at most.
+            let mut ended = std::pin::pin!(async {
+                stopping.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            });
             loop {
                 let event = tokio::select! {
-                    () = polling.cancelled() => break,
+                    () = &mut ended => break,
                     event = events.poll() => event,
                 };
                 match event {
@@ -248,6 +254,7 @@ impl Publisher {
                         }
                     }
                     Ok(_) => {}
+                    Err(_) if stopping.is_cancelled() => break,
                     Err(e) => {
                         eprintln!("  publisher: {e}; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -275,7 +282,7 @@ impl Publisher {
     }
 
     fn stop(self) {
-        let _ = self.client.try_disconnect();
         self.stop.cancel();
+        let _ = self.client.try_disconnect();
     }
 }

@@ -5,6 +5,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::Stdio,
+    sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
 };
 
@@ -29,6 +30,19 @@ pub struct Binaries {
     pub mosquitto: PathBuf,
     /// Logs and Mosquitto's config file go here.
     pub work_dir: PathBuf,
+}
+
+impl Binaries {
+    /// The same binaries with logs in a (new) subdirectory of the work directory.
+    pub fn in_subdir(&self, name: &str) -> Result<Self> {
+        let work_dir = self.work_dir.join(name);
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("create {}", work_dir.display()))?;
+        Ok(Self {
+            work_dir,
+            ..self.clone()
+        })
+    }
 }
 
 /// Running child processes, killed on [`Servers::stop`] or when dropped.
@@ -215,11 +229,32 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// Next port to try. Listen ports come from below Linux's ephemeral range (32768–60999), so no
+/// outgoing connection, and none of its TIME_WAIT leftovers, holds them: Mosquitto's WebSocket
+/// listener (libwebsockets) binds without SO_REUSEADDR and fails on such a port.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
 /// Two distinct loopback ports nobody listens on right now.
 fn free_ports() -> Result<(SocketAddr, SocketAddr)> {
-    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free port")?;
-    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("find a free port")?;
-    Ok((a.local_addr()?, b.local_addr()?))
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        PORTS.start + (std::process::id() % 5_000) as u16,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut found = Vec::new();
+    for _ in 0..1_000 {
+        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = PORTS.start + (port - PORTS.start) % (PORTS.end - PORTS.start);
+        if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            found.push(listener.local_addr()?);
+            if let [a, b] = found[..] {
+                return Ok((a, b));
+            }
+        }
+    }
+    bail!("no free loopback port in {PORTS:?}")
 }
 
 /// Waits until something accepts connections on `addr`.

@@ -47,6 +47,8 @@ pub struct Latencies {
     pub all_clients: Summary,
     /// (client, reading) pairs that never arrived.
     pub lost: usize,
+    /// For each reading (seq 1, 2, …), when the last client had it; `None` if some never did.
+    pub per_reading: Vec<Option<Duration>>,
 }
 
 /// Computes [`Latencies`] from when each reading was sent (`sent[i]` for seq `i + 1`, `None` if
@@ -71,13 +73,14 @@ pub fn latencies(sent: &[Option<Duration>], arrivals: &[Vec<(u64, Duration)>]) -
         }
     }
     let expected = arrivals.len() * sent.iter().filter(|s| s.is_some()).count();
-    let mut all_clients: Vec<Duration> = last
+    let per_reading: Vec<Option<Duration>> = last
         .iter()
         .zip(&reached)
-        .filter(|(_, n)| **n == arrivals.len())
-        .filter_map(|(l, _)| *l)
+        .map(|(l, n)| l.filter(|_| *n == arrivals.len()))
         .collect();
+    let mut all_clients: Vec<Duration> = per_reading.iter().flatten().copied().collect();
     Latencies {
+        per_reading,
         lost: expected.saturating_sub(per_client.len()),
         per_client: Summary::of(&mut per_client),
         all_clients: Summary::of(&mut all_clients),
@@ -120,5 +123,6 @@ mod tests {
         // Only reading 1 reached everyone; its last client had it after 5 ms.
         assert_eq!(l.all_clients.count, 1);
         assert_eq!(l.all_clients.p50, ms(5));
+        assert_eq!(l.per_reading, vec![Some(ms(5)), None]);
     }
 }
