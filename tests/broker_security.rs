@@ -792,3 +792,126 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
     );
     assert!(users.unscoped().is_empty());
 }
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Figures for broker/README.md (run with `--ignored --nocapture`, release build for real
+/// numbers): memory per proxied connection, and what 20,000 short sessions with fresh client ids
+/// leave behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by hand"]
+async fn measure_memory_per_connection_and_churn() {
+    let broker = start(false, 5 * SECOND).await;
+    let connect = |id: String| async move {
+        let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
+        let mut c = Connect::new(id);
+        c.keep_alive = 60;
+        c.login = Some(Login::new("reader", "reader-pw"));
+        tcp.write_all(&bytes_of(&Raw::Connect(c))).await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_raw(&mut tcp, &mut buf).await,
+            Some(Raw::ConnAck(_))
+        ));
+        tcp
+    };
+    let base = rss_kib();
+    let mut held = Vec::new();
+    for i in 0..500 {
+        held.push(connect(format!("hold-{i}")).await);
+    }
+    tokio::time::sleep(SECOND / 2).await;
+    let with = rss_kib();
+    eprintln!(
+        "500 connections: RSS {base} -> {with} KiB, {:.1} KiB per connection (proxy + rumqttd + the test's client sockets)",
+        (with - base) as f64 / 500.0
+    );
+    drop(held);
+    tokio::time::sleep(SECOND).await;
+    let before = rss_kib();
+    let started = Instant::now();
+    for i in 0..20_000 {
+        let mut tcp = connect(format!("churn-{i}")).await;
+        tcp.write_all(&bytes_of(&Raw::Disconnect)).await.unwrap();
+        if (i + 1) % 5000 == 0 {
+            eprintln!(
+                "{} sessions with fresh ids after {:?}: RSS {before} -> {} KiB",
+                i + 1,
+                started.elapsed(),
+                rss_kib()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_client_id_takes_over_without_a_false_will_and_only_within_one_account() {
+    let broker = start(false, 5 * SECOND).await;
+    let (watcher, mut watch) = client(broker.addr, Some(("reader", "reader-pw"))).await;
+    subscribe(&watcher, &mut watch, &["k3sense/+/availability"]).await;
+    let connect_as = |user: &'static str, password: &'static str| async move {
+        let mut c = Connect::new("k3sense-publisher-pi-1");
+        c.keep_alive = 30;
+        c.login = Some(Login::new(user, password));
+        c.last_will = Some(rumqttc::mqttbytes::v4::LastWill::new(
+            "k3sense/pi-1/availability",
+            "offline",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            true,
+        ));
+        let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
+        tcp.write_all(&bytes_of(&Raw::Connect(c))).await.unwrap();
+        let answer = read_raw(&mut tcp, &mut BytesMut::new()).await;
+        (tcp, answer)
+    };
+    let (mut first, answer) = connect_as("pub", "pub-pw").await;
+    assert!(matches!(answer, Some(Raw::ConnAck(_))));
+    // Another account with the same client id is someone else: no takeover. (An admin may
+    // publish this will.)
+    let (_other, answer) = connect_as("admin", "admin-pw").await;
+    assert!(matches!(answer, Some(Raw::ConnAck(_))));
+    assert!(
+        !closed_soon_within(&mut first, SECOND / 2).await,
+        "another account's client id took this connection over"
+    );
+    // The same account and id again: the first connection is closed, without its will.
+    let (mut second, answer) = connect_as("pub", "pub-pw").await;
+    assert!(matches!(answer, Some(Raw::ConnAck(_))));
+    assert!(closed_soon(&mut first).await, "the old connection stayed");
+    assert!(
+        tokio::time::timeout(SECOND, next_publish(&mut watch, 5 * SECOND))
+            .await
+            .is_err(),
+        "a takeover published the old connection's will"
+    );
+    // Killing the new one (no DISCONNECT) publishes its will, as it should.
+    second.shutdown().await.unwrap();
+    drop(second);
+    let (topic, payload) = next_publish(&mut watch, 3 * SECOND).await;
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        ("k3sense/pi-1/availability", "offline")
+    );
+}
+
+/// Whether the broker closes `stream` within `within`.
+async fn closed_soon_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut sink = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}

@@ -45,6 +45,7 @@
 //! | `session` | one connection: CONNECT, authentication, authorisation, relaying to rumqttd |
 //! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
 //! | `retained` | which topics hold a retained message |
+//! | `registry` | live client ids (takeover) and the slot ids rumqttd sees for clean sessions |
 //! | `metrics`, `exporter` | [`Metrics`] and `--metrics-listen` |
 //! | `embedded` | rumqttd's config on the internal port, and its thread |
 //! | `error` | [`Error`] |
@@ -57,6 +58,7 @@ mod exporter;
 mod frame;
 mod listener;
 mod metrics;
+mod registry;
 mod retained;
 mod session;
 mod tls;
@@ -211,6 +213,7 @@ pub async fn start(config: &Config) -> Result<Started> {
         metrics: metrics.clone(),
         upstream,
         retained: retained::RetainedTopics::default(),
+        registry: Arc::new(registry::Registry::default()),
         clients: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),
         max_payload: options.max_payload,
         connect_timeout: options.connect_timeout,

@@ -80,6 +80,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) upstream: Upstream,
     pub(crate) retained: RetainedTopics,
+    pub(crate) registry: Arc<crate::registry::Registry>,
     pub(crate) clients: Arc<Semaphore>,
     pub(crate) max_payload: usize,
     pub(crate) connect_timeout: Duration,
@@ -199,27 +200,38 @@ pub(crate) async fn run<S>(
         return;
     };
 
-    let upstream = match connect_upstream(
-        &shared.upstream,
-        &connect,
-        shared.users.is_some(),
-        user.as_deref(),
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
-        Err(why) => {
-            metrics.refused(Reason::BrokerUnavailable);
-            tracing::warn!(%peer, why, "refused: the embedded broker did not answer");
-            let _ = refuse(
-                &mut client_wr,
-                ConnectReturnCode::ServiceUnavailable,
-                &mut scratch,
-            )
-            .await;
-            return;
-        }
-    };
+    let key = (!connect.client_id.is_empty()).then(|| {
+        format!(
+            "{}\0{}",
+            user.as_deref().unwrap_or_default(),
+            connect.client_id
+        )
+    });
+    let persistent = (!connect.clean_session).then(|| {
+        internal_client_id(
+            shared
+                .users
+                .is_some()
+                .then(|| user.as_deref().unwrap_or_default()),
+            &connect.client_id,
+        )
+    });
+    let registration = shared.registry.register(key, persistent);
+    let upstream =
+        match connect_upstream(&shared.upstream, &connect, &registration.internal_id).await {
+            Ok(upstream) => upstream,
+            Err(why) => {
+                metrics.refused(Reason::BrokerUnavailable);
+                tracing::warn!(%peer, why, "refused: the embedded broker did not answer");
+                let _ = refuse(
+                    &mut client_wr,
+                    ConnectReturnCode::ServiceUnavailable,
+                    &mut scratch,
+                )
+                .await;
+                return;
+            }
+        };
     let (mut up_rd, mut up_wr, ack, mut up_reader) = upstream;
     if frame::write(&mut client_wr, &Packet::ConnAck(ack.clone()), &mut scratch)
         .await
@@ -238,6 +250,10 @@ pub(crate) async fn run<S>(
     let end = tokio::select! {
         end = client_to_broker(&shared, &client, connect.keep_alive, &mut reader, &mut client_rd, &mut up_wr, &local_tx, &pending, &mut refusals) => end,
         () = broker_to_client(metrics, &mut up_reader, &mut up_rd, &mut client_wr, local_rx, &pending) => End::Abrupt,
+        () = registration.taken_over.cancelled() => {
+            tracing::info!(peer = %client.peer, client_id = client.id, user = client.user, "closed: a new connection took over this client id");
+            End::Disconnect
+        }
         () = shutdown.cancelled() => End::Abrupt,
     };
     if refusals.total() > 1 {
@@ -307,13 +323,11 @@ type Upstreamed = (
 );
 
 /// Opens the client's link to rumqttd: its CONNECT with the internal credential, a keepalive
-/// rumqttd accepts, and a client id namespaced by username (so one account cannot take over
-/// another's session by reusing its client id).
+/// rumqttd accepts, and the client id the registry chose (see `registry`).
 async fn connect_upstream(
     upstream: &Upstream,
     connect: &Connect,
-    namespaced: bool,
-    user: Option<&str>,
+    internal_id: &str,
 ) -> Result<Upstreamed, String> {
     let work = async {
         let stream = TcpStream::connect(upstream.addr)
@@ -324,10 +338,7 @@ async fn connect_upstream(
         let mut inner = connect.clone();
         inner.keep_alive = u16::try_from(UPSTREAM_KEEPALIVE.as_secs()).unwrap_or(u16::MAX);
         inner.login = Some(Login::new(&upstream.username, &upstream.password));
-        inner.client_id = internal_client_id(
-            namespaced.then(|| user.unwrap_or_default()),
-            &connect.client_id,
-        );
+        inner.client_id = internal_id.to_owned();
         let mut scratch = BytesMut::new();
         frame::write(&mut wr, &Packet::Connect(inner), &mut scratch)
             .await
@@ -344,15 +355,16 @@ async fn connect_upstream(
         .unwrap_or_else(|_| Err("timed out".to_owned()))
 }
 
-/// The client id rumqttd sees: `<user>.<id>` when accounts exist (so one account cannot take over
-/// another's session by reusing its client id), with `+ $ # / % .` escaped as `%XX`. rumqttd
+/// The client id rumqttd sees for a persistent session: `<user>.<id>` when accounts exist (so one
+/// account cannot take over another's session by reusing its client id), with `+ $ # / % . ~`
+/// escaped as `%XX` (`~` starts the slot ids of clean sessions, see `registry`). rumqttd
 /// refuses ids holding `+ $ # /` and, worse, a second connect with such an id panics its listener
 /// thread (measured with rumqttd 0.20): legal MQTT ids like `home/pi-1` must never reach it as is.
 /// An empty id stays empty (rumqttd assigns one).
 pub(crate) fn internal_client_id(user: Option<&str>, id: &str) -> String {
     fn escape(out: &mut String, text: &str) {
         for c in text.chars() {
-            if "+$#/%.".contains(c) {
+            if "+$#/%.~".contains(c) {
                 out.push_str(&format!("%{:02X}", u32::from(c)));
             } else {
                 out.push(c);

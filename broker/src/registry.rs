@@ -1,0 +1,198 @@
+//! Who is connected under which client id, and the client id rumqttd sees for each connection.
+//!
+//! rumqttd keeps a record of every client id it has ever seen (measured: 20,000 short sessions
+//! with fresh ids grew it by 12.8 MB, for good). A clean session needs no state after it ends, so
+//! the proxy gives each clean session a *slot* id from a pool (`~<n>`) and reuses slots: rumqttd's
+//! records stay bounded by the most connections alive at once plus those in quarantine (measured:
+//! 20,000 sessions with fresh ids grow the process by 1.7 MB, flat after the first 5,000). A slot is
+//! reused only after [`QUARANTINE`], so rumqttd has long finished with its previous holder
+//! (rumqttd mistakes a quick reconnect with the same id for a takeover and publishes the *new*
+//! client's will). Persistent sessions (clean session off) keep a fixed id, `<user>.<client id>`.
+//!
+//! Because rumqttd no longer sees the client's own id for clean sessions, the proxy does the
+//! MQTT takeover itself: a second connection with the same username and client id ends the first.
+//! The first ends with a DISCONNECT to rumqttd, so its will is *not* published: the same client is
+//! back, and an `offline` arriving after its new `online` would be a lie.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a released slot rests before another connection gets it.
+pub(crate) const QUARANTINE: Duration = Duration::from_secs(2);
+
+/// The live connections by (username, client id), and the pool of slot ids.
+#[derive(Default)]
+pub(crate) struct Registry {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<String, (u64, CancellationToken)>,
+    free: VecDeque<(u32, Instant)>,
+    slots: u32,
+    next_connection: u64,
+}
+
+/// One connection's entry; dropping it frees the client id and returns the slot to the pool.
+pub(crate) struct Registration {
+    registry: Arc<Registry>,
+    key: Option<String>,
+    connection: u64,
+    slot: Option<u32>,
+    /// The client id rumqttd sees.
+    pub(crate) internal_id: String,
+    /// Cancelled when another connection takes this client id over.
+    pub(crate) taken_over: CancellationToken,
+}
+
+impl Registry {
+    /// Registers a connection. `key` is the username and client id (`None` for an empty client
+    /// id, which no one can take over); `persistent_id` is the fixed rumqttd id of a persistent
+    /// session, `None` for a clean one (which gets a slot). An earlier connection with the same
+    /// key is told to end.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        key: Option<String>,
+        persistent_id: Option<String>,
+    ) -> Registration {
+        let taken_over = CancellationToken::new();
+        let Ok(mut inner) = self.inner.lock() else {
+            // A poisoned lock only follows a panic elsewhere; serve without the pool.
+            return Registration {
+                registry: self.clone(),
+                key: None,
+                connection: 0,
+                slot: None,
+                internal_id: persistent_id.unwrap_or_default(),
+                taken_over,
+            };
+        };
+        inner.next_connection += 1;
+        let connection = inner.next_connection;
+        if let Some(key) = &key {
+            if let Some((_, previous)) = inner
+                .live
+                .insert(key.clone(), (connection, taken_over.clone()))
+            {
+                previous.cancel();
+            }
+        }
+        let (slot, internal_id) = match persistent_id {
+            Some(id) => (None, id),
+            None => {
+                let now = Instant::now();
+                let slot = match inner.free.front() {
+                    Some((slot, released)) if now.duration_since(*released) >= QUARANTINE => {
+                        let slot = *slot;
+                        inner.free.pop_front();
+                        slot
+                    }
+                    _ => {
+                        inner.slots += 1;
+                        inner.slots
+                    }
+                };
+                (Some(slot), format!("~{slot}"))
+            }
+        };
+        Registration {
+            registry: self.clone(),
+            key,
+            connection,
+            slot,
+            internal_id,
+            taken_over,
+        }
+    }
+
+    /// Slot ids handed out so far: what rumqttd's per-client records are bounded by.
+    #[cfg(test)]
+    pub(crate) fn slots(&self) -> u32 {
+        self.inner.lock().map_or(0, |inner| inner.slots)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let Ok(mut inner) = self.registry.inner.lock() else {
+            return;
+        };
+        if let Some(key) = &self.key {
+            if inner
+                .live
+                .get(key)
+                .is_some_and(|(c, _)| *c == self.connection)
+            {
+                inner.live.remove(key);
+            }
+        }
+        if let Some(slot) = self.slot {
+            inner.free.push_back((slot, Instant::now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn clean_sessions_reuse_slots_after_the_quarantine() {
+        let registry = Arc::new(Registry::default());
+        let a = registry.register(Some("u\0a".into()), None);
+        let b = registry.register(Some("u\0b".into()), None);
+        assert_eq!(
+            (a.internal_id.as_str(), b.internal_id.as_str()),
+            ("~1", "~2")
+        );
+        drop(a);
+        let c = registry.register(None, None);
+        assert_eq!(c.internal_id, "~3", "a just-released slot rests");
+        tokio::time::advance(QUARANTINE).await;
+        let d = registry.register(None, None);
+        assert_eq!(d.internal_id, "~1");
+        drop((b, c, d));
+        tokio::time::advance(QUARANTINE).await;
+        for _ in 0..100 {
+            let _churn = registry.register(Some("u\0x".into()), None);
+            tokio::time::advance(QUARANTINE).await;
+        }
+        assert_eq!(
+            registry.slots(),
+            3,
+            "churn reuses slots instead of minting ids"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn persistent_sessions_keep_their_id() {
+        let registry = Arc::new(Registry::default());
+        let p = registry.register(Some("u\0p".into()), Some("u.p".into()));
+        assert_eq!(p.internal_id, "u.p");
+        drop(p);
+        assert_eq!(registry.slots(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_user_and_client_id_takes_over() {
+        let registry = Arc::new(Registry::default());
+        let first = registry.register(Some("u\0pi".into()), None);
+        let other_user = registry.register(Some("v\0pi".into()), None);
+        assert!(!first.taken_over.is_cancelled());
+        let second = registry.register(Some("u\0pi".into()), None);
+        assert!(first.taken_over.is_cancelled());
+        assert!(!other_user.taken_over.is_cancelled());
+        // The first one leaving does not unregister the second.
+        drop(first);
+        let third = registry.register(Some("u\0pi".into()), None);
+        assert!(second.taken_over.is_cancelled());
+        assert!(!third.taken_over.is_cancelled());
+    }
+}
