@@ -20,10 +20,11 @@ umask 077
 printf '%s' "$publisher" >"$dir/publisher.password"
 printf '%s' "$gateway" >"$dir/gateway.password"
 # One role per component (broker/README.md): the publisher may publish the topics of any sensor
-# id (its id is the node's name, known only at run time: `*`); the gateway may only read.
+# id (its id is the node's name, known only at run time: `*`); the gateway reads, and may only
+# publish replay requests.
 {
   printf '# username:password:role  (see broker/README.md; add e.g. `viewer:<password>:reader`)\n'
   printf 'publisher:%s:publisher:*\n' "$publisher"
-  printf 'gateway:%s:reader\n' "$gateway"
+  printf 'gateway:%s:gateway\n' "$gateway"
 } >"$dir/users.txt"
 echo "gen-secrets: wrote users.txt, publisher.password and gateway.password in $dir"

@@ -758,12 +758,30 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
     let metrics = started.metrics();
     tokio::spawn(started.serve(CancellationToken::new()));
 
-    // The gateway reads every sensor, and may publish nothing.
+    // The gateway reads every sensor and the replays; it publishes nothing but replay requests.
     let (gateway, mut gw_events) = client(addr, Some(("gateway", &gateway_pw))).await;
-    let codes = subscribe(&gateway, &mut gw_events, &["k3sense/+/state"]).await;
-    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let codes = subscribe(
+        &gateway,
+        &mut gw_events,
+        &["k3sense/+/state", "k3sense/+/replay"],
+    )
+    .await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce); 2]);
     publish_acked(&gateway, &mut gw_events, "k3sense/node-1/state", "{}", true).await;
     assert_eq!(metrics.snapshot().publishes_forbidden, 1);
+    publish_acked(
+        &gateway,
+        &mut gw_events,
+        "k3sense/node-7/replay/request",
+        "{}",
+        false,
+    )
+    .await;
+    assert_eq!(
+        metrics.snapshot().publishes_forbidden,
+        1,
+        "a replay request passes"
+    );
     // The publisher (any node name as sensor id) publishes its readings.
     let (publisher, mut events) = client(addr, Some(("publisher", &publisher_pw))).await;
     publish_acked(
@@ -779,6 +797,19 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
         (topic.as_str(), payload.as_str()),
         ("k3sense/node-7/state", "{\"seq\":1}")
     );
+    // ... and answers replay requests.
+    let codes = subscribe(&publisher, &mut events, &["k3sense/node-7/replay/request"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    publish_acked(
+        &publisher,
+        &mut events,
+        "k3sense/node-7/replay",
+        "{}",
+        false,
+    )
+    .await;
+    let (topic, _) = next_publish(&mut gw_events, 2 * SECOND).await;
+    assert_eq!(topic, "k3sense/node-7/replay");
 
     // The example file parses too (with its placeholders as passwords).
     let example = concat!(
@@ -788,7 +819,7 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
     let users = k3sense_broker::Users::from_file(std::path::Path::new(example)).unwrap();
     assert!(
         users.authenticate("gateway", "REPLACE-ME-gateway-password")
-            == Some(&k3sense_broker::Role::Reader)
+            == Some(&k3sense_broker::Role::Gateway)
     );
     assert!(users.unscoped().is_empty());
 }

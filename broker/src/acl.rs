@@ -8,7 +8,7 @@
 //! | `admin`, no role | anything but `$…` | anything but `$…` |
 //! | `reader` | nothing | `<prefix>/#`, `homeassistant/#` |
 //! | `gateway` | `<prefix>/<id>/replay/request[/…]` | `<prefix>/#`, `homeassistant/#` |
-//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay/…`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `homeassistant/status` |
+//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `homeassistant/status` |
 //!
 //! Whatever the role, an *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped:
 //! rumqttd erases a retained message on any empty publish (even with retain=0), and a reading must
@@ -93,6 +93,7 @@ impl Acl {
                     sensors.includes(id)
                         && (rest == "state"
                             || rest == "availability"
+                            || rest == "replay"
                             || rest.starts_with("replay/"))
                 })
             }
@@ -243,7 +244,9 @@ mod tests {
             P::Forbidden
         );
         assert_eq!(acl.publish(&g, "k3sense/pi-1/state", false), P::Forbidden);
+        assert_eq!(acl.publish(&g, "k3sense/pi-1/replay", false), P::Forbidden);
         assert_eq!(acl.subscribe(&g, "k3sense/#"), S::Allow);
+        assert_eq!(acl.subscribe(&g, "k3sense/+/replay"), S::Allow);
     }
 
     #[test]
@@ -275,6 +278,15 @@ mod tests {
         assert_eq!(acl.publish(&p, "homeassistantx/y", false), P::Forbidden);
         assert_eq!(acl.publish(&p, "$SYS/x", false), P::Forbidden);
         assert_eq!(acl.subscribe(&p, "home/k3sense/pi-1/replay/#"), S::Allow);
+        assert_eq!(
+            acl.subscribe(&p, "home/k3sense/pi-1/replay/request"),
+            S::Allow
+        );
+        assert_eq!(acl.publish(&p, "home/k3sense/pi-1/replay", false), P::Allow);
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-2/replay", false),
+            P::Forbidden
+        );
         assert_eq!(
             acl.subscribe(&p, "home/k3sense/pi-2/replay/#"),
             S::Forbidden
