@@ -14,7 +14,9 @@ const ALL_INTERVAL: Duration = Duration::from_secs(2);
 const ALL_SENSOR_ID: &str = "sim-1";
 
 pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let broker_config = k3sense_broker::Config::new(args.mqtt_listen);
+    let mut broker_config = k3sense_broker::Config::new(args.mqtt_listen);
+    // The broker protects readings under the same prefix the clients use.
+    broker_config.options.topic_prefix = args.topic_prefix.clone();
     let mqtt_address = broker_config.connect_address();
     let broker = k3sense_broker::start(&broker_config)
         .await

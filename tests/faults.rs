@@ -202,16 +202,13 @@ async fn broker_killed_and_restarted_three_times() {
         b = broker(mqtt);
         recovery.push(next_live(&mut ws, last_seen).await);
     }
-    let (_, status, log) = p.stop("TERM");
-    assert!(status.success(), "{log}");
-    let total = history(http).await.last().map_or(0, |r| r.seq);
-    let h = all_delivered(http, 1, total).await;
+    let (total, held) = settle(http, metrics, p, 0).await;
     assert!(total >= 15, "too few readings to prove anything: {total}");
     report(
         "broker SIGKILL + restart",
         3,
         total,
-        h.len(),
+        held,
         &recovery,
         "reconnected; every reading, late ones filled in by replay",
     );
@@ -261,16 +258,13 @@ async fn gateway_killed_and_restarted_with_a_browser_connected() {
     next_live(&mut ws, before).await;
     let recovery = restarted.elapsed();
 
-    let (_, status, log) = p.stop("TERM");
-    assert!(status.success(), "{log}");
-    let total = history(http).await.last().map_or(0, |r| r.seq);
     // The new gateway pod starts with the whole history, not an empty chart.
-    let h = all_delivered(http, 1, total).await;
+    let (total, held) = settle(http, metrics, p, 0).await;
     report(
         "gateway SIGKILL + restart",
         1,
         total,
-        h.len(),
+        held,
         &[recovery],
         "socket dropped; reconnected to a full chart",
     );
@@ -307,21 +301,14 @@ async fn publisher_killed_its_will_fires_then_it_comes_back() {
     let recovery = restarted.elapsed();
     wait_http(metrics, "/healthz").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let second_life = produced(metrics).await;
-    let (_, status, log) = p.stop("TERM");
-    assert!(status.success(), "{log}");
-    let total = history(http).await.last().map_or(0, |r| r.seq);
-    // seq goes on from the retained reading: the second life's readings follow the first's.
-    assert!(
-        total >= last_before + second_life,
-        "seq restarted: {total} < {last_before} + {second_life}"
-    );
-    let h = all_delivered(http, 1, total).await;
+    // seq goes on from the retained reading: the second life's readings follow the first's,
+    // so every seq up to the first life's last plus the second life's count must be there.
+    let (total, held) = settle(http, metrics, p, last_before).await;
     report(
         "publisher SIGKILL + restart",
         1,
         total,
-        h.len(),
+        held,
         &[recovery],
         &format!(
             "offline (last will) after {:.1} s, then online",

@@ -8,7 +8,7 @@
 //! | `admin`, no role | anything but `$…` | anything but `$…` |
 //! | `reader` | nothing | `<prefix>/#`, `homeassistant/#` |
 //! | `gateway` | `<prefix>/<id>/replay/request[/…]` | `<prefix>/#`, `homeassistant/#` |
-//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `homeassistant/status` |
+//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `homeassistant/status` |
 //!
 //! Whatever the role, an *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped:
 //! rumqttd erases a retained message on any empty publish (even with retain=0), and a reading must
@@ -122,9 +122,15 @@ impl Acl {
             Role::Publisher(sensors) => {
                 within(filter, HOME_ASSISTANT_STATUS)
                     || match sensors {
-                        Sensors::Any => within(filter, &format!("{}/+/replay/#", self.prefix)),
+                        // Its replay requests, and its own retained state (to continue `seq`
+                        // after a restart).
+                        Sensors::Any => {
+                            within(filter, &format!("{}/+/replay/#", self.prefix))
+                                || within(filter, &format!("{}/+/state", self.prefix))
+                        }
                         Sensors::Only(ids) => ids.iter().any(|id| {
                             within(filter, &format!("{}/{}/replay/#", self.prefix, id.as_str()))
+                                || within(filter, &format!("{}/{}/state", self.prefix, id.as_str()))
                         }),
                     }
             }
@@ -292,6 +298,10 @@ mod tests {
             S::Forbidden
         );
         assert_eq!(acl.subscribe(&p, "home/k3sense/+/replay/#"), S::Forbidden);
+        // Its own retained state, to continue `seq` after a restart; nobody else's.
+        assert_eq!(acl.subscribe(&p, "home/k3sense/pi-1/state"), S::Allow);
+        assert_eq!(acl.subscribe(&p, "home/k3sense/pi-2/state"), S::Forbidden);
+        assert_eq!(acl.subscribe(&p, "home/k3sense/+/state"), S::Forbidden);
         assert_eq!(acl.subscribe(&p, "homeassistant/status"), S::Allow);
         assert_eq!(acl.subscribe(&p, "home/k3sense/#"), S::Forbidden);
 

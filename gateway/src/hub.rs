@@ -62,6 +62,20 @@ impl Hub {
         (inner.send(message), gap)
     }
 
+    /// Every sensor's gaps in `seq` (at most `limit` each).
+    pub fn holes(&self, limit: usize) -> Vec<(SensorId, ReplayRequest)> {
+        self.lock().registry.holes(limit)
+    }
+
+    /// The newest `seq` of one sensor, if it has readings.
+    pub fn newest_seq(&self, id: &SensorId) -> Option<u64> {
+        self.lock()
+            .registry
+            .newest_seqs()
+            .into_iter()
+            .find_map(|(i, seq)| (&i == id).then_some(seq))
+    }
+
     /// The newest `seq` held per sensor.
     pub fn newest_seqs(&self) -> Vec<(SensorId, u64)> {
         self.lock().registry.newest_seqs()

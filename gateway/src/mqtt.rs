@@ -48,12 +48,32 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     // Set when the connection was lost: after the next subscription, ask every publisher for
     // what came after the newest reading held.
     let mut resume = false;
+    // Requests can be lost (a publisher not yet subscribed, a connection dropped mid-replay):
+    // look for holes now and then and ask again, a few times per hole.
+    let mut hole_check = tokio::time::interval(HOLE_CHECK);
+    hole_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut asked: HashMap<(SensorId, u64), u32> = HashMap::new();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut complaints = Complaints::default();
     tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
+            _ = hole_check.tick() => {
+                if link.subscribed.load(Ordering::SeqCst) {
+                    let holes = link.hub.holes(4);
+                    // Forget holes that were filled, so the map stays as small as the gaps.
+                    asked.retain(|key, _| holes.iter().any(|(id, r)| (id, r.after_seq) == (&key.0, key.1)));
+                    for (id, request) in holes {
+                        let attempts = asked.entry((id.clone(), request.after_seq)).or_insert(0);
+                        if *attempts < HOLE_ATTEMPTS {
+                            *attempts += 1;
+                            ask_replay(&client, &topics, &link, &id, request);
+                        }
+                    }
+                }
+                continue;
+            }
             event = events.poll() => event,
         };
         match event {
@@ -117,6 +137,12 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let _ = client.try_disconnect();
     Ok(())
 }
+
+/// How often the history is checked for holes to ask for again.
+const HOLE_CHECK: Duration = Duration::from_secs(3);
+/// How many times one hole is asked for before the gateway gives up on it (the publisher may
+/// no longer keep those readings).
+const HOLE_ATTEMPTS: u32 = 3;
 
 /// Asks the publisher of `id` to send readings again.
 fn ask_replay(
@@ -209,6 +235,17 @@ fn handle(
             match Availability::from_payload(payload) {
                 Ok(a) => {
                     link.hub.availability(&id, a);
+                    // A publisher says `online` each time it (re)connects: whatever it kept
+                    // while away, or sent before this gateway was listening, is asked for now.
+                    if a == Availability::Online {
+                        if let Some(seq) = link.hub.newest_seq(&id) {
+                            let request = ReplayRequest {
+                                after_seq: seq,
+                                until_seq: None,
+                            };
+                            ask_replay(client, topics, link, &id, request);
+                        }
+                    }
                     link.metrics.sensors.set(link.hub.sensor_count() as i64);
                 }
                 Err(e) if payload.is_empty() => {

@@ -83,6 +83,21 @@ impl History {
         self.readings.iter().skip(skip).cloned().collect()
     }
 
+    /// Gaps in `seq` between neighbouring readings of one publisher run (a later reading with a
+    /// `seq` more than one higher), oldest first, as replay requests; at most `limit`.
+    pub fn holes(&self, limit: usize) -> Vec<ReplayRequest> {
+        self.readings
+            .iter()
+            .zip(self.readings.iter().skip(1))
+            .filter(|(a, b)| b.seq > a.seq.saturating_add(1))
+            .map(|(a, b)| ReplayRequest {
+                after_seq: a.seq,
+                until_seq: Some(b.seq),
+            })
+            .take(limit)
+            .collect()
+    }
+
     /// The newest reading.
     pub fn latest(&self) -> Option<&Reading> {
         self.readings.back()
@@ -164,6 +179,19 @@ impl Registry {
             }
             Some(_) => None,
         }
+    }
+
+    /// Every sensor's gaps in `seq` (at most `limit` each), to ask for again.
+    pub fn holes(&self, limit: usize) -> Vec<(SensorId, ReplayRequest)> {
+        self.sensors
+            .iter()
+            .flat_map(|(id, s)| {
+                s.history
+                    .holes(limit)
+                    .into_iter()
+                    .map(move |r| (id.clone(), r))
+            })
+            .collect()
     }
 
     /// The newest `seq` held per sensor: where to resume after a lost broker connection.
@@ -352,5 +380,23 @@ mod tests {
         assert_eq!(reg.gap_before(&reading("a", 42, 10)), None);
         assert_eq!(reg.gap_before(&reading("a", 1, 20)), None);
         assert_eq!(reg.newest_seqs(), [(SensorId::new("a").unwrap(), 42)]);
+    }
+
+    #[test]
+    fn finds_holes_left_by_lost_replies() {
+        let mut h = History::new(10);
+        for (seq, second) in [(1, 1), (2, 2), (5, 5), (6, 6), (9, 9)] {
+            h.insert(reading("a", seq, second));
+        }
+        let holes: Vec<(u64, Option<u64>)> = h
+            .holes(10)
+            .iter()
+            .map(|r| (r.after_seq, r.until_seq))
+            .collect();
+        assert_eq!(holes, [(2, Some(5)), (6, Some(9))]);
+        assert_eq!(h.holes(1).len(), 1);
+        // A restarted publisher (seq from 1 again) is no hole.
+        h.insert(reading("a", 1, 20));
+        assert_eq!(h.holes(10).len(), 2);
     }
 }

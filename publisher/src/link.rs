@@ -440,13 +440,15 @@ impl Link {
                 // `online` reaches us.
                 self.watch_home_assistant();
                 self.announce();
-                self.publish_availability(self.sensor);
+                // Subscribe before saying `online`: gateways answer `online` with a replay
+                // request, which must find the subscription in place.
                 if let Err(e) = self
                     .client
                     .try_subscribe(self.topics.replay_request(&self.id), QoS::AtLeastOnce)
                 {
                     tracing::warn!(error = %e, "cannot subscribe to replay requests");
                 }
+                self.publish_availability(self.sensor);
                 if self.seq_offset.is_none() {
                     // Our own retained reading, if the broker has one, says where seq goes on.
                     let _ = self
