@@ -2,8 +2,9 @@
 //! happened and what to fix, in words a person acts on.
 //!
 //! MQTT 3.1.1 answers a CONNECT with a CONNACK and a return code (0 accepted, 1–5 refused for a
-//! named reason); a broker may also close the socket without answering (rumqttd does for
-//! keepalive 0), or nothing may listen at all. Each case gets its own explanation.
+//! named reason); some brokers also close the socket without answering (rumqttd alone does for
+//! a wrong password or keepalive 0; k3sense's broker answers with a CONNACK code), or nothing may
+//! listen at all. Each case gets its own explanation.
 
 use std::{io, time::Duration};
 
@@ -154,10 +155,10 @@ fn explain_io(e: &io::Error, broker: &str, credentials: &str) -> (String, String
         | io::ErrorKind::BrokenPipe => (
             format!("{broker} closed the connection without a CONNACK"),
             format!(
-                "k3sense's broker (rumqttd) answers a wrong username or password this way: check \
-                 the credentials ({credentials}) — --username / K3SENSE_USERNAME and the password \
-                 in --password-file or K3SENSE_PASSWORD — against the broker's users file; it also \
-                 drops clients with keepalive 0. The broker's log says which"
+                "is this an MQTT broker, and is it the one you meant? Some brokers (a bare rumqttd) \
+                 answer a wrong username or password this way: check the credentials \
+                 ({credentials}) — --username / K3SENSE_USERNAME and the password in \
+                 --password-file or K3SENSE_PASSWORD. The broker's log says which"
             ),
         ),
         io::ErrorKind::TimedOut => (

@@ -325,6 +325,10 @@ async fn check_exits_1_for_a_wrong_password_and_0_for_the_right_one() {
     let (code, stdout, _) = check("wrong").await;
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("broker   FAIL"), "{stdout}");
+    assert!(
+        stdout.contains("CONNACK 4"),
+        "the broker's refusal code: {stdout}"
+    );
     assert!(stdout.contains("\"publisher\""), "names the user: {stdout}");
     assert!(
         stdout.contains("fix:") && stdout.contains("password"),

@@ -2,10 +2,9 @@
 //! Python's paho-mqtt against our broker, and our publisher and gateway against Debian's
 //! Mosquitto broker — with the same end-to-end result as with ours.
 //!
-//! Also what rumqttd (our embedded broker) does today to clients it mistreats: the tests named
-//! `…_known_gap` assert that *current*, wrong behaviour (a socket closed without a CONNACK or
-//! SUBACK), each beside a control test showing Mosquitto answering the same bytes properly. When
-//! the broker is fixed they fail, and must be turned around.
+//! Also the clients rumqttd alone mistreats (it closes the socket without a CONNACK or SUBACK):
+//! keepalive 0, a wrong password, a `$SYS/#` subscription. k3sense's broker answers them the way
+//! MQTT 3.1.1 says, each beside a control test showing Mosquitto answering the same bytes.
 //!
 //! Needs `mosquitto`, `mosquitto-clients` (Debian) and `python3 -m pip install paho-mqtt`; a
 //! missing one fails in CI and skips elsewhere.
@@ -501,19 +500,19 @@ fn connack_accepted() -> Answer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rumqttd_drops_keepalive_zero_without_connack_known_gap() {
+async fn keepalive_zero_is_served_with_connack_0() {
     let broker = start_broker().await;
     let (_, answer) = raw_connect(broker, 0).await;
-    // KNOWN GAP (issue 8): MQTT 3.1.1 allows keepalive 0 ("no keepalive"); the broker should
-    // accept it (CONNACK 0) or refuse it with a CONNACK code. rumqttd closes the socket instead.
-    assert_eq!(answer, Answer::Closed);
+    // MQTT 3.1.1 allows keepalive 0 ("no keepalive"); rumqttd alone closes the socket, our
+    // broker's front accepts it.
+    assert_eq!(answer, connack_accepted());
     // The same client with keepalive 30 is accepted, so the packet itself is fine.
     let (_, answer) = raw_connect(broker, 30).await;
     assert_eq!(answer, connack_accepted());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rumqttd_drops_a_wrong_password_without_connack_known_gap() {
+async fn a_wrong_password_gets_connack_4() {
     let addr = free_addr();
     let dir = std::env::temp_dir().join(format!("k3sense-interop-users-{}", addr.port()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -541,9 +540,12 @@ async fn rumqttd_drops_a_wrong_password_without_connack_known_gap() {
         read_answer(&mut stream).await
     };
     assert_eq!(answer(login("right-password")).await, connack_accepted());
-    // KNOWN GAP (issue 8): MQTT 3.1.1 answers a wrong password with CONNACK 4 ("bad user name or
-    // password"), so clients can tell it from a network fault; rumqttd closes the socket.
-    assert_eq!(answer(login("wrong")).await, Answer::Closed);
+    // MQTT 3.1.1 answers a wrong password with CONNACK 4 ("bad user name or password"), so
+    // clients can tell it from a network fault (rumqttd alone closes the socket).
+    assert_eq!(
+        answer(login("wrong")).await,
+        Answer::Packet(0x20, vec![0, 4])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,7 +584,7 @@ async fn mosquitto_sub_itself_refuses_keepalive_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paho_with_keepalive_zero_is_disconnected_by_our_broker_known_gap() {
+async fn paho_with_keepalive_zero_is_served() {
     if !python_module_available("paho.mqtt.client") {
         return;
     }
@@ -602,12 +604,11 @@ for _ in range(50):
 print(result[0] if result else "silence")
 "#;
     let lines = python(script, &[broker.port().to_string()]).await;
-    // KNOWN GAP: no CONNACK at all; paho only sees the socket close.
-    assert_eq!(lines, ["disconnected"]);
+    assert_eq!(lines, ["connack Success"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rumqttd_drops_a_sys_subscription_without_suback_known_gap() {
+async fn a_sys_subscription_gets_suback_0x80_and_the_connection_stays() {
     let broker = start_broker().await;
     let (mut stream, answer) = raw_connect(broker, 30).await;
     assert_eq!(answer, connack_accepted());
@@ -615,9 +616,21 @@ async fn rumqttd_drops_a_sys_subscription_without_suback_known_gap() {
         .write_all(&subscribe_packet(1, "$SYS/#"))
         .await
         .unwrap();
-    // KNOWN GAP (issue 8): the broker should answer SUBACK with 0x80 (failure) or grant it;
-    // rumqttd closes the socket instead, and mosquitto_sub reconnects in a loop.
-    assert_eq!(read_answer(&mut stream).await, Answer::Closed);
+    // SUBACK, packet id 1, 0x80 = failure (rumqttd alone closes the socket, and mosquitto_sub
+    // then reconnects in a loop).
+    assert_eq!(
+        read_answer(&mut stream).await,
+        Answer::Packet(0x90, vec![0, 1, 0x80])
+    );
+    // The connection stays usable: a permitted subscription is granted.
+    stream
+        .write_all(&subscribe_packet(2, "k3sense/#"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut stream).await,
+        Answer::Packet(0x90, vec![0, 2, 0])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
