@@ -204,6 +204,7 @@ impl Link {
                 self.metrics.dropped_readings.inc();
             }
             self.early.push_back(reading);
+            self.count_buffered();
             return;
         };
         reading.seq += offset;
@@ -260,7 +261,8 @@ impl Link {
     }
 
     fn count_buffered(&self) {
-        let depth = i64::try_from(self.outbox.len()).unwrap_or(i64::MAX);
+        // Readings held until the numbering is settled are buffered too.
+        let depth = i64::try_from(self.outbox.len() + self.early.len()).unwrap_or(i64::MAX);
         self.metrics.buffered_readings.set(depth);
     }
 
