@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use k3sense_protocol::{DEFAULT_PREFIX, Model, MqttConfig, Reading, SensorId, TopicKind, Topics};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, NetworkOptions, Packet, QoS};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -231,6 +231,10 @@ impl Publisher {
         let id = format!("loadgen-publisher-{}", std::process::id());
         let options = MqttConfig::new(broker).mqtt_options(&id)?;
         let (client, mut events) = AsyncClient::new(options, 64);
+        // Each reading leaves at once, not held back by Nagle's algorithm.
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
         let stop = CancellationToken::new();
         let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
         let mut connected_tx = Some(connected_tx);
