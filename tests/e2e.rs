@@ -8,37 +8,11 @@ mod support;
 use std::time::Duration;
 
 use k3sense_protocol::Reading;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// Subscribes with rumqttc; returns the (topic, payload) messages as they come.
-async fn mqtt_subscriber(
-    broker: std::net::SocketAddr,
-    filter: &str,
-) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
-    let mut options = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", broker.port());
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(options, 10);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let _client = client;
-        while let Ok(event) = events.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = event {
-                if tx
-                    .send((p.topic.clone(), p.payload.to_vec(), p.retain))
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-    });
-    rx
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_travels_from_sensor_to_websocket_and_mqtt_clients() {

@@ -16,7 +16,6 @@ mod support;
 use std::{net::SocketAddr, time::Duration};
 
 use k3sense_protocol::Reading;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -28,36 +27,6 @@ fn reading_json(id: &str, seq: u64) -> String {
     format!(
         r#"{{"sensor_id":"{id}","model":"dht22","temperature_c":21.5,"humidity_pct":55.0,"read_at":"2026-11-27T04:00:00.123Z","seq":{seq}}}"#
     )
-}
-
-/// Subscribes with rumqttc; (topic, payload, retained) as they come.
-async fn subscriber(
-    broker: SocketAddr,
-    filter: &str,
-) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
-    let mut options = MqttOptions::new(
-        format!("interop-{}", free_port()),
-        "127.0.0.1",
-        broker.port(),
-    );
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(options, 10);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let _client = client;
-        while let Ok(event) = events.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = event {
-                if tx
-                    .send((p.topic.clone(), p.payload.to_vec(), p.retain))
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// Waits for a message on `topic`.
@@ -259,7 +228,7 @@ async fn paho_subscribes_with_wildcards_and_receives_retained_at_qos1() {
     }
     let broker = start_broker().await;
     let stop = CancellationToken::new();
-    let mut sub = subscriber(broker, "k3sense/pi-3/state").await;
+    let mut sub = mqtt_subscriber(broker, "k3sense/pi-3/state").await;
     let publisher = start_publisher(broker, "pi-3", Duration::from_millis(200), stop.clone());
     next_on(&mut sub, "k3sense/pi-3/state", 5 * SECOND).await;
     stop.cancel();
@@ -320,7 +289,7 @@ async fn paho_publishes_qos1_retained_and_the_gateway_and_rumqttc_see_it() {
     assert_eq!(reading["sensor_id"], "paho-1");
     assert_eq!(reading["seq"], 3);
 
-    let mut late = subscriber(broker, "k3sense/+/state").await;
+    let mut late = mqtt_subscriber(broker, "k3sense/+/state").await;
     let (payload, retained) = next_on(&mut late, "k3sense/paho-1/state", 5 * SECOND).await;
     assert!(retained);
     assert_eq!(payload, reading_json("paho-1", 3).into_bytes());
@@ -360,7 +329,7 @@ async fn publisher_and_gateway_work_end_to_end_through_mosquitto() {
     );
 
     // Mosquitto keeps the latest retained for a late subscriber.
-    let mut late = subscriber(broker, "k3sense/+/state").await;
+    let mut late = mqtt_subscriber(broker, "k3sense/+/state").await;
     let (payload, retained) = next_on(&mut late, "k3sense/pi-m/state", 5 * SECOND).await;
     assert!(
         retained,
@@ -399,7 +368,7 @@ async fn mosquitto_delivers_the_publishers_last_will_when_it_is_killed() {
         format!("k3sense/{id}/availability"),
         format!("k3sense/{id}/state"),
     );
-    let mut sub = subscriber(broker, &format!("k3sense/{id}/#")).await;
+    let mut sub = mqtt_subscriber(broker, &format!("k3sense/{id}/#")).await;
     let mut publisher = tokio::process::Command::new(env!("CARGO_BIN_EXE_k3sense"))
         .args([
             "publisher",

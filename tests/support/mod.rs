@@ -318,3 +318,30 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Subscribes with rumqttc to `filter` (QoS 1); yields (topic, payload, retained) as they come.
+pub async fn mqtt_subscriber(
+    broker: SocketAddr,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(options, 10);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                if tx
+                    .send((p.topic.clone(), p.payload.to_vec(), p.retain))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
