@@ -16,89 +16,7 @@ const SECOND: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_travels_from_sensor_to_websocket_and_mqtt_clients() {
-    let broker = start_broker().await;
-    let gateway_stop = CancellationToken::new();
-    let (gateway, _) = start_gateway(broker, gateway_stop.clone()).await;
-    let mut ws = ws_connect(gateway).await;
-    let snapshot = ws_next(&mut ws, SECOND).await;
-    assert_eq!(snapshot["type"], "snapshot");
-
-    let mut mqtt = mqtt_subscriber(broker, "k3sense/#").await;
-    let publisher_stop = CancellationToken::new();
-    let publisher = start_publisher(
-        broker,
-        "pi-1",
-        Duration::from_millis(200),
-        publisher_stop.clone(),
-    );
-
-    // The WebSocket client gets readings, flattened beside their type, and the online status.
-    let reading = ws_until(&mut ws, 5 * SECOND, |m| m["type"] == "reading").await;
-    assert_eq!(reading["sensor_id"], "pi-1");
-    assert_eq!(reading["model"], "dht11");
-    let decoded: Reading = serde_json::from_value(reading.clone()).unwrap();
-    let first_seq = decoded.seq;
-    let next = ws_until(&mut ws, 5 * SECOND, |m| m["type"] == "reading").await;
-    assert_eq!(
-        next["seq"].as_u64().unwrap(),
-        first_seq + 1,
-        "seq rises by one per reading"
-    );
-
-    // The rumqttc subscriber gets the same readings on the state topic, valid by the contract.
-    let deadline = tokio::time::Instant::now() + 5 * SECOND;
-    let mut states = 0;
-    while states < 2 {
-        let (topic, payload, _) = tokio::time::timeout_at(deadline, mqtt.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "k3sense/pi-1/state" {
-            Reading::from_json(&payload).unwrap();
-            states += 1;
-        }
-    }
-
-    // A late subscriber gets the retained latest at once.
-    let mut late = mqtt_subscriber(broker, "k3sense/pi-1/state").await;
-    let (_, payload, retained) = tokio::time::timeout(SECOND, late.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        retained,
-        "the first message to a new subscriber is the retained reading"
-    );
-    Reading::from_json(&payload).unwrap();
-
-    // A clean stop turns the sensor offline, for WebSocket and MQTT clients alike.
-    publisher_stop.cancel();
-    tokio::time::timeout(5 * SECOND, publisher)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let offline = ws_until(&mut ws, 5 * SECOND, |m| {
-        m["type"] == "availability" && m["status"] == "offline"
-    })
-    .await;
-    assert_eq!(offline["sensor_id"], "pi-1");
-    let deadline = tokio::time::Instant::now() + 5 * SECOND;
-    loop {
-        let (topic, payload, _) = tokio::time::timeout_at(deadline, mqtt.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if topic == "k3sense/pi-1/availability" && payload == b"offline" {
-            break;
-        }
-    }
-    let (status, body) = http_get(gateway, "/api/sensors").await;
-    assert_eq!(status, 200);
-    let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(sensors[0]["sensor_id"], "pi-1");
-    assert_eq!(sensors[0]["status"], "offline");
-    gateway_stop.cancel();
+    end_to_end(start_broker().await, "pi-1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +26,7 @@ async fn mosquitto_sub_prints_the_retained_reading_at_once() {
     }
     let broker = start_broker().await;
     let stop = CancellationToken::new();
-    let _publisher = start_publisher(broker, "pi-2", Duration::from_millis(200), stop.clone());
+    let publisher = start_publisher(broker, "pi-2", Duration::from_millis(200), stop.clone());
     // Wait until a reading is retained.
     let mut sub = mqtt_subscriber(broker, "k3sense/pi-2/state").await;
     tokio::time::timeout(5 * SECOND, sub.recv())
@@ -116,7 +34,12 @@ async fn mosquitto_sub_prints_the_retained_reading_at_once() {
         .unwrap()
         .unwrap();
     stop.cancel();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A clean stop returns once `offline` is published and the publisher has disconnected.
+    tokio::time::timeout(5 * SECOND, publisher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 
     // The publisher is gone: whatever mosquitto_sub prints now comes from retained messages.
     let started = std::time::Instant::now();

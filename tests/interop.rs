@@ -29,24 +29,6 @@ fn reading_json(id: &str, seq: u64) -> String {
     )
 }
 
-/// Waits for a message on `topic`.
-async fn next_on(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
-    topic: &str,
-    within: Duration,
-) -> (Vec<u8>, bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let (t, payload, retained) = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("nothing on {topic} in time"))
-            .unwrap();
-        if t == topic {
-            return (payload, retained);
-        }
-    }
-}
-
 /// Runs `mosquitto_sub` printing `retain qos topic payload` per message; returns the lines.
 async fn mosquitto_sub(broker: SocketAddr, filters: &[&str], count: usize) -> Vec<String> {
     let mut command = tokio::process::Command::new("mosquitto_sub");
@@ -305,56 +287,8 @@ async fn publisher_and_gateway_work_end_to_end_through_mosquitto() {
     let Some(mosquitto) = Mosquitto::start().await else {
         return;
     };
-    let broker = mosquitto.addr;
-    let gateway_stop = CancellationToken::new();
-    let (gateway, _) = start_gateway(broker, gateway_stop.clone()).await;
-    let mut ws = ws_connect(gateway).await;
-    assert_eq!(ws_next(&mut ws, SECOND).await["type"], "snapshot");
-
-    let publisher_stop = CancellationToken::new();
-    let publisher = start_publisher(
-        broker,
-        "pi-m",
-        Duration::from_millis(200),
-        publisher_stop.clone(),
-    );
-
-    // Readings reach the WebSocket client, in sequence.
-    let first = ws_until(&mut ws, 5 * SECOND, |m| m["type"] == "reading").await;
-    assert_eq!(first["sensor_id"], "pi-m");
-    let next = ws_until(&mut ws, 5 * SECOND, |m| m["type"] == "reading").await;
-    assert_eq!(
-        next["seq"].as_u64().unwrap(),
-        first["seq"].as_u64().unwrap() + 1
-    );
-
-    // Mosquitto keeps the latest retained for a late subscriber.
-    let mut late = mqtt_subscriber(broker, "k3sense/+/state").await;
-    let (payload, retained) = next_on(&mut late, "k3sense/pi-m/state", 5 * SECOND).await;
-    assert!(
-        retained,
-        "the first message to a late subscriber is the retained reading"
-    );
-    Reading::from_json(&payload).unwrap();
-
-    // A clean stop says offline, through Mosquitto to the gateway and its API.
-    publisher_stop.cancel();
-    tokio::time::timeout(5 * SECOND, publisher)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let offline = ws_until(&mut ws, 5 * SECOND, |m| {
-        m["type"] == "availability" && m["status"] == "offline"
-    })
-    .await;
-    assert_eq!(offline["sensor_id"], "pi-m");
-    let (status, body) = http_get(gateway, "/api/sensors").await;
-    assert_eq!(status, 200);
-    let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(sensors[0]["sensor_id"], "pi-m");
-    assert_eq!(sensors[0]["status"], "offline");
-    gateway_stop.cancel();
+    // Exactly the promise tests/e2e.rs checks against our broker.
+    end_to_end(mosquitto.addr, "pi-m").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,30 +484,6 @@ async fn mosquitto_sub_itself_refuses_keepalive_zero() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("keepalive"), "{stderr}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paho_with_keepalive_zero_is_served() {
-    if !python_module_available("paho.mqtt.client") {
-        return;
-    }
-    let broker = start_broker().await;
-    let script = r#"
-import sys
-import paho.mqtt.client as mqtt
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-k0")
-result = []
-c.on_connect = lambda *a: result.append("connack %s" % a[3])
-c.on_disconnect = lambda *a: result.append("disconnected")
-c.connect("127.0.0.1", int(sys.argv[1]), keepalive=0)
-for _ in range(50):
-    c.loop(0.1)
-    if result:
-        break
-print(result[0] if result else "silence")
-"#;
-    let lines = python(script, &[broker.port().to_string()]).await;
-    assert_eq!(lines, ["connack Success"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

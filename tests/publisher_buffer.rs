@@ -7,34 +7,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::{net::SocketAddr, time::Duration};
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{MqttConfig, Reading};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use support::start_broker;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
 use tokio_util::sync::CancellationToken;
-
-fn free_addr() -> SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-async fn start_broker() -> SocketAddr {
-    let addr = free_addr();
-    let started = k3sense_broker::start(&k3sense_broker::Config::new(addr))
-        .await
-        .unwrap();
-    tokio::spawn(started.serve(CancellationToken::new()));
-    addr
-}
 
 /// A TCP proxy to `target` that can be cut (every connection closed, new ones refused) and
 /// restored.

@@ -260,15 +260,31 @@ impl Proc {
             std::process::id(),
             free_port()
         ));
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        // Nothing from the caller's environment may change what the test asked for.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("K3SENSE_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .args(args)
             .env("RUST_LOG", "info")
-            .env_remove("K3SENSE_PASSWORD")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         Self(child, log)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
     }
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`).
@@ -344,4 +360,101 @@ pub async fn mqtt_subscriber(
         }
     });
     rx
+}
+
+/// The next message on exactly `topic` from an [`mqtt_subscriber`]: (payload, retained).
+pub async fn next_on(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    topic: &str,
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (t, payload, retained) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("nothing on {topic} in time"))
+            .unwrap();
+        if t == topic {
+            return (payload, retained);
+        }
+    }
+}
+
+/// The end-to-end promise, against whatever MQTT broker listens at `broker` (ours, or a
+/// Mosquitto a user already runs): a simulated publisher `id` and a gateway; a WebSocket client
+/// gets the snapshot and then readings in sequence; an MQTT subscriber gets valid readings on the
+/// state topic; a late subscriber gets the retained latest at once; a clean stop turns the sensor
+/// offline for WebSocket and MQTT clients and in the API.
+pub async fn end_to_end(broker: SocketAddr, id: &str) {
+    use k3sense_protocol::Reading;
+    let second = Duration::from_secs(1);
+    let gateway_stop = CancellationToken::new();
+    let (gateway, _) = start_gateway(broker, gateway_stop.clone()).await;
+    let mut ws = ws_connect(gateway).await;
+    assert_eq!(ws_next(&mut ws, second).await["type"], "snapshot");
+
+    let (state, availability) = (
+        format!("k3sense/{id}/state"),
+        format!("k3sense/{id}/availability"),
+    );
+    let mut mqtt = mqtt_subscriber(broker, "k3sense/#").await;
+    let publisher_stop = CancellationToken::new();
+    let publisher = start_publisher(
+        broker,
+        id,
+        Duration::from_millis(200),
+        publisher_stop.clone(),
+    );
+
+    // Readings reach the WebSocket client, flattened beside their type, in sequence.
+    let reading = ws_until(&mut ws, 5 * second, |m| m["type"] == "reading").await;
+    assert_eq!(reading["sensor_id"], id);
+    assert_eq!(reading["model"], "dht11");
+    let first: Reading = serde_json::from_value(reading).unwrap();
+    let next = ws_until(&mut ws, 5 * second, |m| m["type"] == "reading").await;
+    assert_eq!(
+        next["seq"].as_u64().unwrap(),
+        first.seq + 1,
+        "seq rises by one per reading"
+    );
+
+    // The MQTT subscriber gets readings on the state topic, valid by the contract.
+    for _ in 0..2 {
+        let (payload, _) = next_on(&mut mqtt, &state, 5 * second).await;
+        Reading::from_json(&payload).unwrap();
+    }
+
+    // A late subscriber gets the retained latest at once.
+    let mut late = mqtt_subscriber(broker, &state).await;
+    let (payload, retained) = next_on(&mut late, &state, second).await;
+    assert!(
+        retained,
+        "the first message to a new subscriber is the retained reading"
+    );
+    Reading::from_json(&payload).unwrap();
+
+    // A clean stop turns the sensor offline, for WebSocket and MQTT clients alike.
+    publisher_stop.cancel();
+    tokio::time::timeout(5 * second, publisher)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let offline = ws_until(&mut ws, 5 * second, |m| {
+        m["type"] == "availability" && m["status"] == "offline"
+    })
+    .await;
+    assert_eq!(offline["sensor_id"], id);
+    loop {
+        let (payload, _) = next_on(&mut mqtt, &availability, 5 * second).await;
+        if payload == b"offline" {
+            break;
+        }
+    }
+    let (status, body) = http_get(gateway, "/api/sensors").await;
+    assert_eq!(status, 200);
+    let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sensors[0]["sensor_id"], id);
+    assert_eq!(sensors[0]["status"], "offline");
+    gateway_stop.cancel();
 }
