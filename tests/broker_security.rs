@@ -824,64 +824,6 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
     assert!(users.unscoped().is_empty());
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// Figures for broker/README.md (run with `--ignored --nocapture`, release build for real
-/// numbers): memory per proxied connection, and what 20,000 short sessions with fresh client ids
-/// leave behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check: run by hand"]
-async fn measure_memory_per_connection_and_churn() {
-    let broker = start(false, 5 * SECOND).await;
-    let connect = |id: String| async move {
-        let mut tcp = TcpStream::connect(broker.addr).await.unwrap();
-        let mut c = Connect::new(id);
-        c.keep_alive = 60;
-        c.login = Some(Login::new("reader", "reader-pw"));
-        tcp.write_all(&bytes_of(&Raw::Connect(c))).await.unwrap();
-        let mut buf = BytesMut::new();
-        assert!(matches!(
-            read_raw(&mut tcp, &mut buf).await,
-            Some(Raw::ConnAck(_))
-        ));
-        tcp
-    };
-    let base = rss_kib();
-    let mut held = Vec::new();
-    for i in 0..500 {
-        held.push(connect(format!("hold-{i}")).await);
-    }
-    tokio::time::sleep(SECOND / 2).await;
-    let with = rss_kib();
-    eprintln!(
-        "500 connections: RSS {base} -> {with} KiB, {:.1} KiB per connection (proxy + rumqttd + the test's client sockets)",
-        (with - base) as f64 / 500.0
-    );
-    drop(held);
-    tokio::time::sleep(SECOND).await;
-    let before = rss_kib();
-    let started = Instant::now();
-    for i in 0..20_000 {
-        let mut tcp = connect(format!("churn-{i}")).await;
-        tcp.write_all(&bytes_of(&Raw::Disconnect)).await.unwrap();
-        if (i + 1) % 5000 == 0 {
-            eprintln!(
-                "{} sessions with fresh ids after {:?}: RSS {before} -> {} KiB",
-                i + 1,
-                started.elapsed(),
-                rss_kib()
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_client_id_takes_over_without_a_false_will_and_only_within_one_account() {
     let broker = start(false, 5 * SECOND).await;

@@ -83,6 +83,7 @@ pub struct Metrics {
     subscriptions_forbidden: AtomicU64,
     subscriptions_system: AtomicU64,
     subscriptions_invalid: AtomicU64,
+    client_id_slots: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -110,6 +111,9 @@ pub struct Snapshot {
     pub subscriptions_system: u64,
     /// Invalid filters refused (0x80).
     pub subscriptions_invalid: u64,
+    /// Slot ids the pool has handed rumqttd for clean sessions: what rumqttd's per-client
+    /// records are bounded by, however many fresh client ids connect.
+    pub client_id_slots: u64,
 }
 
 impl Snapshot {
@@ -165,6 +169,10 @@ impl Metrics {
     pub(crate) fn subscription_invalid(&self) {
         add(&self.subscriptions_invalid);
     }
+    pub(crate) fn client_id_slots(&self, slots: u32) {
+        self.client_id_slots
+            .store(u64::from(slots), Ordering::Relaxed);
+    }
 
     /// The counters now.
     pub fn snapshot(&self) -> Snapshot {
@@ -185,6 +193,7 @@ impl Metrics {
             subscriptions_forbidden: get(&self.subscriptions_forbidden),
             subscriptions_system: get(&self.subscriptions_system),
             subscriptions_invalid: get(&self.subscriptions_invalid),
+            client_id_slots: get(&self.client_id_slots),
         }
     }
 
@@ -250,6 +259,12 @@ impl Metrics {
                 ("{outcome=\"invalid\"}", s.subscriptions_invalid),
             ],
         );
+        family(
+            "k3sense_broker_client_id_slots",
+            "gauge",
+            "Pooled client ids handed to the embedded rumqttd for clean sessions; its per-client records are bounded by this, not by the client ids that ever connected.",
+            &[("", s.client_id_slots)],
+        );
         out
     }
 }
@@ -269,6 +284,7 @@ mod tests {
         m.connected();
         m.disconnected();
         m.publish_forbidden();
+        m.client_id_slots(7);
         let s = m.snapshot();
         assert_eq!(s.accepted, 1);
         assert_eq!(s.active, 1);
@@ -283,6 +299,7 @@ mod tests {
         );
         assert!(text.contains("k3sense_broker_publishes_total{outcome=\"forbidden\"} 1\n"));
         assert!(text.contains("# TYPE k3sense_broker_clients_connected gauge\n"));
+        assert!(text.contains("k3sense_broker_client_id_slots 7\n"));
         for reason in Reason::ALL {
             assert!(text.contains(reason.as_str()), "{reason:?} missing");
         }

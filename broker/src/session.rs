@@ -39,7 +39,7 @@ use rumqttc::mqttbytes::{
     valid_topic,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf},
     net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::Instant,
@@ -217,6 +217,7 @@ pub(crate) async fn run<S>(
         )
     });
     let registration = shared.registry.register(key, persistent);
+    metrics.client_id_slots(shared.registry.slots());
     let upstream =
         match connect_upstream(&shared.upstream, &connect, &registration.internal_id).await {
             Ok(upstream) => upstream,
@@ -241,7 +242,7 @@ pub(crate) async fn run<S>(
         return;
     }
 
-    let _connected = Connected::new(metrics, _permit);
+    let connected = Connected::new(metrics, _permit);
     tracing::debug!(%peer, client_id = client.id, user = client.user, role = role.name(), keepalive = connect.keep_alive, "client connected");
 
     let pending = PendingSubacks::default();
@@ -259,10 +260,41 @@ pub(crate) async fn run<S>(
     if refusals.total() > 1 {
         tracing::info!(peer = %client.peer, client_id = client.id, user = client.user, publishes = refusals.publishes, subscriptions = refusals.subscriptions, "refusals on this connection");
     }
-    if let End::Disconnect = end {
-        let _ = frame::write(&mut up_wr, &Packet::Disconnect, &mut scratch).await;
-    }
     tracing::debug!(%peer, client_id = client.id, "client gone");
+    drop(connected);
+    drop((client_rd, client_wr));
+    if let End::Disconnect = end {
+        if frame::write(&mut up_wr, &Packet::Disconnect, &mut scratch)
+            .await
+            .is_ok()
+        {
+            until_upstream_closes(&mut up_rd, &shutdown).await;
+        }
+    }
+}
+
+/// After a DISCONNECT, waits (at most [`UPSTREAM_TIMEOUT`]) for rumqttd to close its side first.
+///
+/// rumqttd hands a connection's number to the next connection as soon as it has handled the
+/// DISCONNECT. Were the proxy to close the socket at once, rumqttd's reader for the old
+/// connection could notice the close only after that, and report it under the number that now
+/// belongs to a *new* connection, which rumqttd then drops right after its CONNACK (measured:
+/// about one short session in 500 under churn, and any client connecting meanwhile could be the
+/// one). Once rumqttd has dropped the connection itself, its reader reports nothing.
+async fn until_upstream_closes<R: AsyncRead + Unpin>(up_rd: &mut R, shutdown: &CancellationToken) {
+    let mut sink = [0u8; 512];
+    let closed = async {
+        loop {
+            match up_rd.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(UPSTREAM_TIMEOUT, closed) => {}
+        () = shutdown.cancelled() => {}
+    }
 }
 
 /// Why a connection got no further than its first packet.

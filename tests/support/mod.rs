@@ -255,6 +255,12 @@ pub struct Proc(pub std::process::Child, std::path::PathBuf);
 impl Proc {
     /// Starts `bin` with `args` (read its log with [`Proc::stop`] / [`Proc::wait`]).
     pub fn start(bin: &str, args: &[&str]) -> Self {
+        Self::start_logging(bin, args, "info")
+    }
+
+    /// Like [`Proc::start`], with `RUST_LOG` set to `filter` (say `info,rumqttd=warn` where
+    /// thousands of connections would each log a line at `info`).
+    pub fn start_logging(bin: &str, args: &[&str], filter: &str) -> Self {
         let log = std::env::temp_dir().join(format!(
             "k3sense-test-{}-{}.log",
             std::process::id(),
@@ -269,7 +275,7 @@ impl Proc {
         }
         let child = command
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
