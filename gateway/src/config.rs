@@ -54,6 +54,18 @@ pub struct Options {
     #[arg(long, env = "K3SENSE_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
+    /// Most TCP connections open at once: HTTP requests, idle keep-alives and WebSockets. One
+    /// more is accepted and closed at once. Keep it below the open-file limit (ulimit -n) and
+    /// above --max-clients, so WebSocket clients over --max-clients get a 503 they can read.
+    #[arg(long, env = "K3SENSE_MAX_CONNECTIONS", default_value_t = 12_000, value_parser = at_least_one)]
+    pub max_connections: usize,
+
+    /// How long a connection may take to send a complete request head, and how long a
+    /// keep-alive connection may sit idle between requests; then it is closed. Cuts slowloris
+    /// clients (headers trickled byte by byte) and connections that never send anything.
+    #[arg(long, env = "K3SENSE_HEADER_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_timeout: Duration,
+
     /// How long shutdown waits for WebSocket clients to answer their close frame (1001); the
     /// listener stays open meanwhile, with /readyz answering 503 and /ws refusing (503).
     #[arg(long, env = "K3SENSE_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -70,8 +82,28 @@ impl Default for Options {
             send_timeout: Duration::from_secs(10),
             max_frame: 4096,
             ping_interval: Duration::from_secs(20),
+            max_connections: 12_000,
+            header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// A count of at least one (a limit of zero would refuse everyone).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}; give a whole number such as 12000")),
+    }
+}
+
+/// A duration above zero (a zero timeout would cut every connection at once).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero, e.g. 10s".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e}; give a duration such as 10s or 500ms")),
     }
 }
 

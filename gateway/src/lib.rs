@@ -17,12 +17,14 @@
 //! | `hub` | [`Hub`]: state under one lock plus the serialise-once broadcast |
 //! | `mqtt` | the subscription loop |
 //! | `ws` | one WebSocket session per browser |
+//! | `connections` | accepting TCP connections: `--max-connections`, `--header-timeout`, accept errors |
 //! | `http` | [`app`]: routes, API handlers, security headers, Origin check |
 //! | `page` | the embedded `web/` files |
 //! | `metrics` | [`Metrics`] |
 //! | `error` | [`Error`] |
 
 mod config;
+mod connections;
 mod error;
 mod http;
 mod hub;
@@ -32,9 +34,8 @@ mod page;
 mod state;
 mod ws;
 
-use std::{future::IntoFuture, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -55,11 +56,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         })?;
     serve(listener, config, shutdown).await
 }
-
-/// Kernel send buffer of each connection. Linux would grow it to megabytes for a client that
-/// stopped reading; this bounds that memory, and makes such a client's writes wait (and the
-/// client be dropped, see `--send-timeout`) after tens of kilobytes instead of megabytes.
-const SOCKET_SEND_BUFFER: usize = 64 * 1024;
 
 /// Time the HTTP server gets, after the WebSocket drain, to finish requests in flight.
 const HTTP_GRACE: Duration = Duration::from_secs(2);
@@ -109,31 +105,31 @@ pub async fn serve(
             }
         }
     };
-    let listener = listener.tap_io(|stream: &mut tokio::net::TcpStream| {
-        // Updates are small and must go out at once, not wait for Nagle's algorithm.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        if let Err(e) = socket2::SockRef::from(&*stream).set_send_buffer_size(SOCKET_SEND_BUFFER) {
-            tracing::debug!(error = %e, "cannot set SO_SNDBUF");
-        }
-    });
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(drained)
-        .into_future();
-    let served = tokio::select! {
-        served = server => served.map_err(Error::Serve),
+    let limits = connections::Limits {
+        max_connections: config.options.max_connections,
+        header_timeout: config.options.header_timeout,
+    };
+    if limits.max_connections <= config.options.max_clients {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            max_clients = config.options.max_clients,
+            "--max-connections is not above --max-clients: connections will be refused before \
+             --max-clients WebSocket clients are reached; raise --max-connections"
+        );
+    }
+    let metrics = Arc::clone(&state.metrics);
+    let server = connections::serve(listener, app(state), metrics, limits, drained);
+    tokio::select! {
+        () = server => {}
         () = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain * 2 + HTTP_GRACE).await;
         } => {
             tracing::warn!("HTTP connections still open after the drain; closing them");
-            Ok(())
         }
-    };
+    }
     tasks.wait().await;
     tracing::info!("gateway stopped");
-    served?;
     match mqtt_task.await {
         Ok(result) => result,
         Err(e) => {

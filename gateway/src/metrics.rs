@@ -21,7 +21,8 @@ pub struct Metrics {
     pub ws_connections: Counter,
     /// WebSocket upgrades refused, by reason (`limit`, `origin`, `shutdown`).
     pub ws_rejected: Family<Labels, Counter>,
-    /// Clients disconnected by the server, by reason (`slow`, `silent`, `oversized`, `shutdown`).
+    /// Clients disconnected by the server, by reason (`slow`, `silent`, `oversized`, `binary`,
+    /// `flood`, `shutdown`).
     pub ws_disconnects: Family<Labels, Counter>,
     /// Messages written to WebSocket clients (one per client per update).
     pub ws_messages_sent: Counter,
@@ -35,6 +36,17 @@ pub struct Metrics {
     pub sensors: Gauge,
     /// Replay requests sent to publishers (missing readings asked for again).
     pub replay_requests: Counter,
+    /// TCP connections open now: HTTP requests, idle keep-alives and WebSockets.
+    pub connections: Gauge,
+    /// TCP connections accepted since start.
+    pub connections_accepted: Counter,
+    /// Connections closed at once after accept, by reason (`limit`: over `--max-connections`).
+    pub connections_refused: Family<Labels, Counter>,
+    /// Connections closed for sending no complete request head within `--header-timeout`, by
+    /// reason (`header`: a new connection, e.g. slowloris; `idle`: a keep-alive between requests).
+    pub connection_timeouts: Family<Labels, Counter>,
+    /// Failed `accept` calls, by reason (`fd_limit`: out of file descriptors; `other`).
+    pub accept_errors: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -51,6 +63,11 @@ impl Metrics {
         let broker_connected = Gauge::default();
         let sensors = Gauge::default();
         let replay_requests = Counter::default();
+        let connections = Gauge::default();
+        let connections_accepted = Counter::default();
+        let connections_refused = Family::<Labels, Counter>::default();
+        let connection_timeouts = Family::<Labels, Counter>::default();
+        let accept_errors = Family::<Labels, Counter>::default();
         registry.register(
             "ws_clients",
             "WebSocket clients connected now",
@@ -97,6 +114,31 @@ impl Metrics {
             "Replay requests sent to publishers for missing readings",
             replay_requests.clone(),
         );
+        registry.register(
+            "connections",
+            "TCP connections open now (HTTP and WebSocket)",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "TCP connections accepted",
+            connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "TCP connections closed at once after accept, by reason",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Connections closed for sending no complete request head in time, by reason",
+            connection_timeouts.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the listener, by reason",
+            accept_errors.clone(),
+        );
         Self {
             registry,
             ws_clients,
@@ -109,6 +151,11 @@ impl Metrics {
             broker_connected,
             sensors,
             replay_requests,
+            connections,
+            connections_accepted,
+            connections_refused,
+            connection_timeouts,
+            accept_errors,
         }
     }
 
@@ -130,6 +177,27 @@ impl Metrics {
     /// Counts one server-side disconnect.
     pub fn disconnected(&self, reason: &'static str) {
         self.ws_disconnects
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts one connection closed at once after accept.
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts one connection closed for not sending a request head in time.
+    pub fn timed_out(&self, reason: &'static str) {
+        self.connection_timeouts
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts one failed accept.
+    pub fn accept_failed(&self, reason: &'static str) {
+        self.accept_errors
             .get_or_create(&vec![("reason", reason)])
             .inc();
     }
