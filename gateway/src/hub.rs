@@ -1,42 +1,52 @@
-//! Fan-out: every update is serialised once and shared, as a reference-counted buffer, by all
-//! WebSocket clients.
+//! Fan-out: every update is serialised and framed once, and the same buffer is written to every
+//! WebSocket client (see [`crate::fanout`]).
 //!
-//! The [`Registry`] and the broadcast channel sit under one short-held lock, so a client that
-//! joins gets a snapshot and then exactly the updates after it: none missed, none twice. Each
-//! client reads the shared ring at its own pace; one that falls more than the ring's length
-//! behind is told so (`Lagged`) and disconnected, and never slows anyone else.
+//! The [`Registry`] and the list of clients sit under one short-held lock, so a client that
+//! joins gets a snapshot and then exactly the updates after it: none missed, none twice. The
+//! writes themselves happen after that lock is released, under a second lock that keeps updates
+//! in order, so a slow fan-out never holds up the API or a joining client for long.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
     Availability, Reading, ReplayRequest, SensorId,
     ws::{SensorSummary, ServerMessage},
 };
-use tokio::sync::broadcast;
 
-use crate::state::Registry;
+use crate::{
+    fanout::{self, Client, Socket},
+    state::Registry,
+};
 
-/// Shared state plus the broadcast of updates.
+/// Shared state plus the clients every update goes to.
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// Held while an update is written to the clients, so updates reach each client in order.
+    order: Mutex<()>,
+    /// Frames queued per client before it counts as lagging.
+    queue: usize,
 }
 
 struct Inner {
     registry: Registry,
-    updates: broadcast::Sender<Utf8Bytes>,
+    /// Copied on write: a fan-out holds the list it started with while clients come and go.
+    clients: Arc<Vec<Arc<Client>>>,
 }
+
+/// How many clients an update was written or queued to; `None` if the update was not new.
+pub type Sent = Option<usize>;
 
 impl Hub {
     /// A hub keeping `history` readings per sensor and `queue` updates per client.
     pub fn new(history: usize, queue: usize) -> Self {
-        let (updates, _) = broadcast::channel(queue.max(1));
         Self {
             inner: Mutex::new(Inner {
                 registry: Registry::new(history),
-                updates,
+                clients: Arc::default(),
             }),
+            order: Mutex::new(()),
+            queue,
         }
     }
 
@@ -46,20 +56,20 @@ impl Hub {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a reading and sends it to every client; `false` if it was a duplicate.
-    pub fn reading(&self, reading: Reading) -> bool {
+    /// Records a reading and sends it to every client.
+    pub fn reading(&self, reading: Reading) -> Sent {
         let mut inner = self.lock();
         let message = inner.registry.apply_reading(reading);
-        inner.send(message)
+        self.send(inner, message)
     }
 
     /// Records a live reading (from the state topic) and sends it to every client; returns
     /// whether it was new, and the replay request for readings missing before it.
-    pub fn live_reading(&self, reading: Reading) -> (bool, Option<ReplayRequest>) {
+    pub fn live_reading(&self, reading: Reading) -> (Sent, Option<ReplayRequest>) {
         let mut inner = self.lock();
         let gap = inner.registry.gap_before(&reading);
         let message = inner.registry.apply_reading(reading);
-        (inner.send(message), gap)
+        (self.send(inner, message), gap)
     }
 
     /// Every sensor's gaps in `seq` (at most `limit` each).
@@ -81,20 +91,47 @@ impl Hub {
         self.lock().registry.newest_seqs()
     }
 
-    /// Records an availability and sends it to every client; `false` if nothing changed.
-    pub fn availability(&self, id: &SensorId, availability: Availability) -> bool {
+    /// Records an availability and sends it to every client.
+    pub fn availability(&self, id: &SensorId, availability: Availability) -> Sent {
         let mut inner = self.lock();
         let message = inner.registry.apply_availability(id, availability);
-        inner.send(message)
+        self.send(inner, message)
     }
 
-    /// A snapshot message and a receiver of every update after it.
-    pub fn subscribe(&self) -> (Utf8Bytes, broadcast::Receiver<Utf8Bytes>) {
-        let inner = self.lock();
+    /// Adds a client on `io`: it is sent a snapshot now and every update after it.
+    pub fn join(&self, io: impl Socket + 'static) -> Arc<Client> {
+        let client = Arc::new(Client::new(io, self.queue));
+        let mut inner = self.lock();
         let snapshot = encode(&ServerMessage::Snapshot {
             sensors: inner.registry.summaries(),
         });
-        (snapshot, inner.updates.subscribe())
+        client.push_data(&fanout::text_frame(&snapshot));
+        Arc::make_mut(&mut inner.clients).push(Arc::clone(&client));
+        client
+    }
+
+    /// Removes a client: it gets no more updates.
+    pub fn leave(&self, client: &Arc<Client>) {
+        client.retire();
+        let mut inner = self.lock();
+        Arc::make_mut(&mut inner.clients).retain(|c| !Arc::ptr_eq(c, client));
+    }
+
+    /// Clients connected.
+    pub fn client_count(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    /// Writes `message`, framed once, to every client.
+    fn send(&self, inner: MutexGuard<'_, Inner>, message: Option<ServerMessage>) -> Sent {
+        let frame = fanout::text_frame(&encode(&message?));
+        let clients = Arc::clone(&inner.clients);
+        // Taken before the state lock is let go: the next update waits for this one's writes.
+        let order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(inner);
+        let sent = clients.iter().filter(|c| c.push_data(&frame)).count();
+        drop(order);
+        Some(sent)
     }
 
     /// Every sensor, for `GET /api/sensors`.
@@ -119,61 +156,106 @@ impl Hub {
     }
 }
 
-impl Inner {
-    fn send(&mut self, message: Option<ServerMessage>) -> bool {
-        let Some(message) = message else {
-            return false;
-        };
-        // No receivers is fine: nobody is watching.
-        let _ = self.updates.send(encode(&message));
-        true
-    }
-}
-
-fn encode(message: &ServerMessage) -> Utf8Bytes {
-    match serde_json::to_string(message) {
-        Ok(text) => Utf8Bytes::from(text),
-        Err(e) => {
-            // Readings are validated before they get here, so this means a bug, not bad input.
-            tracing::error!(error = %e, "cannot encode a WebSocket message");
-            Utf8Bytes::from_static("{\"type\":\"error\"}")
-        }
-    }
+fn encode(message: &ServerMessage) -> String {
+    serde_json::to_string(message).unwrap_or_else(|e| {
+        // Readings are validated before they get here, so this means a bug, not bad input.
+        tracing::error!(error = %e, "cannot encode a WebSocket message");
+        String::from("{\"type\":\"error\"}")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
     use k3sense_protocol::Model;
+    use std::time::Duration;
+
+    use tokio::{io::AsyncReadExt, net::TcpStream};
 
     use super::*;
+
+    /// A client of `hub` on a real loopback socket, and the far end of it.
+    async fn join(hub: &Hub) -> (Arc<Client>, TcpStream) {
+        let (server, peer) = fanout::tests::pair().await;
+        (hub.join(server), peer)
+    }
+
+    /// The next unmasked text frame from the server (payloads here are under 64 KiB).
+    async fn next_text(peer: &mut TcpStream) -> String {
+        let mut head = [0; 2];
+        peer.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 0x81, "a final text frame");
+        let len = match head[1] {
+            126 => usize::from(peer.read_u16().await.unwrap()),
+            n => usize::from(n),
+        };
+        let mut payload = vec![0; len];
+        peer.read_exact(&mut payload).await.unwrap();
+        String::from_utf8(payload).unwrap()
+    }
+
+    fn reading(seq: u64) -> Reading {
+        let id = SensorId::new("pi-1").unwrap();
+        Reading::new(id, Model::Dht11, 20.0, 40.0, Utc::now(), seq).unwrap()
+    }
 
     #[tokio::test]
     async fn snapshot_then_exactly_the_later_updates() {
         let hub = Hub::new(10, 4);
         let id = SensorId::new("pi-1").unwrap();
-        let r = |seq| Reading::new(id.clone(), Model::Dht11, 20.0, 40.0, Utc::now(), seq).unwrap();
-        assert!(hub.reading(r(1)));
-        let (snapshot, mut rx) = hub.subscribe();
-        assert!(snapshot.as_str().contains("\"seq\":1"));
-        assert!(hub.availability(&id, Availability::Online));
-        let next = rx.recv().await.unwrap();
-        assert!(next.as_str().starts_with("{\"type\":\"availability\""));
-        assert!(rx.try_recv().is_err());
+        assert_eq!(hub.reading(reading(1)), Some(0));
+        let (_client, mut peer) = join(&hub).await;
+        assert!(next_text(&mut peer).await.contains("\"seq\":1"));
+        assert_eq!(hub.availability(&id, Availability::Online), Some(1));
+        assert_eq!(hub.reading(reading(1)), None, "a duplicate is not sent");
+        assert_eq!(hub.reading(reading(2)), Some(1));
+        assert!(
+            next_text(&mut peer)
+                .await
+                .starts_with("{\"type\":\"availability\"")
+        );
+        assert!(next_text(&mut peer).await.contains("\"seq\":2"));
     }
 
     #[tokio::test]
-    async fn a_slow_receiver_lags_without_blocking_the_sender() {
-        let hub = Hub::new(100, 2);
-        let id = SensorId::new("pi-1").unwrap();
-        let (_, mut rx) = hub.subscribe();
-        for seq in 0..10 {
-            let r = Reading::new(id.clone(), Model::Dht11, 20.0, 40.0, Utc::now(), seq).unwrap();
-            hub.reading(r);
+    async fn a_client_that_left_gets_nothing_and_others_keep_getting_updates() {
+        let hub = Hub::new(10, 4);
+        let (gone, _gone_peer) = join(&hub).await;
+        let (_stays, mut peer) = join(&hub).await;
+        assert_eq!(hub.client_count(), 2);
+        hub.leave(&gone);
+        assert_eq!(hub.client_count(), 1);
+        assert_eq!(hub.reading(reading(1)), Some(1));
+        next_text(&mut peer).await;
+        assert!(next_text(&mut peer).await.contains("\"seq\":1"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_lags_without_blocking_the_others() {
+        let hub = Hub::new(10_000, 2);
+        let (stuck, _stuck_peer) = join(&hub).await;
+        let (reader, mut peer) = join(&hub).await;
+        // What a session does: finish the writes the socket had no room for.
+        tokio::spawn(async move {
+            loop {
+                reader.woken().await;
+                reader.drain(Duration::from_secs(5)).await.unwrap();
+            }
+        });
+        next_text(&mut peer).await;
+        let mut seq = 0;
+        while stuck.flush() != fanout::Pending::Lagged {
+            seq += 1;
+            assert!(seq < 100_000, "the stuck client never lagged");
+            hub.reading(reading(seq));
+            let text = next_text(&mut peer).await;
+            let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(got["seq"], seq);
         }
-        assert!(matches!(
-            rx.recv().await,
-            Err(broadcast::error::RecvError::Lagged(8))
-        ));
+        assert_eq!(
+            hub.reading(reading(seq + 1)),
+            Some(1),
+            "only the reader takes it"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The k3sense gateway: subscribes to every sensor over MQTT and serves browsers.
 //!
 //! ```text
-//! broker ──MQTT──▶ mqtt (validate) ──▶ Hub (Registry + broadcast) ──▶ ws sessions ──▶ browsers
+//! broker ──MQTT──▶ mqtt (validate) ──▶ Hub (Registry + fan-out) ──frame written once──▶ browsers
+//!                                             │                     ws sessions: pings, reads, slow writes
 //!                                             └──────────────▶ http: /api, /metrics, page
 //! ```
 //!
@@ -14,7 +15,8 @@
 //! |---|---|
 //! | `config` | [`Config`], [`Options`]: flags and `K3SENSE_*` variables |
 //! | `state` | [`Registry`], [`History`]: per-sensor status, latest reading, bounded history (pure) |
-//! | `hub` | [`Hub`]: state under one lock plus the serialise-once broadcast |
+//! | `hub` | [`Hub`]: state under one lock plus the clients every update goes to |
+//! | `fanout` | each client's write side: one framed buffer written straight to every socket, queued only for a full one |
 //! | `mqtt` | the subscription loop |
 //! | `ws` | one WebSocket session per browser |
 //! | `connections` | accepting TCP connections: `--max-connections`, `--header-timeout`, accept errors |
@@ -26,6 +28,7 @@
 mod config;
 mod connections;
 mod error;
+mod fanout;
 mod http;
 mod hub;
 mod metrics;

@@ -19,7 +19,7 @@ pub struct Metrics {
     pub ws_clients: Gauge,
     /// WebSocket connections accepted since start.
     pub ws_connections: Counter,
-    /// WebSocket upgrades refused, by reason (`limit`, `origin`, `shutdown`).
+    /// WebSocket upgrades refused, by reason (`limit`, `origin`, `shutdown`, `handshake`).
     pub ws_rejected: Family<Labels, Counter>,
     /// Clients disconnected by the server, by reason (`slow`, `silent`, `oversized`, `binary`,
     /// `flood`, `shutdown`).

@@ -32,6 +32,15 @@ pub(crate) struct Link {
     pub subscribed: Arc<AtomicBool>,
 }
 
+impl Link {
+    /// Counts an update's WebSocket messages (one per client it went to).
+    fn sent(&self, sent: crate::hub::Sent) {
+        if let Some(clients) = sent {
+            self.metrics.ws_messages_sent.inc_by(clients as u64);
+        }
+    }
+}
+
 /// Runs until `shutdown`.
 pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToken) -> Result<()> {
     let topics = mqtt.topics()?;
@@ -40,6 +49,8 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let mut options = mqtt.mqtt_options(&client_id)?;
     options.set_clean_session(true);
     let (client, mut events) = AsyncClient::new(options, 64);
+    // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
+    events.network_options.set_tcp_nodelay(true);
     let filters = vec![
         SubscribeFilter::new(topics.filter(TopicKind::State), QoS::AtLeastOnce),
         SubscribeFilter::new(topics.filter(TopicKind::Availability), QoS::AtLeastOnce),
@@ -179,7 +190,7 @@ fn handle(
         link.metrics.received("replay");
         match Reading::from_json(payload) {
             Ok(reading) if reading.sensor_id == id => {
-                link.hub.reading(reading);
+                link.sent(link.hub.reading(reading));
             }
             Ok(_) => link.metrics.invalid("id_mismatch"),
             Err(e) => {
@@ -215,7 +226,8 @@ fn handle(
                     });
                 }
                 Ok(reading) => {
-                    let (_, gap) = link.hub.live_reading(reading);
+                    let (sent, gap) = link.hub.live_reading(reading);
+                    link.sent(sent);
                     link.metrics.sensors.set(link.hub.sensor_count() as i64);
                     if let Some(request) = gap {
                         ask_replay(client, topics, link, &id, request);
@@ -234,7 +246,7 @@ fn handle(
             link.metrics.received("availability");
             match Availability::from_payload(payload) {
                 Ok(a) => {
-                    link.hub.availability(&id, a);
+                    link.sent(link.hub.availability(&id, a));
                     // A publisher says `online` each time it (re)connects: whatever it kept
                     // while away, or sent before this gateway was listening, is asked for now.
                     if a == Availability::Online {

@@ -126,6 +126,8 @@ pub async fn run(
         true,
     ));
     let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
+    // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
+    events.network_options.set_tcp_nodelay(true);
     metrics
         .buffer_capacity
         .set(i64::try_from(buffer).unwrap_or(i64::MAX));

@@ -27,10 +27,12 @@ pub fn free_addr() -> SocketAddr {
 
 /// Starts a real broker in this process; it lives until the test process ends.
 pub async fn start_broker() -> SocketAddr {
-    let addr = free_addr();
-    let started = k3sense_broker::start(&k3sense_broker::Config::new(addr))
+    // Port 0: the kernel picks a free port, so no other test can take it in between.
+    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    let started = k3sense_broker::start(&k3sense_broker::Config::new(any_port))
         .await
         .unwrap();
+    let addr = started.local_addr();
     tokio::spawn(started.serve(CancellationToken::new()));
     addr
 }
@@ -43,9 +45,24 @@ pub async fn start_gateway(
     SocketAddr,
     tokio::task::JoinHandle<k3sense_gateway::Result<()>>,
 ) {
+    start_gateway_with(broker, None, shutdown).await
+}
+
+/// [`start_gateway`] with other options than the defaults.
+pub async fn start_gateway_with(
+    broker: SocketAddr,
+    options: Option<k3sense_gateway::Options>,
+    shutdown: CancellationToken,
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<k3sense_gateway::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = k3sense_gateway::Config::new(addr, broker.to_string());
+    let mut config = k3sense_gateway::Config::new(addr, broker.to_string());
+    if let Some(options) = options {
+        config.options = options;
+    }
     let task = tokio::spawn(k3sense_gateway::serve(listener, config, shutdown));
     wait_ready(addr).await;
     (addr, task)
@@ -67,22 +84,30 @@ pub fn start_publisher(
 
 /// GET over a plain socket: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    try_http_get(addr, path).await.unwrap()
+}
+
+/// GET over a plain socket, for a server that may refuse or cut the connection: (status, body),
+/// or why there is none (an answer must come within 5 s).
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| std::io::Error::other("response timed out"))??;
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text
-        .split_whitespace()
+        .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// Waits until `/readyz` says ready (subscribed to the broker).
