@@ -231,8 +231,6 @@ impl Publisher {
         let id = format!("loadgen-publisher-{}", std::process::id());
         let options = MqttConfig::new(broker).mqtt_options(&id)?;
         let (client, mut events) = AsyncClient::new(options, 64);
-        // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
-        events.network_options.set_tcp_nodelay(true);
         // Each reading leaves at once, not held back by Nagle's algorithm.
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
