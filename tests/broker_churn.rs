@@ -29,11 +29,7 @@ use rumqttc::{
     },
 };
 use support::*;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_k3sense");
@@ -102,29 +98,6 @@ async fn wait_connected(addr: SocketAddr, count: u64) -> Vec<(String, u64)> {
 }
 
 // ---- raw MQTT ----
-
-fn bytes_of(packet: &Raw) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    packet.write(&mut buf, usize::MAX).unwrap();
-    buf.to_vec()
-}
-
-/// The next packet, or `None` once the broker closed the connection.
-async fn read_raw<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Option<Raw> {
-    tokio::time::timeout(10 * SECOND, async {
-        loop {
-            if let Ok(packet) = Raw::read(buf, 1 << 20) {
-                return Some(packet);
-            }
-            match stream.read_buf(buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the broker neither answered nor closed the connection in 10 s")
-}
 
 /// CONNECT with a fresh client id; returns the stream once CONNACK 0 came back.
 async fn connect(addr: SocketAddr, id: String, buf: &mut BytesMut) -> TcpStream {
@@ -267,8 +240,9 @@ async fn live_traffic(
     slowest
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_thousand_fresh_client_ids_leave_memory_bounded_and_others_served() {
+/// `k3sense broker` as its own process (so its memory can be read), logging at `filter`, with
+/// metrics; returns it once its listeners run, with the MQTT and metrics addresses.
+async fn start_broker_process(filter: &str) -> (Proc, SocketAddr, SocketAddr) {
     let (listen, metrics_at) = (free_addr(), free_addr());
     let broker = Proc::start_logging(
         BIN,
@@ -279,15 +253,21 @@ async fn twenty_thousand_fresh_client_ids_leave_memory_bounded_and_others_served
             "--metrics-listen",
             &metrics_at.to_string(),
         ],
-        "info,rumqttd=warn",
+        filter,
     );
-    let pid = broker.0.id();
     // The metrics page answers once the listeners run (it is bound before, so a connect waits).
     let deadline = Instant::now() + 20 * SECOND;
     while TcpStream::connect(metrics_at).await.is_err() {
         assert!(Instant::now() < deadline, "the broker never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (broker, listen, metrics_at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_fresh_client_ids_leave_memory_bounded_and_others_served() {
+    let (broker, listen, metrics_at) = start_broker_process("info,rumqttd=warn").await;
+    let pid = broker.0.id();
 
     let round_trips = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
@@ -399,23 +379,8 @@ async fn twenty_thousand_fresh_client_ids_leave_memory_bounded_and_others_served
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check: run by hand"]
 async fn measure_memory_per_connected_client() {
-    let (listen, metrics_at) = (free_addr(), free_addr());
-    let broker = Proc::start(
-        BIN,
-        &[
-            "broker",
-            "--listen",
-            &listen.to_string(),
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
-    );
+    let (broker, listen, metrics_at) = start_broker_process("info").await;
     let pid = broker.0.id();
-    let deadline = Instant::now() + 20 * SECOND;
-    while TcpStream::connect(metrics_at).await.is_err() {
-        assert!(Instant::now() < deadline, "the broker never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     wait_connected(metrics_at, 0).await;
     let base = rss_kib(pid);
     let mut held = Vec::new();

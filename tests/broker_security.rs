@@ -184,34 +184,11 @@ async fn next_publish(events: &mut EventLoop, within: Duration) -> (String, Stri
 
 // ---- raw MQTT over any stream ----
 
-fn bytes_of(packet: &Raw) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    packet.write(&mut buf, usize::MAX).unwrap();
-    buf.to_vec()
-}
-
 fn connect_bytes(keepalive: u16, login: Option<(&str, &str)>) -> Vec<u8> {
     let mut connect = Connect::new(format!("raw-{}", free_port()));
     connect.keep_alive = keepalive;
     connect.login = login.map(|(u, p)| Login::new(u, p));
     bytes_of(&Raw::Connect(connect))
-}
-
-/// The next packet, or `None` once the broker closed the connection; panics after 5 s of neither.
-async fn read_raw<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Option<Raw> {
-    tokio::time::timeout(5 * SECOND, async {
-        loop {
-            if let Ok(packet) = Raw::read(buf, 1 << 20) {
-                return Some(packet);
-            }
-            match stream.read_buf(buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the broker neither answered nor closed the connection in 5 s")
 }
 
 async fn raw_connack<S: AsyncRead + AsyncWrite + Unpin>(

@@ -489,3 +489,34 @@ pub async fn end_to_end(broker: SocketAddr, id: &str) {
     assert_eq!(sensors[0]["status"], "offline");
     gateway_stop.cancel();
 }
+
+/// An MQTT 3.1.1 packet, for tests that speak the protocol byte by byte.
+pub type Raw = rumqttc::mqttbytes::v4::Packet;
+
+/// `packet` as bytes on the wire.
+pub fn bytes_of(packet: &Raw) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    packet.write(&mut buf, usize::MAX).unwrap();
+    buf.to_vec()
+}
+
+/// The next MQTT packet, or `None` once the broker closed the connection; panics after 10 s of
+/// neither.
+pub async fn read_raw<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut bytes::BytesMut,
+) -> Option<Raw> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(packet) = Raw::read(buf, 1 << 20) {
+                return Some(packet);
+            }
+            match stream.read_buf(buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the broker neither answered nor closed the connection in 10 s")
+}
