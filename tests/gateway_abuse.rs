@@ -381,6 +381,43 @@ async fn slow_silent_and_idle_connections_are_cut_after_the_header_timeout() {
     wait_metric(addr, OPEN, |v| v == 2.0).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_of_its_answers_is_cut_after_twice_the_send_timeout() {
+    let send_timeout = Duration::from_millis(300);
+    let (gw, _feed, mut watcher) = scene(Options {
+        send_timeout,
+        ..Options::default()
+    })
+    .await;
+    let addr = gw.addr;
+    // A slow-read attack: pipelined requests for ~1.5 MB of answers, a tiny receive window,
+    // and nothing ever read.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(addr).await.unwrap();
+    let request = format!("GET /app.js HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(200);
+    slow.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let stalled = "k3sense_gateway_connection_timeouts_total{reason=\"write\"}";
+    wait_metric(addr, stalled, |v| v >= 1.0).await;
+    let cut_after = started.elapsed();
+    println!("a client reading nothing was cut {cut_after:?} after its requests");
+    assert!(
+        cut_after >= send_timeout * 2,
+        "cut after {cut_after:?}, before twice --send-timeout"
+    );
+    watcher.keeps_receiving("after a client read nothing").await;
+    // What the kernel holds is still readable, then the connection ends.
+    let answered = until_closed(&mut slow, SOON).await;
+    assert!(answered.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        answered.len() < 1_000_000,
+        "{} bytes arrived: the answers were not cut short",
+        answered.len()
+    );
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+}
+
 // ---------------------------------------------------------------------------------------------
 // connection floods
 // ---------------------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ async fn wait_until_answering(
 }
 
 async fn probe(target: SocketAddr, login: Option<(String, String)>) -> bool {
-    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet};
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
     let mut options = MqttOptions::new(
         "k3sense-broker-probe",
         target.ip().to_string(),
@@ -349,12 +349,12 @@ async fn probe(target: SocketAddr, login: Option<(String, String)>) -> bool {
     .unwrap_or(false);
     if answered {
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(200), async {
-            while let Ok(event) = events.poll().await {
-                if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
-                    break;
-                }
-            }
+        // After the DISCONNECT, wait for rumqttd to close the connection itself: it hands the
+        // connection's number to the next client at once, and a close it noticed only later
+        // would be taken for that client's (seen: the first publisher's last will fired while
+        // it was connected, so the sensor showed offline). See `session::until_upstream_closes`.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while events.poll().await.is_ok() {}
         })
         .await;
     }

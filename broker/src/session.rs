@@ -20,7 +20,10 @@
 //! - Keepalive 0 is served: rumqttd gets a keepalive of its own and the proxy keeps that link
 //!   alive with PINGREQs; the client's PINGREQs are answered by the proxy.
 //! - A protocol violation, an oversized packet or bytes that are not MQTT close only that
-//!   connection, without DISCONNECT to rumqttd, so the client's will is published.
+//!   connection, and its will is published. The proxy publishes the will itself and then
+//!   disconnects from rumqttd cleanly (see [`goodbye_with_will`]): rumqttd reuses a connection's
+//!   number at once, and a socket it saw close only later would be taken for the next client's,
+//!   firing *that* client's will while it is connected.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -98,8 +101,10 @@ struct Client<'a> {
 enum End {
     /// The client sent DISCONNECT (forwarded: no will).
     Disconnect,
-    /// The client closed, broke a rule or went silent: rumqttd publishes its will.
+    /// The client closed, broke a rule or went silent: its will is published.
     Abrupt,
+    /// The broker is stopping: rumqttd goes too.
+    Shutdown,
 }
 
 /// Serves one connection (already through TLS, if any) until it ends; `deadline` bounds how long
@@ -255,7 +260,7 @@ pub(crate) async fn run<S>(
             tracing::info!(peer = %client.peer, client_id = client.id, user = client.user, "closed: a new connection took over this client id");
             End::Disconnect
         }
-        () = shutdown.cancelled() => End::Abrupt,
+        () = shutdown.cancelled() => End::Shutdown,
     };
     if refusals.total() > 1 {
         tracing::info!(peer = %client.peer, client_id = client.id, user = client.user, publishes = refusals.publishes, subscriptions = refusals.subscriptions, "refusals on this connection");
@@ -263,13 +268,56 @@ pub(crate) async fn run<S>(
     tracing::debug!(%peer, client_id = client.id, "client gone");
     drop(connected);
     drop((client_rd, client_wr));
-    if let End::Disconnect = end {
-        if frame::write(&mut up_wr, &Packet::Disconnect, &mut scratch)
+    let will = match end {
+        End::Shutdown => return,
+        End::Disconnect => None,
+        End::Abrupt => connect.last_will.as_ref(),
+    };
+    goodbye_with_will(will, &mut up_wr, &mut up_rd, &mut scratch, &shutdown).await;
+}
+
+/// Ends the upstream connection cleanly: publishes the client's will first if it has one (the
+/// client went away without DISCONNECT), then DISCONNECT, then waits for rumqttd to close.
+///
+/// The will was checked against the account's rules at CONNECT. rumqttd still holds it too, as
+/// a fallback should this connection to it break first; after our DISCONNECT it drops it.
+async fn goodbye_with_will<W, R>(
+    will: Option<&rumqttc::mqttbytes::v4::LastWill>,
+    up_wr: &mut W,
+    up_rd: &mut R,
+    scratch: &mut BytesMut,
+    shutdown: &CancellationToken,
+) where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    if let Some(will) = will {
+        let mut publish = Publish::from_bytes(
+            will.topic.clone(),
+            // QoS 2 would need the PUBREC/PUBREL exchange; delivery at least once is enough for
+            // an availability message.
+            if will.qos == QoS::AtMostOnce {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            },
+            will.message.clone(),
+        );
+        publish.retain = will.retain;
+        // Any number works: rumqttd keeps no state for a QoS 1 packet id.
+        publish.pkid = if publish.qos == QoS::AtMostOnce { 0 } else { 1 };
+        if frame::write(up_wr, &Packet::Publish(publish), scratch)
             .await
-            .is_ok()
+            .is_err()
         {
-            until_upstream_closes(&mut up_rd, &shutdown).await;
+            return;
         }
+    }
+    if frame::write(up_wr, &Packet::Disconnect, scratch)
+        .await
+        .is_ok()
+    {
+        until_upstream_closes(up_rd, shutdown).await;
     }
 }
 

@@ -42,7 +42,8 @@ pub struct Options {
     pub client_queue: usize,
 
     /// How long one write to a WebSocket client may take; a client whose socket accepts nothing
-    /// for this long has stopped reading and is disconnected (close code 1008).
+    /// for this long has stopped reading and is disconnected (close code 1008). An HTTP answer
+    /// the client reads nothing of for twice this long closes the connection.
     #[arg(long, env = "K3SENSE_SEND_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
 

@@ -72,6 +72,8 @@ pub(crate) struct Limits {
     pub(crate) max_connections: usize,
     /// `--header-timeout`.
     pub(crate) header_timeout: Duration,
+    /// `--send-timeout`: how long a write may wait for a client that reads nothing.
+    pub(crate) send_timeout: Duration,
 }
 
 /// Accepts and serves connections until `until` completes, then stops accepting (the listener
@@ -152,6 +154,7 @@ struct Shared {
 struct Logs {
     refused: Throttle,
     header_timeout: Throttle,
+    write_stall: Throttle,
     fd_limit: Throttle,
     accept_other: Throttle,
 }
@@ -229,6 +232,25 @@ impl Shared {
             );
         }
     }
+
+    /// Counts and logs a response the client did not read within `--send-timeout`.
+    fn write_stalled(&self) {
+        self.metrics.timed_out("write");
+        let timeout = self.limits.send_timeout;
+        tracing::debug!(
+            ?timeout,
+            "closed a connection that read nothing of its answer"
+        );
+        if let Some(left_out) = self.logs.write_stall.allow() {
+            tracing::info!(
+                ?timeout,
+                left_out,
+                "closed a connection whose client read nothing of its answer within \
+                 --send-timeout: a stalled client or a slow-read attack. Nothing to do unless \
+                 k3sense_gateway_connection_timeouts_total{{reason=\"write\"}} keeps rising"
+            );
+        }
+    }
 }
 
 /// The metric reason of a failed accept, or `None` when only that one connection failed.
@@ -260,7 +282,8 @@ async fn connection(
     let io = TokioIo::new(Tracked {
         stream,
         _slot: slot,
-        metrics: Arc::clone(&shared.metrics),
+        shared: Arc::clone(&shared),
+        stall: None,
     });
     let served = Arc::new(AtomicBool::new(false));
     let service = Served {
@@ -316,12 +339,44 @@ where
 struct Tracked {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    /// Running while a write waits for room: a client that reads nothing of an answer (a
+    /// slow-read attack, or a large history never read) would otherwise hold the connection and
+    /// the answer's memory for good. Twice `--send-timeout`, so a WebSocket session's own,
+    /// politer check (close code 1008 after one `--send-timeout`) always comes first.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Tracked {
+    /// The outcome of a write: waiting for room is bounded, anything else ends the wait.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stall = None;
+            return polled;
+        }
+        let limit = self.shared.limits.send_timeout * 2;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stall.as_mut().poll(cx).is_ready() {
+            self.stall = None;
+            self.shared.write_stalled();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of its answer for twice --send-timeout",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.metrics.connections.dec();
+        self.shared.metrics.connections.dec();
     }
 }
 
@@ -341,7 +396,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.bounded(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -349,7 +406,9 @@ impl AsyncWrite for Tracked {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.bounded(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

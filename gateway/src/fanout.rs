@@ -48,6 +48,8 @@ struct Inner {
     pending: VecDeque<Bytes>,
     /// Bytes of `pending[0]` already written.
     written: usize,
+    /// Bytes written since the start: what tells progress from a stuck socket.
+    total: u64,
     lagged: bool,
     failed: bool,
 }
@@ -72,6 +74,8 @@ pub enum DrainError {
     Failed,
     /// The socket took nothing for the whole wait: the client stopped reading.
     Stuck,
+    /// The client fell more than `--client-queue` frames behind meanwhile.
+    Lagged,
 }
 
 impl Client {
@@ -82,6 +86,7 @@ impl Client {
                 io: Box::new(io),
                 pending: VecDeque::new(),
                 written: 0,
+                total: 0,
                 lagged: false,
                 failed: false,
             }),
@@ -150,8 +155,20 @@ impl Client {
     }
 
     /// Writes the whole queue, waiting for room as needed; each wait for room is bounded by
-    /// `no_progress`. `Err` if the connection failed or stayed full that long.
+    /// `no_progress` (frames added meanwhile are not progress; bytes written are). `Err` if the
+    /// connection failed or stayed full that long. (Used to deliver the last frames, a close
+    /// frame, to a client that lagged.)
     pub async fn drain(&self, no_progress: Duration) -> Result<(), DrainError> {
+        self.write_out(no_progress, false).await
+    }
+
+    /// [`Client::drain`] for a live session: also gives up as soon as the client lags.
+    pub async fn drain_live(&self, no_progress: Duration) -> Result<(), DrainError> {
+        self.write_out(no_progress, true).await
+    }
+
+    async fn write_out(&self, no_progress: Duration, until_lagged: bool) -> Result<(), DrainError> {
+        let mut deadline = tokio::time::Instant::now() + no_progress;
         loop {
             let before = self.progress();
             let step = poll_fn(|cx| {
@@ -159,27 +176,37 @@ impl Client {
                 inner.write(cx);
                 if inner.failed {
                     Poll::Ready(Err(DrainError::Failed))
+                } else if until_lagged && inner.lagged {
+                    Poll::Ready(Err(DrainError::Lagged))
                 } else if inner.pending.is_empty() {
                     Poll::Ready(Ok(true))
-                } else if (inner.pending.len(), inner.written) != before {
+                } else if inner.total != before {
                     Poll::Ready(Ok(false))
                 } else {
                     Poll::Pending
                 }
             });
-            match tokio::time::timeout(no_progress, step).await {
-                Ok(Ok(true)) => return Ok(()),
+            // The fan-out wakes the session when the client lags: look again then.
+            let step = async {
+                tokio::select! {
+                    step = step => Some(step),
+                    () = self.wake.notified(), if until_lagged => None,
+                }
+            };
+            match tokio::time::timeout_at(deadline, step).await {
+                Ok(Some(Ok(true))) => return Ok(()),
                 // Some bytes went out: the clock starts again.
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => return Err(e),
+                Ok(Some(Ok(false))) => deadline = tokio::time::Instant::now() + no_progress,
+                Ok(Some(Err(e))) => return Err(e),
+                // Woken: a frame was added (not progress) or the client lags.
+                Ok(None) => {}
                 Err(_) => return Err(DrainError::Stuck),
             }
         }
     }
 
-    fn progress(&self) -> (usize, usize) {
-        let inner = self.inner();
-        (inner.pending.len(), inner.written)
+    fn progress(&self) -> u64 {
+        self.inner().total
     }
 
     /// Waits until the fan-out or a control write needs the session.
@@ -210,6 +237,7 @@ impl Inner {
                 Poll::Ready(Ok(n)) => {
                     let whole = n == rest.len();
                     self.written += n;
+                    self.total += n as u64;
                     if whole {
                         self.pending.pop_front();
                         self.written = 0;
@@ -250,9 +278,12 @@ pub fn format(frame: Frame) -> Bytes {
 pub(crate) mod tests {
     use std::time::Duration;
 
+    use std::sync::Arc;
+
     use tokio::{
         io::AsyncReadExt,
         net::{TcpSocket, TcpStream},
+        task::JoinHandle,
     };
 
     use super::*;
@@ -318,6 +349,45 @@ pub(crate) mod tests {
         client.drain(Duration::from_secs(5)).await.unwrap();
         drop(client);
         assert_eq!(reader.await.unwrap(), taken * big.len());
+    }
+
+    /// A full socket, and a task that keeps adding small frames to it.
+    async fn fed_while_full(queue_limit: usize) -> (Arc<Client>, TcpStream, JoinHandle<()>) {
+        let (server, peer) = pair().await;
+        let client = Arc::new(Client::new(server, queue_limit));
+        let big = text_frame(&"x".repeat(60_000));
+        while client.flush() != Pending::Bytes {
+            client.push_data(&big);
+        }
+        let fed = Arc::clone(&client);
+        let feeder = tokio::spawn(async move {
+            let small = text_frame("y");
+            loop {
+                fed.push_data(&small);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        (client, peer, feeder)
+    }
+
+    #[tokio::test]
+    async fn frames_added_while_waiting_are_not_progress() {
+        let (client, _peer, feeder) = fed_while_full(1_000_000).await;
+        assert_eq!(
+            client.drain(Duration::from_millis(200)).await,
+            Err(DrainError::Stuck)
+        );
+        feeder.abort();
+    }
+
+    #[tokio::test]
+    async fn a_live_drain_ends_when_the_client_lags() {
+        let (client, _peer, feeder) = fed_while_full(20).await;
+        assert_eq!(
+            client.drain_live(Duration::from_secs(30)).await,
+            Err(DrainError::Lagged)
+        );
+        feeder.abort();
     }
 
     #[tokio::test]

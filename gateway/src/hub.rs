@@ -171,8 +171,13 @@ fn fan_out(clients: &[Arc<Client>], frame: &Bytes, parallel_from: usize) -> usiz
         return push(clients);
     }
     let (first, second) = clients.split_at(clients.len() / 2);
+    // Writes may start timers (a connection's write-stall deadline), which need the runtime.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     std::thread::scope(|scope| {
-        let helper = scope.spawn(|| push(second));
+        let helper = scope.spawn(|| {
+            let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
+            push(second)
+        });
         let mine = push(first);
         // A panic in the helper cannot happen short of a bug; count its half as not sent.
         mine + helper.join().unwrap_or(0)

@@ -111,6 +111,7 @@ pub async fn serve(
     let limits = connections::Limits {
         max_connections: config.options.max_connections,
         header_timeout: config.options.header_timeout,
+        send_timeout: config.options.send_timeout,
     };
     if limits.max_connections <= config.options.max_clients {
         tracing::warn!(

@@ -170,10 +170,10 @@ async fn serve(ws: &mut WebSocketStream<Wire>, client: &Client, app: &AppState) 
             () = &mut shutdown => Err(Ending::SHUTDOWN),
             () = client.woken() => match client.flush() {
                 Pending::Nothing => Ok(()),
-                Pending::Bytes => match client.drain(app.options.send_timeout).await {
+                Pending::Bytes => match client.drain_live(app.options.send_timeout).await {
                     Ok(()) => Ok(()),
                     Err(DrainError::Failed) => Err(Ending::Gone),
-                    Err(DrainError::Stuck) => Err(Ending::SLOW),
+                    Err(DrainError::Stuck | DrainError::Lagged) => Err(Ending::SLOW),
                 },
                 Pending::Lagged => Err(Ending::SLOW),
                 Pending::Failed => Err(Ending::Gone),
