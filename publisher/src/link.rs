@@ -51,6 +51,9 @@ pub enum Update {
 
 /// How many readings may be handed to rumqttc before their PUBACKs arrive.
 const WINDOW: usize = 32;
+
+/// See where the event loop is set up.
+const CONNECT_TIMEOUT_SECS: u64 = 2;
 /// How long a clean shutdown waits for the broker to take `offline` and the disconnect.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for buffered readings to be acknowledged.
@@ -134,6 +137,12 @@ pub async fn run(
     let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
     // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
     events.network_options.set_tcp_nodelay(true);
+    // A connect that got no CONNACK within this many seconds is given up and tried again: a
+    // broker that answers answers in milliseconds, and after a silent network cut the attempt
+    // started during the cut must not hold the reconnection back for rumqttc's default 5 s.
+    events
+        .network_options
+        .set_connection_timeout(CONNECT_TIMEOUT_SECS);
     metrics
         .buffer_capacity
         .set(i64::try_from(buffer).unwrap_or(i64::MAX));
