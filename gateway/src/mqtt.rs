@@ -17,7 +17,7 @@ use std::{
 };
 
 use k3sense_protocol::{
-    Availability, Backoff, MqttConfig, Reading, ReplayRequest, SensorId, TopicKind, Topics,
+    Availability, MqttConfig, Reading, ReplayRequest, SensorId, TopicKind, Topics,
 };
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
@@ -64,9 +64,11 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let mut hole_check = tokio::time::interval(HOLE_CHECK);
     hole_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked: HashMap<(SensorId, u64), u32> = HashMap::new();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut complaints = Complaints::default();
     tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
+    // Polled to the end of each poll by a task of its own: a poll dropped by this `select!`
+    // (the hole check's tick) would abandon a connection half-opened.
+    let (mut events, pump) = k3sense_protocol::pump(events, 64);
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -85,11 +87,13 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                 }
                 continue;
             }
-            event = events.poll() => event,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
                 tracing::info!(broker = %mqtt.broker, "connected to the MQTT broker");
                 if let Err(e) = client.try_subscribe_many(filters.clone()) {
                     tracing::error!(error = %e, "cannot queue the subscription");
@@ -135,17 +139,13 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                 resume = true;
                 link.subscribed.store(false, Ordering::SeqCst);
                 link.metrics.broker_connected.set(0);
-                let delay = backoff.next_delay();
-                tracing::warn!(broker = %mqtt.broker, error = %e, retry_in = ?delay, "MQTT connection lost; readings will resume once the broker is back");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
-                }
+                tracing::warn!(broker = %mqtt.broker, error = %e, "MQTT connection lost; readings will resume once the broker is back (retrying with backoff)");
             }
         }
     }
     link.subscribed.store(false, Ordering::SeqCst);
     let _ = client.try_disconnect();
+    pump.abort();
     Ok(())
 }
 

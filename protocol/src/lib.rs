@@ -35,7 +35,7 @@ mod topic;
 pub mod ws;
 
 pub use availability::Availability;
-pub use client::{Backoff, MqttConfig};
+pub use client::{Backoff, MqttConfig, MqttEvents, pump};
 pub use error::{Error, Result};
 pub use reading::{MAX_PAYLOAD_BYTES, Model, Reading, format_read_at};
 pub use replay::ReplayRequest;

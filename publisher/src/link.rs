@@ -8,11 +8,11 @@
 //! connection dies; on shutdown it publishes `offline` itself and disconnects cleanly. It keeps
 //! the connection, buffer and reading metrics up to date.
 //!
-//! rumqttc's event loop runs in a task of its own ([`pump`]) and hands every event over a
-//! channel: `EventLoop::poll` must not be dropped half-way, and in a `select!` beside the
-//! readings it would be, whenever a reading arrived while it was connecting. That dropped the
-//! half-open connection, which the broker took for a crash: it published the last will
-//! (`offline`, retained) just after the next connection had said `online`.
+//! rumqttc's event loop runs in a task of its own ([`k3sense_protocol::pump`]) and hands every
+//! event over a channel: `EventLoop::poll` must not be dropped half-way, and in a `select!`
+//! beside the readings it would be, whenever a reading arrived while it was connecting. That
+//! dropped the half-open connection, which the broker took for a crash: it published the last
+//! will (`offline`, retained) just after the next connection had said `online`.
 //!
 //! It also makes the publisher the source of truth for gateways:
 //! - `seq` continues across publisher restarts: before its first reading goes out, the link
@@ -29,10 +29,10 @@ use std::{
 };
 
 use k3sense_protocol::{
-    Availability, Backoff, MqttConfig, Reading, ReplayRequest, SensorId, Topics,
+    Availability, MqttConfig, MqttEvents, Reading, ReplayRequest, SensorId, Topics,
 };
 use rumqttc::Publish;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -167,7 +167,7 @@ pub async fn run(
         seq_deadline: None,
     };
     tracing::info!(broker = %mqtt.broker, sensor_id = %link.id, "connecting to the MQTT broker");
-    let (mut events, pump) = pump(events);
+    let (mut events, pump) = k3sense_protocol::pump(events, WINDOW);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -198,38 +198,6 @@ pub async fn run(
     link.goodbye(&mut events).await;
     pump.abort();
     Ok(())
-}
-
-/// The events of rumqttc's event loop, polled to the end of each `poll` by a task of its own
-/// (see the module docs), with a jittered backoff after each failure.
-fn pump(
-    mut events: EventLoop,
-) -> (
-    mpsc::Receiver<Result<Event, ConnectionError>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::channel(WINDOW);
-    let task = tokio::spawn(async move {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        loop {
-            let event = events.poll().await;
-            let delay = match &event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff.reset();
-                    None
-                }
-                Ok(_) => None,
-                Err(_) => Some(backoff.next_delay()),
-            };
-            if tx.send(event).await.is_err() {
-                return;
-            }
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
-            }
-        }
-    });
-    (rx, task)
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -535,7 +503,7 @@ impl Link {
 
     /// Publishes `offline` and disconnects, so the broker does not fire the will and
     /// subscribers see a deliberate stop.
-    async fn goodbye(&mut self, events: &mut mpsc::Receiver<Result<Event, ConnectionError>>) {
+    async fn goodbye(&mut self, events: &mut MqttEvents) {
         if self.connected && !self.outbox.is_empty() {
             // Hand over what is still buffered before saying goodbye, within a bound: a stop
             // (a rollout, Ctrl-C) must not lose readings the broker could still take.
