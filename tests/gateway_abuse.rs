@@ -36,7 +36,10 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 
 mod support;
-use support::{free_addr, http_get, start_broker, start_gateway_with, try_http_get, wait_ready};
+use support::{
+    free_addr, http_get, metric, start_broker, start_gateway_with, try_http_get, wait_metric,
+    wait_ready,
+};
 
 /// Upper bound for anything that should happen "at once". Generous: CI has two cores, and the
 /// tests of this file run side by side (the flood alone opens 6,000 descriptors in this
@@ -62,35 +65,6 @@ async fn start_gateway(broker: SocketAddr, options: Options) -> Gateway {
         addr,
         shutdown,
         _task: task,
-    }
-}
-
-/// The value of one sample in the `/metrics` text (0 when absent).
-async fn metric(addr: SocketAddr, sample: &str) -> f64 {
-    let (status, text) = http_get(addr, "/metrics").await;
-    assert_eq!(status, 200);
-    sample_value(&text, sample)
-}
-
-fn sample_value(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Polls `/metrics` until `sample` satisfies `done`; returns its value.
-async fn wait_metric(addr: SocketAddr, sample: &str, done: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + SOON;
-    loop {
-        let now = metric(addr, sample).await;
-        if done(now) {
-            return now;
-        }
-        if Instant::now() >= deadline {
-            let (_, all) = http_get(addr, "/metrics").await;
-            panic!("{sample} stayed at {now}; all metrics:\n{all}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

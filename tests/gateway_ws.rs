@@ -23,37 +23,22 @@ use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     task::JoinHandle,
 };
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
+    connect_async,
     tungstenite::{self, Message, client::IntoClientRequest, protocol::frame::coding::CloseCode},
 };
 use tokio_util::sync::CancellationToken;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+mod support;
+use support::{
+    Ws, free_port, http_get, metric, start_broker, start_gateway_with, wait_metric, wait_ready,
+};
 
 /// Upper bound for anything that should happen "at once".
 const SOON: Duration = Duration::from_secs(5);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_broker() -> SocketAddr {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let started = k3sense_broker::start(&k3sense_broker::Config::new(addr))
-        .await
-        .unwrap();
-    // The broker serves until the process ends; `serve` only watches its thread.
-    tokio::spawn(started.serve(CancellationToken::new()));
-    addr
-}
 
 struct Gateway {
     addr: SocketAddr,
@@ -62,81 +47,12 @@ struct Gateway {
 }
 
 async fn start_gateway(broker: SocketAddr, options: Options) -> Gateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut config = k3sense_gateway::Config::new(addr, broker.to_string());
-    config.options = options;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(k3sense_gateway::serve(listener, config, shutdown.clone()));
-    wait_ready(addr).await;
+    let (addr, task) = start_gateway_with(broker, Some(options), shutdown.clone()).await;
     Gateway {
         addr,
         shutdown,
         task,
-    }
-}
-
-/// Polls `/readyz` until the gateway is subscribed to the broker.
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok((200, _)) = try_get(addr, "/readyz").await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "gateway {addr} never got ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A plain HTTP/1.1 GET: status code and body.
-async fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(SOON, stream.read_to_end(&mut response))
-        .await
-        .map_err(|_| std::io::Error::other("response timed out"))??;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    try_get(addr, path).await.unwrap()
-}
-
-/// The value of one sample in the `/metrics` text, e.g.
-/// `k3sense_gateway_invalid_messages_total{reason="malformed"}`.
-async fn metric(addr: SocketAddr, sample: &str) -> f64 {
-    let (status, text) = get(addr, "/metrics").await;
-    assert_eq!(status, 200);
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Polls `/metrics` until `sample` is `value`.
-async fn wait_metric(addr: SocketAddr, sample: &str, value: f64) {
-    let deadline = Instant::now() + SOON;
-    loop {
-        let now = metric(addr, sample).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sample} is {now}, expected {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -229,7 +145,7 @@ async fn next_close(ws: &mut Ws) -> CloseCode {
 /// Polls until the gateway knows `id` (retained messages arrive after the subscription).
 async fn wait_sensor(addr: SocketAddr, id: &str) {
     let deadline = Instant::now() + SOON;
-    while !get(addr, "/api/sensors")
+    while !http_get(addr, "/api/sensors")
         .await
         .1
         .contains(&format!("\"{id}\""))
@@ -272,7 +188,7 @@ async fn snapshot_then_live_readings_and_availability() {
         serde_json::json!({"type": "availability", "sensor_id": "pi-1", "status": "offline"})
     );
 
-    let (status, body) = get(gw.addr, "/api/sensors").await;
+    let (status, body) = http_get(gw.addr, "/api/sensors").await;
     assert_eq!(status, 200);
     let api: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(api[0]["status"], "offline");
@@ -361,16 +277,16 @@ async fn history_api_limits_since_and_errors() {
             .map(|r| r["seq"].as_u64().unwrap())
             .collect()
     };
-    let (status, body) = get(gw.addr, "/api/sensors/pi-1/history").await;
+    let (status, body) = http_get(gw.addr, "/api/sensors/pi-1/history").await;
     assert_eq!(status, 200);
     assert_eq!(history(body.clone()), [3, 4, 5, 6], "bounded, oldest first");
     let third: Value = serde_json::from_str(&body).unwrap();
-    let (_, body) = get(gw.addr, "/api/sensors/pi-1/history?limit=2").await;
+    let (_, body) = http_get(gw.addr, "/api/sensors/pi-1/history?limit=2").await;
     assert_eq!(history(body), [5, 6]);
-    let (_, body) = get(gw.addr, "/api/sensors/pi-1/history?limit=1000").await;
+    let (_, body) = http_get(gw.addr, "/api/sensors/pi-1/history?limit=1000").await;
     assert_eq!(history(body), [3, 4, 5, 6]);
     let since = third[1]["read_at"].as_str().unwrap();
-    let (status, body) = get(
+    let (status, body) = http_get(
         gw.addr,
         &format!("/api/sensors/pi-1/history?since={since}&limit=10"),
     )
@@ -385,18 +301,18 @@ async fn history_api_limits_since_and_errors() {
         "limit=",
         "since=yesterday",
     ] {
-        let (status, body) = get(gw.addr, &format!("/api/sensors/pi-1/history?{bad}")).await;
+        let (status, body) = http_get(gw.addr, &format!("/api/sensors/pi-1/history?{bad}")).await;
         assert_eq!(status, 400, "{bad}: {body}");
         let error: Value = serde_json::from_str(&body).unwrap();
         assert!(error["error"].as_str().unwrap().contains("must"), "{body}");
     }
     for unknown in ["pi-2", "Not_A_Sensor"] {
-        let (status, body) = get(gw.addr, &format!("/api/sensors/{unknown}/history")).await;
+        let (status, body) = http_get(gw.addr, &format!("/api/sensors/{unknown}/history")).await;
         assert_eq!(status, 404, "{unknown}");
         let error: Value = serde_json::from_str(&body).unwrap();
         assert!(error["error"].as_str().unwrap().contains("/api/sensors"));
     }
-    let (status, _) = get(gw.addr, "/no/such/path").await;
+    let (status, _) = http_get(gw.addr, "/no/such/path").await;
     assert_eq!(status, 404);
 }
 
@@ -422,7 +338,7 @@ async fn beyond_the_connection_limit_ws_answers_503() {
     wait_metric(
         gw.addr,
         "k3sense_gateway_ws_rejected_total{reason=\"limit\"}",
-        1.0,
+        |v| v == 1.0,
     )
     .await;
 
@@ -506,7 +422,7 @@ async fn a_client_that_stops_reading_is_dropped_while_the_others_keep_up() {
     }
     assert!(dropped, "the stalled client was never dropped");
     assert_eq!(metric(gw.addr, slow).await, 1.0, "only the stalled client");
-    wait_metric(gw.addr, "k3sense_gateway_ws_clients", 2.0).await;
+    wait_metric(gw.addr, "k3sense_gateway_ws_clients", |v| v == 2.0).await;
 
     // Still on time afterwards: a reading reaches both fast clients at once.
     let published = Instant::now();
@@ -570,16 +486,16 @@ async fn invalid_payloads_are_counted_and_never_forwarded() {
         ("bad_availability", 1.0),
     ] {
         let sample = format!("k3sense_gateway_invalid_messages_total{{reason=\"{reason}\"}}");
-        wait_metric(gw.addr, &sample, count).await;
+        wait_metric(gw.addr, &sample, |v| v == count).await;
     }
     // All refused messages are processed by now; the next message is the next valid one.
     mqtt.reading("pi-1", 8, 21.0).await;
     assert_eq!(next_json(&mut ws).await["seq"], 8);
-    let (_, body) = get(gw.addr, "/api/sensors").await;
+    let (_, body) = http_get(gw.addr, "/api/sensors").await;
     let sensors: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(sensors.as_array().unwrap().len(), 1, "{body}");
     assert_eq!(sensors[0]["status"], "unknown");
-    let (_, body) = get(gw.addr, "/api/sensors/pi-1/history").await;
+    let (_, body) = http_get(gw.addr, "/api/sensors/pi-1/history").await;
     assert_eq!(
         serde_json::from_str::<Value>(&body)
             .unwrap()
@@ -632,7 +548,7 @@ async fn only_the_same_origin_and_listed_origins_may_open_ws() {
     wait_metric(
         gw.addr,
         "k3sense_gateway_ws_rejected_total{reason=\"origin\"}",
-        3.0,
+        |v| v == 3.0,
     )
     .await;
 }
@@ -656,7 +572,7 @@ async fn an_oversized_frame_closes_the_socket_with_1009() {
     wait_metric(
         gw.addr,
         "k3sense_gateway_ws_disconnects_total{reason=\"oversized\"}",
-        1.0,
+        |v| v == 1.0,
     )
     .await;
 }
@@ -703,7 +619,7 @@ async fn sigterm_drains_every_client_with_1001_then_exits() {
     }
     // The clients have not answered their close frames yet, so the gateway is still draining:
     // not ready, and refusing new WebSockets.
-    let (status, body) = get(addr, "/readyz").await;
+    let (status, body) = http_get(addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     match connect_async(format!("ws://{addr}/ws")).await {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),

@@ -110,6 +110,38 @@ pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16,
     Ok((status, body))
 }
 
+/// The value of one sample in a gateway's or broker's `/metrics` text (0 when absent), e.g.
+/// `k3sense_gateway_invalid_messages_total{reason="malformed"}`.
+pub async fn metric(addr: SocketAddr, sample: &str) -> f64 {
+    let (status, text) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    sample_value(&text, sample)
+}
+
+/// The value of one sample in a `/metrics` text (0 when absent).
+pub fn sample_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `/metrics` (there is no event for it) until `sample` satisfies `done`, for at most
+/// 20 s; returns its value, or panics with every metric.
+pub async fn wait_metric(addr: SocketAddr, sample: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = metric(addr, sample).await;
+        if done(now) {
+            return now;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let (_, all) = http_get(addr, "/metrics").await;
+            panic!("{sample} stayed at {now}; all metrics:\n{all}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `/readyz` says ready (subscribed to the broker).
 pub async fn wait_ready(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
