@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 mod support;
 use support::{
-    free_addr, http_get, metric, start_broker, start_gateway_with, try_http_get, wait_metric,
+    Gateway, free_addr, http_get, metric, spawn_gateway, start_broker, try_http_get, wait_metric,
     wait_ready,
 };
 
@@ -45,28 +45,6 @@ use support::{
 /// tests of this file run side by side (the flood alone opens 6,000 descriptors in this
 /// process); what is measured is printed, not asserted.
 const SOON: Duration = Duration::from_secs(20);
-
-struct Gateway {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    _task: JoinHandle<k3sense_gateway::Result<()>>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn start_gateway(broker: SocketAddr, options: Options) -> Gateway {
-    let shutdown = CancellationToken::new();
-    let (addr, task) = start_gateway_with(broker, Some(options), shutdown.clone()).await;
-    Gateway {
-        addr,
-        shutdown,
-        _task: task,
-    }
-}
 
 /// Connections open now; a scrape sees its own connection too.
 const OPEN: &str = "k3sense_gateway_connections";
@@ -204,7 +182,7 @@ impl Drop for Watcher {
 /// A broker, a feed, a gateway with `options` and a watching client already receiving.
 async fn scene(options: Options) -> (Gateway, Feed, Watcher) {
     let broker = start_broker().await;
-    let gateway = start_gateway(broker, options).await;
+    let gateway = spawn_gateway(broker, options).await;
     let feed = Feed::start(broker).await;
     let mut watcher = Watcher::connect(gateway.addr).await;
     watcher.keeps_receiving("before").await;

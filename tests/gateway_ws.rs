@@ -34,27 +34,11 @@ use tokio_util::sync::CancellationToken;
 
 mod support;
 use support::{
-    Ws, free_port, http_get, metric, start_broker, start_gateway_with, wait_metric, wait_ready,
+    Ws, free_port, http_get, metric, spawn_gateway, start_broker, wait_metric, wait_ready,
 };
 
 /// Upper bound for anything that should happen "at once".
 const SOON: Duration = Duration::from_secs(5);
-
-struct Gateway {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<k3sense_gateway::Result<()>>,
-}
-
-async fn start_gateway(broker: SocketAddr, options: Options) -> Gateway {
-    let shutdown = CancellationToken::new();
-    let (addr, task) = start_gateway_with(broker, Some(options), shutdown.clone()).await;
-    Gateway {
-        addr,
-        shutdown,
-        task,
-    }
-}
 
 /// An MQTT client standing in for a publisher, its event loop polled in a task.
 struct Mqtt {
@@ -161,7 +145,7 @@ async fn snapshot_then_live_readings_and_availability() {
     let mqtt = Mqtt::connect(broker, "test-pub").await;
     mqtt.publish("k3sense/pi-1/availability", "online").await;
     mqtt.reading("pi-1", 1, 21.5).await;
-    let gw = start_gateway(broker, Options::default()).await;
+    let mut gw = spawn_gateway(broker, Options::default()).await;
     wait_sensor(gw.addr, "pi-1").await;
 
     let mut ws = ws_connect(gw.addr).await;
@@ -201,7 +185,7 @@ async fn snapshot_then_live_readings_and_availability() {
     gw.shutdown.cancel();
     assert_eq!(next_close(&mut ws).await, CloseCode::Away);
     while let Some(Ok(_)) = ws.next().await {}
-    tokio::time::timeout(SOON, gw.task)
+    tokio::time::timeout(SOON, &mut gw.task)
         .await
         .expect("serve returns once its clients are gone")
         .unwrap()
@@ -211,7 +195,7 @@ async fn snapshot_then_live_readings_and_availability() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_publisher_reaches_websocket_clients() {
     let broker = start_broker().await;
-    let gw = start_gateway(broker, Options::default()).await;
+    let gw = spawn_gateway(broker, Options::default()).await;
     let mut ws = ws_connect(gw.addr).await;
     assert_eq!(next_json(&mut ws).await["type"], "snapshot");
 
@@ -251,7 +235,7 @@ async fn the_real_publisher_reaches_websocket_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_api_limits_since_and_errors() {
     let broker = start_broker().await;
-    let gw = start_gateway(
+    let gw = spawn_gateway(
         broker,
         Options {
             history: 4,
@@ -319,7 +303,7 @@ async fn history_api_limits_since_and_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_connection_limit_ws_answers_503() {
     let broker = start_broker().await;
-    let gw = start_gateway(
+    let gw = spawn_gateway(
         broker,
         Options {
             max_clients: 2,
@@ -382,7 +366,7 @@ async fn stalled_client(addr: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_while_the_others_keep_up() {
     let broker = start_broker().await;
-    let gw = start_gateway(
+    let gw = spawn_gateway(
         broker,
         Options {
             send_timeout: Duration::from_millis(500),
@@ -453,7 +437,7 @@ async fn a_client_that_stops_reading_is_dropped_while_the_others_keep_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_payloads_are_counted_and_never_forwarded() {
     let broker = start_broker().await;
-    let gw = start_gateway(broker, Options::default()).await;
+    let gw = spawn_gateway(broker, Options::default()).await;
     let mut ws = ws_connect(gw.addr).await;
     assert_eq!(next_json(&mut ws).await["sensors"], serde_json::json!([]));
     let mqtt = Mqtt::connect(broker, "test-pub").await;
@@ -509,7 +493,7 @@ async fn invalid_payloads_are_counted_and_never_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_same_origin_and_listed_origins_may_open_ws() {
     let broker = start_broker().await;
-    let gw = start_gateway(
+    let gw = spawn_gateway(
         broker,
         Options {
             allowed_origins: vec!["https://sensors.example.org".to_owned()],
@@ -556,7 +540,7 @@ async fn only_the_same_origin_and_listed_origins_may_open_ws() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_closes_the_socket_with_1009() {
     let broker = start_broker().await;
-    let gw = start_gateway(
+    let gw = spawn_gateway(
         broker,
         Options {
             max_frame: 1024,

@@ -68,6 +68,30 @@ pub async fn start_gateway_with(
     (addr, task)
 }
 
+/// A gateway started by [`spawn_gateway`]; dropping it stops it.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<k3sense_gateway::Result<()>>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A gateway with `options` against `broker`, ready (subscribed).
+pub async fn spawn_gateway(broker: SocketAddr, options: k3sense_gateway::Options) -> Gateway {
+    let shutdown = CancellationToken::new();
+    let (addr, task) = start_gateway_with(broker, Some(options), shutdown.clone()).await;
+    Gateway {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
 /// Starts a simulated publisher for `id`, reading every `interval`.
 pub fn start_publisher(
     broker: SocketAddr,
