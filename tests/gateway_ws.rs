@@ -538,6 +538,28 @@ async fn only_the_same_origin_and_listed_origins_may_open_ws() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_of_ws_that_is_no_websocket_handshake_gets_400() {
+    let broker = start_broker().await;
+    let gw = spawn_gateway(broker, Options::default()).await;
+    let (status, body) = http_get(gw.addr, "/ws").await;
+    assert_eq!(status, 400, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("Upgrade: websocket")
+    );
+    wait_metric(
+        gw.addr,
+        "k3sense_gateway_ws_rejected_total{reason=\"handshake\"}",
+        |v| v == 1.0,
+    )
+    .await;
+    assert_eq!(metric(gw.addr, "k3sense_gateway_ws_clients").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_closes_the_socket_with_1009() {
     let broker = start_broker().await;
     let gw = spawn_gateway(

@@ -64,7 +64,7 @@ const READ_BUFFER: usize = 512;
 
 /// Bytes a client may send per ping interval, in units of `--max-frame`: far above what a page
 /// sends (a pong per interval), far below what would keep a core busy.
-pub const INBOUND_BUDGET_FRAMES: usize = 16;
+pub(crate) const INBOUND_BUDGET_FRAMES: usize = 16;
 
 pub(crate) async fn upgrade(State(app): State<AppState>, request: Request) -> Response {
     if app.shutdown.is_cancelled() {
