@@ -538,10 +538,10 @@ impl Link {
             let _ = self.client.try_disconnect();
             return;
         }
-        // DISCONNECT only once the broker acknowledged `offline`: closing the socket while the
-        // broker still sends (an acknowledgement) makes the kernel answer with a reset, and a
-        // reset makes the broker's kernel discard whatever it had received but not yet read —
-        // `offline` included, with TCP_NODELAY about one stop in three in tests.
+        // DISCONNECT only once the broker acknowledged `offline`, so it is known to be there
+        // before the connection closes: closing while the broker still sends (an
+        // acknowledgement) can make the kernel answer with a reset, which may discard what the
+        // broker received but had not read yet.
         let done = tokio::time::timeout(GOODBYE_TIMEOUT, async {
             let mut offline_pkid = None;
             loop {
