@@ -191,7 +191,7 @@ async fn churn(addr: SocketAddr, from: u64, to: u64) {
 /// one does not arrive, or if either client ever had to reconnect.
 async fn live_traffic(
     broker: SocketAddr,
-    round_trips: Arc<AtomicU64>,
+    round_trips: tokio::sync::watch::Sender<u64>,
     stop: CancellationToken,
 ) -> Duration {
     let mut watcher = mqtt_subscriber(broker, LIVE_TOPIC).await;
@@ -229,7 +229,7 @@ async fn live_traffic(
             }
         }
         slowest = slowest.max(sent.elapsed());
-        round_trips.fetch_add(1, Ordering::Relaxed);
+        round_trips.send_modify(|n| *n += 1);
     }
     publisher.disconnect().await.unwrap();
     assert_eq!(
@@ -269,20 +269,20 @@ async fn twenty_thousand_fresh_client_ids_leave_memory_bounded_and_others_served
     let (broker, listen, metrics_at) = start_broker_process("info,rumqttd=warn").await;
     let pid = broker.0.id();
 
-    let round_trips = Arc::new(AtomicU64::new(0));
+    let (round_trips_tx, mut round_trips) = tokio::sync::watch::channel(0_u64);
     let stop = CancellationToken::new();
-    let live = tokio::spawn(live_traffic(listen, round_trips.clone(), stop.clone()));
-    while round_trips.load(Ordering::Relaxed) == 0 {
-        assert!(!live.is_finished(), "the live clients failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let live = tokio::spawn(live_traffic(listen, round_trips_tx, stop.clone()));
+    tokio::time::timeout(20 * SECOND, round_trips.wait_for(|n| *n > 0))
+        .await
+        .expect("no live round trip within 20 s")
+        .expect("the live clients failed");
     let before = wait_connected(metrics_at, 2).await;
     let started = std::time::Instant::now();
 
     let mut samples = Vec::new();
     let mut done = 0;
     for mark in [WARM_UP, MIDDLE, SESSIONS] {
-        let (from, trips) = (done, round_trips.load(Ordering::Relaxed));
+        let (from, trips) = (done, *round_trips.borrow());
         churn(listen, from, mark).await;
         done = mark;
         let now = wait_connected(metrics_at, 2).await;
@@ -291,17 +291,17 @@ async fn twenty_thousand_fresh_client_ids_leave_memory_bounded_and_others_served
         eprintln!(
             "{mark} sessions after {:.1?}: RSS {rss} KiB, {slots} slot ids, {} live round trips",
             started.elapsed(),
-            round_trips.load(Ordering::Relaxed)
+            *round_trips.borrow()
         );
         assert!(
-            round_trips.load(Ordering::Relaxed) > trips,
+            *round_trips.borrow() > trips,
             "the live clients got nothing through while sessions {from}..{mark} ran"
         );
         samples.push((rss, slots));
     }
     stop.cancel();
     let slowest = live.await.unwrap();
-    let trips = round_trips.load(Ordering::Relaxed);
+    let trips = *round_trips.borrow();
     eprintln!(
         "{SESSIONS} sessions in {:.1?}; {trips} live round trips, the slowest {slowest:?}",
         started.elapsed()
