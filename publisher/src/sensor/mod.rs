@@ -87,7 +87,7 @@ pub fn open(config: &SensorConfig) -> Result<Box<dyn Sensor>, OpenError> {
         SensorKind::Iio => {
             let device = match &config.iio_device {
                 Some(path) => path.clone(),
-                None => iio::find_device(std::path::Path::new(IIO_DEVICES))?,
+                None => iio::find_device(std::path::Path::new(IIO_DEVICES), config.gpio)?,
             };
             Ok(Box::new(IioSensor::open(model, device)?))
         }
