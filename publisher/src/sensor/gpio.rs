@@ -19,7 +19,7 @@ use std::{
 use k3sense_protocol::Model;
 use rppal::gpio::{Bias, Gpio, IoPin, Mode};
 
-use super::{OpenError, ReadError, Sensor};
+use super::{OpenError, ReadError, Sensor, gpio_devices};
 use crate::dht::{self, Edge, Level, Measurement, timing::FRAME_BITS};
 
 /// How long the busy-poll may run after the release: the whole frame takes about 5 ms.
@@ -225,14 +225,61 @@ fn reduce_preemption(pin: u8) {
     }
 }
 
+/// Whether this Pi's GPIO is the Pi 5's RP1, whose registers are /dev/gpiomem0.
+fn is_rp1() -> bool {
+    use rppal::system::{DeviceInfo, Model as Pi};
+    DeviceInfo::new().is_ok_and(|info| {
+        matches!(
+            info.model(),
+            Pi::RaspberryPi5
+                | Pi::RaspberryPi500
+                | Pi::RaspberryPiComputeModule5
+                | Pi::RaspberryPiComputeModule5Lite
+        )
+    })
+}
+
+/// For a failed device open, the file that failed and why, found by opening what rppal opens
+/// under /dev (rppal's own error keeps too little; see [`gpio_devices`]).
+fn diagnose(error: &rppal::gpio::Error) -> Option<String> {
+    use rppal::gpio::Error as E;
+    let not_found = match error {
+        E::PermissionDenied(_) => false,
+        E::Io(e) => e.kind() == std::io::ErrorKind::NotFound,
+        _ => return None,
+    };
+    let failure = gpio_devices::probe(std::path::Path::new("/dev"), is_rp1(), not_found)?;
+    Some(gpio_devices::explain(
+        &failure,
+        &gpio_devices::Identity::current(),
+    ))
+}
+
 /// The one message for a GPIO open failure: the cause, then the fix.
 fn open_error(model: Model, pin: u8, error: &rppal::gpio::Error) -> OpenError {
+    open_error_with(model, pin, error, diagnose(error))
+}
+
+/// [`open_error`] with the device diagnosis given (`None`: none found or not a device error).
+fn open_error_with(
+    model: Model,
+    pin: u8,
+    error: &rppal::gpio::Error,
+    diagnosis: Option<String>,
+) -> OpenError {
     use rppal::gpio::Error as E;
     let what = format!("cannot read the {model} on GPIO {pin}");
-    let device_fix = "expose /dev/gpiomem to the publisher with the gpio-device-plugin overlay \
-         (deploy/overlays/gpio-device-plugin), or outside Kubernetes add the user to group gpio \
-         (`sudo usermod -aG gpio $USER`); or use --sensor iio with `dtoverlay=dht11,gpiopin=N`, \
-         which needs no device access";
+    let device_fix = "pass /dev/gpiomem (Pi 5: /dev/gpiomem0) and /dev/gpiochip0 to the \
+         publisher with the gpio-device-plugin overlay (deploy/overlays/gpio-device-plugin), and \
+         give it their group (the gpio group id setting there); outside Kubernetes add the user \
+         to that group (`sudo usermod -aG gpio $USER`); or use --sensor iio with \
+         `dtoverlay=dht11,gpiopin=N`, which needs no device access";
+    if let Some(diagnosis) = diagnosis {
+        return OpenError(format!(
+            "{what}: {diagnosis} (rppal: {error}). Or use --sensor iio with \
+             `dtoverlay=dht11,gpiopin=N`, which needs no device access"
+        ));
+    }
     let text = match error {
         E::UnknownModel => format!(
             "{what}: this machine is not a Raspberry Pi (rppal: {error}). Run the publisher on \
@@ -247,7 +294,8 @@ fn open_error(model: Model, pin: u8, error: &rppal::gpio::Error) -> OpenError {
             format!("{what}: permission denied opening the GPIO device ({e}). Fix: {device_fix}")
         }
         E::Io(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
-            "{what}: /dev/gpiomem does not exist in this container or host ({e}). Fix: {device_fix}"
+            "{what}: a GPIO device file (/dev/gpiomem, /dev/gpiomem0 or /dev/gpiochipN) does not \
+             exist in this container or host ({e}). Fix: {device_fix}"
         ),
         E::PinNotAvailable(_) => format!(
             "{what}: this Pi has no GPIO {pin}; --gpio takes the BCM number (GPIO4 is physical \
@@ -363,13 +411,31 @@ mod tests {
         let e = open_error(Model::Dht11, 4, &rppal::gpio::Error::UnknownModel);
         assert!(e.0.contains("not a Raspberry Pi"), "{e}");
         assert!(e.0.contains("k3sense.io/sensor=dht11"), "{e}");
-        let e = open_error(
+        let e = open_error_with(
             Model::Dht22,
             4,
             &rppal::gpio::Error::PermissionDenied("/dev/gpiomem".into()),
+            None,
         );
         assert!(
-            e.0.contains("gpio-device-plugin") && e.0.contains("group gpio"),
+            e.0.contains("gpio-device-plugin") && e.0.contains("/dev/gpiochip0"),
+            "{e}"
+        );
+        // With a diagnosis, the message is the diagnosis, with rppal's words after it.
+        let e = open_error_with(
+            Model::Dht11,
+            4,
+            &rppal::gpio::Error::PermissionDenied("/dev/gpiochip0".into()),
+            Some("permission denied opening /dev/gpiochip0 (…)".into()),
+        );
+        assert!(
+            e.0.starts_with(
+                "cannot read the dht11 on GPIO 4: permission denied opening /dev/gpiochip0"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.0.contains("rppal: Permission denied: /dev/gpiochip0"),
             "{e}"
         );
     }

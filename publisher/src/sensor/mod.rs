@@ -14,6 +14,7 @@
 //! reports the sensor `offline` and tries again periodically.
 
 mod gpio;
+mod gpio_devices;
 mod iio;
 mod sim;
 
