@@ -13,6 +13,8 @@
 //! - every `K3SENSE_*` variable a container sets is one that its subcommand's `--help` lists, and the
 //!   image tag is the crate's version;
 //! - the publisher schedules only on a node labelled `k3sense.io/sensor` (except in `dev`);
+//! - the gpio-device-plugin overlay requests both device files rppal opens (gpiomem and gpiochip0;
+//!   on a Pi 5, one uncommented line away, gpiomem0 and gpiochip0) and the gpio group id;
 //! - the NetworkPolicies admit exactly publisher→broker:1883, gateway→broker:1883,
 //!   Traefik (kube-system)→gateway:8080 and DNS, and nothing else to, from or within the namespace;
 //! - every pod is hardened, and every checkov skip carries a reason.
@@ -926,6 +928,83 @@ fn publisher_runs_only_on_a_labelled_sensor_node() {
             );
         }
     }
+}
+
+/// The `smarter-devices/*` extended resources the publisher container requests and its limits.
+fn device_resources(pod: &Pod) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let c = pod.containers().next().unwrap();
+    let devices = |v: &Value| {
+        string_map(v)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("smarter-devices/"))
+            .collect::<BTreeMap<_, _>>()
+    };
+    (
+        devices(&c["resources"]["requests"]),
+        devices(&c["resources"]["limits"]),
+    )
+}
+
+fn devices_of(names: &[&str]) -> BTreeMap<String, String> {
+    names
+        .iter()
+        .map(|n| (format!("smarter-devices/{n}"), "1".to_owned()))
+        .collect()
+}
+
+/// rppal's `Gpio::new()` opens the GPIO registers (/dev/gpiomem; Pi 5: /dev/gpiomem0) *and* the
+/// GPIO character device /dev/gpiochip0: the overlay must request both from the device plugin,
+/// and give the pod the group that owns them (the gpio group id, set in gpio-group.yaml).
+#[test]
+fn gpio_device_plugin_requests_gpiomem_and_gpiochip_and_the_gpio_group() {
+    let Some(renders) = renders() else { return };
+    let objects = &renders["overlays/gpio-device-plugin"];
+    let pod = the_pod(objects, "publisher");
+    let c = pod.containers().next().unwrap();
+    assert_eq!(env_value(c, "K3SENSE_SENSOR"), Some("dht11"));
+    let (requests, limits) = device_resources(&pod);
+    assert_eq!(requests, devices_of(&["gpiochip0", "gpiomem"]), "requests");
+    assert_eq!(
+        limits, requests,
+        "extended resources need limits equal to requests"
+    );
+    assert_eq!(
+        pod.spec["securityContext"]["supplementalGroups"],
+        serde_json::json!([997]),
+        "the gpio group id (Raspberry Pi OS's 997 by default)"
+    );
+    assert!(
+        !pod.spec["containers"][0]["securityContext"]["privileged"]
+            .as_bool()
+            .unwrap_or(false)
+    );
+
+    // A Pi 5 is one uncommented line away: gpiomem0 instead of gpiomem, gpiochip0 as before.
+    let copy = scratch_copy("pi5");
+    write_test_credentials(&copy.join("base/secrets"));
+    let kustomization = copy.join("overlays/gpio-device-plugin/kustomization.yaml");
+    let text = std::fs::read_to_string(&kustomization).unwrap();
+    let switched = text.replace("  # - path: pi5.yaml", "  - path: pi5.yaml");
+    assert_ne!(
+        switched, text,
+        "the Pi 5 line is no longer in the kustomization"
+    );
+    std::fs::write(&kustomization, switched).unwrap();
+    let out = kustomize(&copy.join("overlays/gpio-device-plugin"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pi5 = yaml_to_json(&out.stdout);
+    let _ = std::fs::remove_dir_all(&copy);
+    let (requests, limits) = device_resources(&the_pod(&pi5, "publisher"));
+    assert_eq!(
+        requests,
+        devices_of(&["gpiochip0", "gpiomem0"]),
+        "Pi 5 requests"
+    );
+    assert_eq!(limits, requests, "Pi 5 limits");
 }
 
 // ---------------------------------------------------------------------------------------------
