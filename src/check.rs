@@ -46,7 +46,8 @@ pub struct CheckArgs {
     )]
     pub gpio: u8,
 
-    /// IIO device directory for `iio` (found by its name, dht11, when not given).
+    /// IIO device directory for `iio` (when not given: the kernel dht11 driver's device, named
+    /// dht11@<pin in hex> on a Pi).
     #[arg(
         long,
         env = "K3SENSE_IIO_DEVICE",

@@ -31,12 +31,14 @@ pub struct SensorConfig {
     #[arg(long, env = "K3SENSE_MODEL", default_value = "dht11", value_parser = parse_model)]
     pub model: Model,
 
-    /// GPIO pin (BCM numbering) of the sensor's data line, for `dht11` / `dht22`.
+    /// GPIO pin (BCM numbering) of the sensor's data line, for `dht11` / `dht22` (and, for
+    /// `iio` with several kernel dht11 devices, which one).
     #[arg(long, env = "K3SENSE_GPIO", default_value_t = 4)]
     pub gpio: u8,
 
-    /// IIO device directory for `iio`, e.g. /sys/bus/iio/devices/iio:device0. Found by its
-    /// name (dht11) when not given.
+    /// IIO device directory for `iio`, e.g. /sys/bus/iio/devices/iio:device0. When not given,
+    /// the kernel dht11 driver's device: name dht11@<pin in hex> (the Pi overlay) or dht11, or
+    /// of_node/compatible dht11.
     #[arg(long, env = "K3SENSE_IIO_DEVICE", value_name = "PATH")]
     pub iio_device: Option<PathBuf>,
 
