@@ -255,8 +255,8 @@ async fn broker_down_ten_seconds_keeps_the_gateway_ready_and_the_socket_whole() 
     println!(
         "broker down {:.1} s: /readyz {} polls, all 200; socket told `unreachable` {:.2} s after the \
          kill, {} messages while down; `connected` {:.2} s after the restart, first new live reading \
-         {:.2} s, every seq {first}..={last} ({} readings, {} kept by the publisher while down) \
-         after {:.2} s",
+         {:.2} s, every seq {first}..={last} ({} readings, {} of them numbered between the last one seen \
+         before the kill and the restart) after {:.2} s",
         DOWN.as_secs_f64(),
         statuses.len(),
         told.as_secs_f64(),
