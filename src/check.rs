@@ -408,10 +408,11 @@ fn read_once(config: &SensorConfig) -> Result<(f64, f64, u32), SensorFailure> {
     Err(SensorFailure::Read(last))
 }
 
-/// GET /healthz and /readyz.
+/// GET /healthz, /readyz and /api/status (a ready gateway may have lost its broker: it then
+/// serves the last readings, and says so there).
 async fn check_gateway(url: &GatewayUrl, timeout: Duration) -> Outcome {
     let mut answers = Vec::new();
-    for path in ["/healthz", "/readyz"] {
+    for path in ["/healthz", "/readyz", "/api/status"] {
         let full = format!("{url}{path}");
         let (status, body) = match tokio::time::timeout(timeout, http_get(url, path)).await {
             Ok(Ok(answer)) => answer,
@@ -441,6 +442,8 @@ async fn check_gateway(url: &GatewayUrl, timeout: Duration) -> Outcome {
                      password, and run `k3sense check` with the same settings"
                 }
                 ("/readyz", 503) => "the gateway is shutting down or not yet started",
+                // A gateway from before /api/status: /readyz 200 meant subscribed there.
+                ("/api/status", 404) => break,
                 (_, 404) => "this is not a k3sense gateway (or the URL has a wrong base path)",
                 _ => "look at the gateway's log",
             };
@@ -448,6 +451,30 @@ async fn check_gateway(url: &GatewayUrl, timeout: Duration) -> Outcome {
                 problem: format!("{full} answered {status}: {said}"),
                 fix: fix.into(),
             };
+        }
+        if path == "/api/status" {
+            // {"broker":{"status":"connected","since":"…"}}, written compactly by the gateway.
+            let field = |name: &str| {
+                body.split(&format!("\"{name}\":\""))
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or("unknown")
+                    .to_owned()
+            };
+            if field("status") != "connected" {
+                return Outcome::Fail {
+                    problem: format!(
+                        "{full}: broker {} since {} (the page shows the last readings)",
+                        field("status"),
+                        field("since")
+                    ),
+                    fix: "the gateway cannot reach the broker: check that the broker runs, the \
+                          gateway's --broker, --username and password, and run `k3sense check` \
+                          with the same settings"
+                        .into(),
+                };
+            }
+            continue;
         }
         answers.push(format!("{path} 200"));
     }

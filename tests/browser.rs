@@ -8,7 +8,9 @@
 //! - a sensor whose readings stop turns `stale` after three of its intervals (the page derives
 //!   the interval from the readings: here 300 ms, floored at one second);
 //! - a publisher that dies turns `offline` when its last will fires;
-//! - when the gateway restarts the page reconnects on its own and shows the newest value.
+//! - when the gateway restarts the page reconnects on its own and shows the newest value;
+//! - when the broker dies the page stays, with a banner "broker unreachable — showing the last
+//!   readings" and the last values, and the banner goes once the broker is back.
 //!
 //! Screenshots land in `target/tmp/screenshots/` (light and dark, desktop and phone);
 //! `docs/screenshot.png` is a copy of one of them.
@@ -466,6 +468,106 @@ async fn the_page_shows_live_stale_offline_and_reconnects() {
     browser.screenshot("reconnected-desktop-light").await;
     browser.close().await;
     gateway.stop().await;
+}
+
+/// The broker banner as the page shows it: `{hidden, text}`.
+async fn banner(browser: &Browser) -> Value {
+    browser
+        .client
+        .execute(
+            r#"
+            const b = document.getElementById("broker-banner");
+            return { hidden: b.hidden || getComputedStyle(b).display === "none", text: b.textContent.replace(/\s+/g, " ").trim() };
+            "#,
+            vec![],
+        )
+        .await
+        .unwrap()
+}
+
+/// Polls the banner until `wanted` holds.
+async fn wait_banner(browser: &Browser, what: &str, wanted: impl Fn(&Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let now = banner(browser).await;
+        if wanted(&now) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{what} not seen; the banner is {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `k3sense broker` as its own process, so it can be killed like a crashed pod.
+fn broker_process(addr: SocketAddr) -> Child {
+    Child(
+        Command::new(env!("CARGO_BIN_EXE_k3sense"))
+            .args(["broker", "--listen", &addr.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_a_banner_while_the_broker_is_down() {
+    let Some((chromium, driver)) = tools() else {
+        return;
+    };
+    let _one_at_a_time = BROWSER.lock().await;
+    let broker: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut broker_child = broker_process(broker);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gateway = start_gateway(addr, broker).await;
+    let publisher = Publisher::connect(broker, "pub-banner", "pi-b").await;
+    publisher.availability("pi-b", "online").await;
+    publisher.reading("pi-b", 1, 21.5, 44.0, Utc::now()).await;
+    wait_history(addr, "pi-b", 1).await;
+
+    let browser = Browser::start(&chromium, &driver, false).await;
+    browser
+        .client
+        .goto(&format!("http://{addr}/"))
+        .await
+        .unwrap();
+    browser
+        .wait_for("pi-b", "the reading", Duration::from_secs(10), |c| {
+            c["connection"] == "connected" && c["temperature"] == "21.5"
+        })
+        .await;
+    assert_eq!(banner(&browser).await["hidden"], true);
+
+    // The broker dies: the page stays, keeps the last values and says why nothing new comes.
+    let _ = broker_child.0.kill();
+    let _ = broker_child.0.wait();
+    wait_banner(&browser, "the broker banner", |b| {
+        b["hidden"] == false
+            && b["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("broker unreachable — showing the last readings"))
+    })
+    .await;
+    let card = browser.card("pi-b").await;
+    assert_eq!(card["connection"], "connected", "{card}");
+    assert_eq!(card["temperature"], "21.5", "{card}");
+    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    browser.screenshot("broker-unreachable-desktop-light").await;
+
+    // Back on the same port: the banner goes, the page never reloaded.
+    broker_child = broker_process(broker);
+    wait_banner(&browser, "the banner gone", |b| b["hidden"] == true).await;
+    let card = browser.card("pi-b").await;
+    assert_eq!(card["connection"], "connected", "{card}");
+    browser.close().await;
+    gateway.stop().await;
+    publisher.kill();
+    drop(broker_child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -384,6 +384,44 @@ async fn check_exits_1_for_an_unhealthy_gateway() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_a_ready_gateway_that_lost_its_broker() {
+    // A gateway stays ready when its broker goes (it serves the last readings): `check` must
+    // still say the broker is missing, from /api/status.
+    let mqtt = free_addr();
+    let broker = Proc::start(BIN, &["broker", "--listen", &mqtt.to_string()]);
+    let stop = CancellationToken::new();
+    let (gateway, _) = start_gateway(mqtt, stop.clone()).await;
+    broker.signal("KILL");
+    drop(broker);
+    while !http_get(gateway, "/api/status")
+        .await
+        .1
+        .contains("unreachable")
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://{gateway}");
+    let (code, stdout, _) = run(k3sense(&[
+        "check",
+        "--skip",
+        "broker,sensor",
+        "--gateway",
+        &url,
+    ]))
+    .await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "gateway  FAIL  {url}/api/status: broker unreachable since 20"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cannot reach the broker"), "{stdout}");
+    assert_eq!(http_get(gateway, "/readyz").await.0, 200);
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn usage_errors_exit_2() {
     for args in [

@@ -17,7 +17,11 @@
 //!   on a Pi 5, one uncommented line away, gpiomem0 and gpiochip0) and the gpio group id;
 //! - the NetworkPolicies admit exactly publisher→broker:1883, gateway→broker:1883,
 //!   Traefik (kube-system)→gateway:8080 and DNS, and nothing else to, from or within the namespace;
-//! - every pod is hardened, and every checkov skip carries a reason.
+//! - every pod is hardened, and every checkov skip carries a reason;
+//! - broker and gateway leave a dead node within 30 s of its taint, and the gateway's budget lets a
+//!   drain through even when a gateway is not ready;
+//! - every single-sensor overlay runs its publisher as Deployment `publisher`, and the command
+//!   deploy/README.md gives for switching overlays deletes exactly the publisher workloads.
 //!
 //! Needs `kubectl` and `python3` with PyYAML. Without them the tests print a notice and pass, unless
 //! the environment variable `CI` is set, where they fail.
@@ -1005,6 +1009,103 @@ fn gpio_device_plugin_requests_gpiomem_and_gpiochip_and_the_gpio_group() {
         "Pi 5 requests"
     );
     assert_eq!(limits, requests, "Pi 5 limits");
+}
+
+/// The command deploy/README.md gives to run before switching overlays: kubectl apply never removes
+/// what the old overlay created, and two publishers of one sensor (same client id) would keep
+/// kicking each other off the broker.
+const DELETE_PUBLISHERS: &str =
+    "kubectl -n k3sense delete deployment,daemonset -l app.kubernetes.io/component=publisher";
+
+#[test]
+fn broker_and_gateway_leave_a_dead_node_soon_and_drains_are_not_blocked() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        for component in ["broker", "gateway"] {
+            let pod = the_pod(objects, component);
+            let tolerations = pod.spec["tolerations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for taint in [
+                "node.kubernetes.io/not-ready",
+                "node.kubernetes.io/unreachable",
+            ] {
+                let t = tolerations
+                    .iter()
+                    .find(|t| t["key"] == taint)
+                    .unwrap_or_else(|| panic!("{target}: {component} sets no toleration for {taint}, so it keeps the default 300 s"));
+                assert_eq!(t["operator"], "Exists", "{target}: {component} {taint}");
+                assert_eq!(t["effect"], "NoExecute", "{target}: {component} {taint}");
+                let seconds = t["tolerationSeconds"].as_u64().unwrap_or(u64::MAX);
+                assert!(
+                    (1..=30).contains(&seconds),
+                    "{target}: {component} stays {seconds} s on a dead node"
+                );
+            }
+            assert!(
+                tolerations.iter().all(|t| t["key"].is_string()),
+                "{target}: {component} has a toleration without a key (it would tolerate every taint)"
+            );
+        }
+        let budget = of_kind(objects, "PodDisruptionBudget")
+            .find(|b| name(b) == "gateway")
+            .unwrap_or_else(|| panic!("{target}: no gateway PodDisruptionBudget"));
+        assert_eq!(
+            budget["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow",
+            "{target}: a gateway that is not ready must not block a drain"
+        );
+    }
+}
+
+#[test]
+fn switching_overlays_keeps_one_publisher_per_sensor() {
+    let Some(renders) = renders() else { return };
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md")).unwrap();
+    assert!(
+        readme.contains(DELETE_PUBLISHERS),
+        "deploy/README.md must say how to switch overlays: {DELETE_PUBLISHERS}"
+    );
+    for (target, objects) in renders {
+        let runs_publisher = |o: &Value| {
+            o["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["args"][0] == "publisher")
+        };
+        let workloads: Vec<&Value> = objects
+            .iter()
+            .filter(|o| matches!(kind(o), "Deployment" | "DaemonSet"))
+            .collect();
+        // The delete selects by this label: it must catch every publisher and nothing else.
+        for w in &workloads {
+            let labelled = w["metadata"]["labels"]["app.kubernetes.io/component"] == "publisher";
+            assert_eq!(
+                labelled,
+                runs_publisher(w),
+                "{target}: {}/{} and the label {DELETE_PUBLISHERS:?} selects by",
+                kind(w),
+                name(w)
+            );
+        }
+        let publishers: Vec<String> = workloads
+            .iter()
+            .filter(|w| runs_publisher(w))
+            .map(|w| format!("{}/{}", kind(w), name(w)))
+            .collect();
+        if target == "overlays/multi-sensor" {
+            // A DaemonSet per model: names that no single-sensor overlay uses, hence the delete.
+            assert_eq!(
+                publishers,
+                ["DaemonSet/publisher-dht11", "DaemonSet/publisher-dht22"],
+                "{target}"
+            );
+        } else {
+            // Switching among these is a plain `kubectl apply -k`: the same Deployment, Recreate.
+            assert_eq!(publishers, ["Deployment/publisher"], "{target}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-// k3sense live page: one WebSocket to /ws, a snapshot first, then readings and availability.
+// k3sense live page: one WebSocket to /ws, a snapshot first, then readings, availability and
+// the gateway's broker link.
 // No build step, no dependencies: what is here is what runs.
 "use strict";
 
@@ -141,10 +142,24 @@ async function loadHistory(s, newest) {
   }
 }
 
+// The gateway's link to the MQTT broker: while it is down the gateway keeps serving what it
+// holds, and the page says so with a banner instead of going blank. The snapshot carries the
+// link (a gateway older than that sends none: no banner), `broker` messages each change.
+function showBroker(link) {
+  const banner = document.getElementById("broker-banner");
+  const down = !!link && link.status === "unreachable";
+  banner.hidden = !down;
+  banner.dataset.status = link ? link.status : "unknown";
+  const at = link && Date.parse(link.since);
+  $(banner, ".banner-since").textContent =
+    down && !Number.isNaN(at) ? `(since ${new Date(at).toLocaleTimeString()})` : "";
+}
+
 function onMessage(event) {
   let m;
   try { m = JSON.parse(event.data); } catch (e) { return; }
   if (m.type === "snapshot") {
+    showBroker(m.broker);
     for (const entry of m.sensors) {
       const s = sensorFor(entry.sensor_id);
       const held = s.history.length ? s.history[s.history.length - 1] : null;
@@ -163,6 +178,8 @@ function onMessage(event) {
     const s = sensorFor(m.sensor_id);
     s.status = m.status;
     render(s);
+  } else if (m.type === "broker") {
+    showBroker(m);
   }
 }
 

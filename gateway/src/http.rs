@@ -1,9 +1,6 @@
 //! The HTTP surface: the page, `/ws`, the JSON API, health and metrics.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -18,14 +15,15 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{Error, Options, Result, hub::Hub, metrics::Metrics, page, ws};
+use crate::{Error, Options, Result, hub::Hub, link, metrics::Metrics, page, ws};
 
 /// Everything a request handler needs.
 #[derive(Clone)]
 pub struct AppState {
     pub(crate) hub: Arc<Hub>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) subscribed: Arc<AtomicBool>,
+    /// When serving began, for the readiness grace before the first subscription.
+    pub(crate) started: Instant,
     pub(crate) clients: Arc<Semaphore>,
     pub(crate) origins: Arc<Origins>,
     pub(crate) options: Arc<Options>,
@@ -40,7 +38,7 @@ impl AppState {
         Ok(Self {
             hub: Arc::new(Hub::new(options.history, options.client_queue)),
             metrics: Arc::new(Metrics::new()),
-            subscribed: Arc::new(AtomicBool::new(false)),
+            started: Instant::now(),
             clients: Arc::new(Semaphore::new(options.max_clients)),
             origins: Arc::new(origins),
             options: Arc::new(options),
@@ -59,6 +57,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/api/sensors", get(sensors))
         .route("/api/sensors/{id}/history", get(history))
+        .route("/api/status", get(status))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -156,19 +155,31 @@ async fn history(
     }
 }
 
+/// `GET /api/status`: `{"broker":{"status":"connected"|"unreachable","since":"…"}}`, the same
+/// link the WebSocket snapshot and `broker` messages carry.
+async fn status(State(app): State<AppState>) -> Response {
+    Json(serde_json::json!({ "broker": app.hub.broker() })).into_response()
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready means serving: listening and not draining. The broker link does not count once it was
+/// up (the gateway serves what it holds, and says so on the page and in `/api/status`); before
+/// the first subscription it does, for at most [`link::FIRST_SUBSCRIPTION_GRACE`], so a new pod
+/// does not take browsers away from one that has the readings.
 async fn readyz(State(app): State<AppState>) -> Response {
     if app.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else if app.subscribed.load(Ordering::SeqCst) {
+    } else if app.hub.broker_ever_connected()
+        || app.started.elapsed() >= link::FIRST_SUBSCRIPTION_GRACE
+    {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not subscribed to the MQTT broker\n",
+            "not yet subscribed to the MQTT broker (ready anyway 10 s after start)\n",
         )
             .into_response()
     }

@@ -13,11 +13,12 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
     Availability, Reading, ReplayRequest, SensorId,
-    ws::{SensorSummary, ServerMessage},
+    ws::{BrokerLink, SensorSummary, ServerMessage},
 };
 
 use crate::{
     fanout::{self, Client, Socket},
+    link::LinkState,
     state::Registry,
 };
 
@@ -32,6 +33,9 @@ pub struct Hub {
 
 struct Inner {
     registry: Registry,
+    /// The broker link, under the same lock as the clients: a joining client's snapshot and the
+    /// `broker` messages after it never disagree.
+    link: LinkState,
     /// Copied on write: a fan-out holds the list it started with while clients come and go.
     clients: Arc<Vec<Arc<Client>>>,
 }
@@ -45,6 +49,7 @@ impl Hub {
         Self {
             inner: Mutex::new(Inner {
                 registry: Registry::new(history),
+                link: LinkState::new(Utc::now()),
                 clients: Arc::default(),
             }),
             order: Mutex::new(()),
@@ -100,12 +105,39 @@ impl Hub {
         self.send(inner, message)
     }
 
+    /// Records that the gateway is subscribed to its broker (at `at`) and, if that is news, tells
+    /// every client.
+    pub fn broker_connected(&self, at: DateTime<Utc>) -> Sent {
+        let mut inner = self.lock();
+        let message = inner.link.connected(at).map(ServerMessage::Broker);
+        self.send(inner, message)
+    }
+
+    /// Records that the broker connection is lost or could not be made (at `at`) and, if that is
+    /// news, tells every client. Clients stay connected: they keep the readings they have.
+    pub fn broker_lost(&self, at: DateTime<Utc>) -> Sent {
+        let mut inner = self.lock();
+        let message = inner.link.lost(at).map(ServerMessage::Broker);
+        self.send(inner, message)
+    }
+
+    /// The broker link now, for `GET /api/status`.
+    pub fn broker(&self) -> BrokerLink {
+        self.lock().link.get()
+    }
+
+    /// Whether the gateway has been subscribed to its broker at least once since it started.
+    pub fn broker_ever_connected(&self) -> bool {
+        self.lock().link.ever_connected()
+    }
+
     /// Adds a client on `io`: it is sent a snapshot now and every update after it.
     pub fn join(&self, io: impl Socket + 'static) -> Arc<Client> {
         let client = Arc::new(Client::new(io, self.queue));
         let mut inner = self.lock();
         let snapshot = encode(&ServerMessage::Snapshot {
             sensors: inner.registry.summaries(),
+            broker: Some(inner.link.get()),
         });
         client.push_data(&fanout::text_frame(&snapshot));
         Arc::make_mut(&mut inner.clients).push(Arc::clone(&client));
@@ -244,6 +276,66 @@ mod tests {
                 .starts_with("{\"type\":\"availability\"")
         );
         assert!(next_text(&mut peer).await.contains("\"seq\":2"));
+    }
+
+    #[tokio::test]
+    async fn the_broker_link_is_in_the_snapshot_and_each_change_goes_to_every_client() {
+        let hub = Hub::new(10, 4);
+        let (_early, mut early) = join(&hub).await;
+        let snapshot: serde_json::Value =
+            serde_json::from_str(&next_text(&mut early).await).unwrap();
+        assert_eq!(
+            snapshot["broker"]["status"], "unreachable",
+            "not yet subscribed"
+        );
+        assert!(!hub.broker_ever_connected());
+
+        assert_eq!(hub.broker_connected(Utc::now()), Some(1));
+        assert_eq!(
+            hub.broker_connected(Utc::now()),
+            None,
+            "no change, no message"
+        );
+        assert!(hub.broker_ever_connected());
+        let up: serde_json::Value = serde_json::from_str(&next_text(&mut early).await).unwrap();
+        assert_eq!(
+            (up["type"].as_str(), up["status"].as_str()),
+            (Some("broker"), Some("connected"))
+        );
+
+        let (_late, mut late) = join(&hub).await;
+        let snapshot: serde_json::Value =
+            serde_json::from_str(&next_text(&mut late).await).unwrap();
+        assert_eq!(
+            snapshot["broker"],
+            up.as_object()
+                .map(|o| {
+                    let mut o = o.clone();
+                    o.remove("type");
+                    serde_json::Value::Object(o)
+                })
+                .unwrap()
+        );
+
+        let lost_at = Utc::now();
+        assert_eq!(hub.broker_lost(lost_at), Some(2));
+        assert_eq!(
+            hub.broker_lost(Utc::now()),
+            None,
+            "a failed retry is no change"
+        );
+        for peer in [&mut early, &mut late] {
+            let down: serde_json::Value = serde_json::from_str(&next_text(peer).await).unwrap();
+            assert_eq!(down["type"], "broker");
+            assert_eq!(down["status"], "unreachable");
+            assert_eq!(down["since"], k3sense_protocol::format_read_at(&lost_at));
+        }
+        assert_eq!(
+            k3sense_protocol::format_read_at(&hub.broker().since),
+            k3sense_protocol::format_read_at(&lost_at)
+        );
+        // Readings still reach the clients (replays arrive while the link is being restored).
+        assert_eq!(hub.reading(reading(1)), Some(2));
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@
 //! | `config` | [`Config`], [`Options`]: flags and `K3SENSE_*` variables |
 //! | `state` | [`Registry`], [`History`]: per-sensor status, latest reading, bounded history (pure) |
 //! | `hub` | [`Hub`]: state under one lock plus the clients every update goes to |
+//! | `link` | the broker link (connected or unreachable, since when) and what readiness makes of it (pure) |
 //! | `fanout` | each client's write side: one framed buffer written straight to every socket, queued only for a full one |
 //! | `mqtt` | the subscription loop |
 //! | `ws` | one WebSocket session per browser |
@@ -31,6 +32,7 @@ mod error;
 mod fanout;
 mod http;
 mod hub;
+mod link;
 mod metrics;
 mod mqtt;
 mod page;
@@ -84,7 +86,6 @@ pub async fn serve(
     let link = mqtt::Link {
         hub: Arc::clone(&state.hub),
         metrics: Arc::clone(&state.metrics),
-        subscribed: Arc::clone(&state.subscribed),
     };
     let mqtt_task = tasks.spawn(mqtt::run(config.mqtt.clone(), link, shutdown.clone()));
     tasks.close();

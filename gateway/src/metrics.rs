@@ -32,6 +32,8 @@ pub struct Metrics {
     pub invalid_messages: Family<Labels, Counter>,
     /// 1 while connected and subscribed to the broker.
     pub broker_connected: Gauge,
+    /// Subscribed broker connections lost (failed reconnect attempts are not counted).
+    pub broker_disconnects: Counter,
     /// Sensors known.
     pub sensors: Gauge,
     /// Replay requests sent to publishers (missing readings asked for again).
@@ -61,6 +63,7 @@ impl Metrics {
         let mqtt_messages = Family::<Labels, Counter>::default();
         let invalid_messages = Family::<Labels, Counter>::default();
         let broker_connected = Gauge::default();
+        let broker_disconnects = Counter::default();
         let sensors = Gauge::default();
         let replay_requests = Counter::default();
         let connections = Gauge::default();
@@ -108,6 +111,11 @@ impl Metrics {
             "1 while connected and subscribed to the MQTT broker",
             broker_connected.clone(),
         );
+        registry.register(
+            "broker_disconnects",
+            "Subscribed connections to the MQTT broker lost (the gateway keeps serving what it holds)",
+            broker_disconnects.clone(),
+        );
         registry.register("sensors", "Sensors known to the gateway", sensors.clone());
         registry.register(
             "replay_requests",
@@ -149,6 +157,7 @@ impl Metrics {
             mqtt_messages,
             invalid_messages,
             broker_connected,
+            broker_disconnects,
             sensors,
             replay_requests,
             connections,

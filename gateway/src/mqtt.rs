@@ -1,6 +1,7 @@
 //! The gateway's MQTT side: subscribe to every sensor's state, availability and replays,
-//! validate each message, feed the [`Hub`]. Reconnects forever with jittered backoff; readiness
-//! follows the subscription.
+//! validate each message, feed the [`Hub`]. Reconnects forever with jittered backoff. The link's
+//! state (subscribed or not, since when) goes to the hub, which tells pages and the API; losing
+//! it never closes a WebSocket or makes the gateway unready (see `crate::link`).
 //!
 //! Missing readings are asked for again (see `k3sense_protocol::ReplayRequest`): everything the
 //! publisher keeps when a sensor is first seen (a new gateway pod starts with a full chart), the
@@ -9,12 +10,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use chrono::Utc;
 
 use k3sense_protocol::{
     Availability, MqttConfig, Reading, ReplayRequest, SensorId, TopicKind, Topics,
@@ -28,8 +28,6 @@ use crate::{Result, hub::Hub, metrics::Metrics};
 pub(crate) struct Link {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
-    /// True while connected and subscribed: what `/readyz` reports.
-    pub subscribed: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -65,6 +63,8 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     hole_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked: HashMap<(SensorId, u64), u32> = HashMap::new();
     let mut complaints = Complaints::default();
+    // Connected and subscribed.
+    let mut subscribed = false;
     tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
     // Polled to the end of each poll by a task of its own: a poll dropped by this `select!`
     // (the hole check's tick) would abandon a connection half-opened.
@@ -73,7 +73,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             _ = hole_check.tick() => {
-                if link.subscribed.load(Ordering::SeqCst) {
+                if subscribed {
                     let holes = link.hub.holes(4);
                     // Forget holes that were filled, so the map stays as small as the gaps.
                     asked.retain(|key, _| holes.iter().any(|(id, r)| (id, r.after_seq) == (&key.0, key.1)));
@@ -110,9 +110,10 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                         topics.prefix()
                     );
                 } else {
-                    link.subscribed.store(true, Ordering::SeqCst);
+                    subscribed = true;
                     link.metrics.broker_connected.set(1);
-                    tracing::info!(prefix = topics.prefix(), "subscribed; ready");
+                    link.sent(link.hub.broker_connected(Utc::now()));
+                    tracing::info!(prefix = topics.prefix(), "subscribed; readings flow live");
                     if std::mem::take(&mut resume) {
                         for (id, seq) in link.hub.newest_seqs() {
                             let request = ReplayRequest {
@@ -137,13 +138,20 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
             Ok(_) => {}
             Err(e) => {
                 resume = true;
-                link.subscribed.store(false, Ordering::SeqCst);
                 link.metrics.broker_connected.set(0);
-                tracing::warn!(broker = %mqtt.broker, error = %e, "MQTT connection lost; readings will resume once the broker is back (retrying with backoff)");
+                link.sent(link.hub.broker_lost(Utc::now()));
+                if std::mem::take(&mut subscribed) {
+                    link.metrics.broker_disconnects.inc();
+                    tracing::warn!(broker = %mqtt.broker, error = %e, "MQTT connection lost; serving the readings held, WebSocket clients stay connected; readings resume once the broker is back (retrying with backoff)");
+                } else {
+                    let broker = &mqtt.broker;
+                    complaints.say("broker_unreachable", || {
+                        format!("cannot reach the MQTT broker at {broker}: {e}; serving the readings held and retrying with backoff (check --broker, --username and the password if this lasts)")
+                    });
+                }
             }
         }
     }
-    link.subscribed.store(false, Ordering::SeqCst);
     let _ = client.try_disconnect();
     pump.abort();
     Ok(())

@@ -6,14 +6,18 @@
 //! {"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"online","latest":{…Reading…}}]}
 //! {"type":"reading","sensor_id":"pi-1","model":"dht11","temperature_c":23.0,"humidity_pct":41.0,"read_at":"…","seq":43}
 //! {"type":"availability","sensor_id":"pi-1","status":"offline"}
+//! {"type":"broker","status":"unreachable","since":"2026-11-27T04:00:05.000Z"}
 //! ```
 //!
 //! A `snapshot` always comes first, so a client never has to ask for state; `GET /api/sensors`
-//! returns the same `sensors` array.
+//! returns the same `sensors` array. The snapshot also carries the gateway's `broker` link (the
+//! same object `GET /api/status` returns), and a `broker` message follows each change of it, so a
+//! page can say "broker unreachable — showing the last readings" while the gateway keeps serving.
 
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, Serializer};
 
-use crate::{Availability, Reading, SensorId};
+use crate::{Availability, Reading, SensorId, format_read_at};
 
 /// What the gateway knows of a sensor's publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -47,6 +51,32 @@ pub struct SensorSummary {
     pub latest: Option<Reading>,
 }
 
+/// Whether a gateway is connected (and subscribed) to its MQTT broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerStatus {
+    /// Subscribed: readings flow live.
+    Connected,
+    /// Not subscribed (the broker is down, restarting or not reachable, or not yet reached since
+    /// the gateway started): the gateway serves the readings it holds and retries.
+    Unreachable,
+}
+
+/// A gateway's link to its broker: in the snapshot, in `broker` messages and in `GET /api/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerLink {
+    /// Connected or not.
+    pub status: BrokerStatus,
+    /// Since when (RFC 3339, UTC, milliseconds, like `read_at`): for an unreachable broker, when
+    /// the connection was lost (or the gateway started, if it never got through).
+    #[serde(serialize_with = "serialize_since")]
+    pub since: DateTime<Utc>,
+}
+
+fn serialize_since<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_read_at(at))
+}
+
 /// A message from the gateway on `/ws`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -55,6 +85,9 @@ pub enum ServerMessage {
     Snapshot {
         /// Every known sensor, sorted by id.
         sensors: Vec<SensorSummary>,
+        /// The gateway's broker link (absent from gateways older than this field).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        broker: Option<BrokerLink>,
     },
     /// A new reading; the Reading's fields sit beside `type`.
     Reading(Reading),
@@ -65,6 +98,8 @@ pub enum ServerMessage {
         /// Its new status.
         status: SensorStatus,
     },
+    /// The gateway's broker link changed; its fields sit beside `type`.
+    Broker(BrokerLink),
 }
 
 #[cfg(test)]
@@ -104,11 +139,54 @@ mod tests {
                 status: SensorStatus::Unknown,
                 latest: None,
             }],
+            broker: None,
         })
         .unwrap();
         assert_eq!(
             json,
             r#"{"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"unknown","latest":null}]}"#
+        );
+    }
+
+    #[test]
+    fn broker_link_in_the_snapshot_and_as_a_message() {
+        let since = DateTime::parse_from_rfc3339("2026-11-27T04:00:05.5Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let link = BrokerLink {
+            status: BrokerStatus::Unreachable,
+            since,
+        };
+        let json = serde_json::to_string(&ServerMessage::Broker(link)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"broker","status":"unreachable","since":"2026-11-27T04:00:05.500Z"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(&json).unwrap(),
+            ServerMessage::Broker(link)
+        );
+        let json = serde_json::to_string(&ServerMessage::Snapshot {
+            sensors: vec![],
+            broker: Some(BrokerLink {
+                status: BrokerStatus::Connected,
+                since,
+            }),
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"snapshot","sensors":[],"broker":{"status":"connected","since":"2026-11-27T04:00:05.500Z"}}"#
+        );
+        // A snapshot from an older gateway, without the field, still reads.
+        let old: ServerMessage =
+            serde_json::from_str(r#"{"type":"snapshot","sensors":[]}"#).unwrap();
+        assert_eq!(
+            old,
+            ServerMessage::Snapshot {
+                sensors: vec![],
+                broker: None
+            }
         );
     }
 }

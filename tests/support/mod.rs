@@ -166,13 +166,19 @@ pub async fn wait_metric(addr: SocketAddr, sample: &str, done: impl Fn(f64) -> b
     }
 }
 
-/// Waits until `/readyz` says ready (subscribed to the broker).
+/// Waits until `/readyz` says ready and `/api/status` says the gateway is subscribed to its
+/// broker (readiness alone no longer says that: a gateway stays ready when the broker goes).
 pub async fn wait_ready(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
             drop(stream);
-            if http_get(addr, "/readyz").await.0 == 200 {
+            if http_get(addr, "/readyz").await.0 == 200
+                && http_get(addr, "/api/status")
+                    .await
+                    .1
+                    .contains(r#""status":"connected""#)
+            {
                 return;
             }
         }
