@@ -497,7 +497,6 @@ fn leading_highs(pulses: &[Pulse], from: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dht::timing::*;
     use crate::dht::{edges_for_frame, encode_frame};
 
     fn frame(b: [u8; 4]) -> [u8; 5] {
@@ -815,6 +814,181 @@ mod tests {
         assert_eq!(decode(Model::Dht11, &edges).unwrap(), m(24.0, 53.0));
     }
 
+    /// The sensor's train for `bytes` as a slow line shows it: every low `d` µs longer and
+    /// every high `d` µs shorter (the rising edges late); a high that would last 0 µs or less
+    /// is not seen (the decoder merges the lows around it).
+    fn slow(bytes: [u8; 5], d: u32) -> Vec<Edge> {
+        edges_for_frame(bytes)
+            .into_iter()
+            .map(|e| match e.level {
+                Level::Low => Edge::low(e.duration_us + d),
+                Level::High => Edge::high(e.duration_us.saturating_sub(d)),
+            })
+            .filter(|e| e.duration_us > 0)
+            .collect()
+    }
+
+    #[test]
+    fn the_all_zero_frame_and_zero_humidity_are_refused() {
+        // A line that answers the start pulse and then reads only short highs: all bits 0, and
+        // 0 + 0 + 0 + 0 = 0 passes the checksum.
+        for model in [Model::Dht11, Model::Dht22] {
+            let err = decode(model, &with_host(edges_for_frame([0; 5]))).unwrap_err();
+            assert_eq!(
+                err,
+                DecodeError::Implausible {
+                    temperature_c: 0.0,
+                    humidity_pct: 0.0
+                }
+            );
+            assert!(err.to_string().contains("short highs"), "{err}");
+        }
+        // 0.0 % with any temperature: no DHT reports it.
+        assert!(matches!(
+            decode_frame(Model::Dht22, frame([0, 0, 0x00, 0xfa])),
+            Err(DecodeError::Implausible { .. })
+        ));
+        assert!(matches!(
+            decode_frame(Model::Dht11, frame([0, 0, 21, 0])),
+            Err(DecodeError::Implausible { .. })
+        ));
+        // 0.1 % and 0.0 °C are readings.
+        assert_eq!(
+            decode_frame(Model::Dht22, frame([0, 1, 0, 0])),
+            Ok(m(0.0, 0.1))
+        );
+    }
+
+    #[test]
+    fn a_slow_line_is_corrected_not_misread() {
+        // 53 %, 24 °C has 1s and 0s in every byte but the tenths.
+        let bytes = [0x35, 0x00, 0x18, 0x00, 0x4d];
+        for d in [0, 5, 6, 12, 18, 21, 22] {
+            assert_eq!(
+                decode(Model::Dht11, &with_host(slow(bytes, d))),
+                Ok(m(24.0, 53.0)),
+                "d = {d}"
+            );
+        }
+        // At d = 22 a 1's high is 48 µs: the kernel's fixed 49 µs rule would read every 1 as
+        // a 0, and the all-zero frame would pass its checksum.
+        assert!(
+            slow(bytes, 22)[2..]
+                .iter()
+                .all(|e| e.level == Level::Low || e.duration_us < 49)
+        );
+        // Past 27 µs a 0's high is gone altogether; the merged lows are refused.
+        assert!(decode(Model::Dht11, &slow(bytes, 27)).is_err());
+    }
+
+    #[test]
+    fn a_glitch_is_refused() {
+        let sensor = edges_for_frame(encode_frame(Model::Dht22, m(21.3, 45.6)));
+        // A 2 µs low splits bit 10's high.
+        let at = 2 + 2 * 10 + 1;
+        let high = sensor[at].duration_us;
+        let mut edges = sensor[..at].to_vec();
+        edges.extend([Edge::high(10), Edge::low(2), Edge::high(high - 12)]);
+        edges.extend(&sensor[at + 1..]);
+        let err = decode(Model::Dht22, &edges).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::PulseWidth {
+                edge: at + 1,
+                level: Level::Low,
+                duration_us: 2,
+                fault: PulseFault::TooShort
+            }
+        );
+        assert!(err.to_string().contains("glitch"), "{err}");
+        // A 2 µs spike up splits bit 20's low: one half is shorter than 25 µs.
+        let at = 2 + 2 * 20;
+        let mut edges = sensor[..at].to_vec();
+        edges.extend([Edge::low(20), Edge::high(2), Edge::low(28)]);
+        edges.extend(&sensor[at + 1..]);
+        assert!(matches!(
+            decode(Model::Dht22, &edges),
+            Err(DecodeError::PulseWidth {
+                fault: PulseFault::TooShort,
+                ..
+            })
+        ));
+        // A glitch in the idle line after the frame makes a 2 µs "final low".
+        let mut edges = sensor.clone();
+        edges.extend([Edge::high(30), Edge::low(2), Edge::high(500)]);
+        assert!(matches!(
+            decode(Model::Dht22, &edges),
+            Err(DecodeError::PulseWidth {
+                fault: PulseFault::TooShort,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_close_call_is_refused_when_its_neighbours_disagree() {
+        let bytes = [0x35, 0x00, 0x18, 0x00, 0x4d];
+        let sensor = edges_for_frame(bytes);
+        // Bit 0 is a 0 (0x35 = 0b0011_0101). Its low 50 µs, its high stretched to 41 µs, the
+        // next low 72 µs: the frame's noise (22 µs) makes every high within 10 µs of the 48.5
+        // µs threshold a close call. Read with its neighbours' errors (0 and +22 µs, half of
+        // it) the high is 52.5 µs, a 1: the two readings disagree, the bit is not guessed.
+        let mut edges = sensor.clone();
+        edges[3] = Edge::high(41);
+        edges[4] = Edge::low(72);
+        let err = decode(Model::Dht11, &edges).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::PulseWidth {
+                    edge: 3,
+                    fault: PulseFault::Ambiguous,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The same high next to lows that are on time is a 0 both ways.
+        let mut edges = sensor.clone();
+        edges[3] = Edge::high(41);
+        edges[8] = Edge::low(72);
+        assert_eq!(decode(Model::Dht11, &edges), Ok(m(24.0, 53.0)));
+    }
+
+    #[test]
+    fn a_frame_too_noisy_to_decide_is_refused() {
+        let mut edges = edges_for_frame([0x35, 0x00, 0x18, 0x00, 0x4d]);
+        // One low 23 µs longer than 50 µs: a bit elsewhere may have crossed the threshold.
+        edges[30] = Edge::low(73);
+        let err = decode(Model::Dht11, &edges).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::PulseWidth {
+                edge: 30,
+                level: Level::Low,
+                duration_us: 73,
+                fault: PulseFault::Noisy
+            }
+        );
+        // 22 µs off is still decided.
+        edges[30] = Edge::low(72);
+        assert_eq!(decode(Model::Dht11, &edges), Ok(m(24.0, 53.0)));
+    }
+
+    #[test]
+    fn a_sensor_with_54us_lows_is_not_corrected() {
+        // Some DHT11 clones send 54 µs lows; with the datasheet's 48–55 µs tolerance that is the
+        // sensor, not the line, and nothing is corrected.
+        let edges: Vec<Edge> = edges_for_frame([0x35, 0x00, 0x18, 0x00, 0x4d])
+            .into_iter()
+            .map(|e| match (e.level, e.duration_us) {
+                (Level::Low, 50) => Edge::low(54),
+                _ => e,
+            })
+            .collect();
+        assert_eq!(decode(Model::Dht11, &edges), Ok(m(24.0, 53.0)));
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -824,7 +998,8 @@ mod tests {
             let (t_min, t_max) = model.temperature_range();
             let (h_min, h_max) = model.humidity_range();
             let t = (t_min * 10.0) as i32..=(t_max * 10.0) as i32;
-            let h = (h_min * 10.0) as i32..=(h_max * 10.0) as i32;
+            // 0.0 % is refused (the all-zero frame); 0.1 % is the lowest reading.
+            let h = ((h_min * 10.0) as i32).max(1)..=(h_max * 10.0) as i32;
             (t, h).prop_map(|(t, h)| Measurement {
                 temperature_c: f64::from(t) / 10.0,
                 humidity_pct: f64::from(h) / 10.0,

@@ -234,6 +234,7 @@ mod tests {
             jitter_us: 10,
             lost_edge_rate: 0.01,
             flipped_bit_rate: 0.01,
+            ..SimConfig::default()
         };
         let a: Vec<_> = (0..20)
             .map(|_| EdgeSimulator::new(config, 7).edges(FRAME))
@@ -323,5 +324,130 @@ mod tests {
         // bytes keep the sum, and pass when the values stay in range (e.g. 47.0 % → 46.1 %).
         assert!((500..800).contains(&failed), "{failed}");
         assert!(wrong <= 10, "{wrong} wrong values out of 1000");
+    }
+
+    /// The frame an ideally timed train carries (highs of 49 µs or more are 1s).
+    fn bits_of(train: &[Edge]) -> [u8; 5] {
+        let mut bytes = [0u8; 5];
+        for (i, high) in train[3..82].iter().step_by(2).enumerate() {
+            if high.duration_us >= 49 {
+                bytes[i / 8] |= 0x80 >> (i % 8);
+            }
+        }
+        bytes
+    }
+
+    fn total(edges: &[Edge]) -> u32 {
+        edges.iter().map(|e| e.duration_us).sum()
+    }
+
+    #[test]
+    fn slow_rise_makes_every_low_longer_and_every_high_shorter() {
+        let config = SimConfig {
+            slow_rise_us: 10,
+            ..SimConfig::default()
+        };
+        let edges = EdgeSimulator::new(config, 1).edges(FRAME);
+        let ideal = EdgeSimulator::new(SimConfig::default(), 1).edges(FRAME);
+        assert_eq!(edges.len(), ideal.len());
+        // The host's start pulse and release are edges too; the idle line's end is not.
+        for (got, want) in edges.iter().zip(&ideal).take(ideal.len() - 1) {
+            let want = match want.level {
+                Level::Low => want.duration_us + 10,
+                Level::High => want.duration_us - 10,
+            };
+            assert_eq!(got.duration_us, want, "{got:?}");
+        }
+        assert_eq!(total(&edges), total(&ideal));
+        // Past 27 µs the 0s' highs vanish: their lows merge.
+        let config = SimConfig {
+            slow_rise_us: 28,
+            ..SimConfig::default()
+        };
+        let edges = EdgeSimulator::new(config, 1).edges(FRAME);
+        let zeros = (0..40)
+            .filter(|i| FRAME[i / 8] & (0x80 >> (i % 8)) == 0)
+            .count();
+        assert_eq!(edges.len(), ideal.len() - 2 * zeros);
+        assert_eq!(total(&edges), total(&ideal));
+    }
+
+    #[test]
+    fn edge_jitter_moves_edges_not_the_whole_train() {
+        let config = SimConfig {
+            edge_jitter_us: 10,
+            ..SimConfig::default()
+        };
+        let mut sim = EdgeSimulator::new(config, 5);
+        let ideal = EdgeSimulator::new(SimConfig::default(), 1).edges(FRAME);
+        let mut worst = 0i64;
+        let mut neighbours_opposite = 0;
+        for _ in 0..200 {
+            let edges = sim.edges(FRAME);
+            assert_eq!(edges.len(), ideal.len());
+            // Timestamps move, so the recording's length does not.
+            assert_eq!(total(&edges), total(&ideal));
+            let off: Vec<i64> = edges
+                .iter()
+                .zip(&ideal)
+                .map(|(g, w)| i64::from(g.duration_us) - i64::from(w.duration_us))
+                .collect();
+            for pair in off.windows(2) {
+                if pair[0] * pair[1] < 0 {
+                    neighbours_opposite += 1;
+                }
+            }
+            worst = worst.max(off.iter().map(|o| o.abs()).max().unwrap_or(0));
+        }
+        // A pulse is off by the difference of two edges' errors: up to 20 µs, and more than
+        // 10 µs for some.
+        assert!((11..=20).contains(&worst), "{worst}");
+        // A late edge lengthens one pulse and shortens the next: neighbours are off in
+        // opposite directions far more often than by chance (about a third of pairs would be).
+        assert!(neighbours_opposite > 200 * 85 / 2, "{neighbours_opposite}");
+    }
+
+    #[test]
+    fn a_glitch_splits_one_high() {
+        let config = SimConfig {
+            glitch_us: 2,
+            ..SimConfig::default()
+        };
+        let mut sim = EdgeSimulator::new(config, 9);
+        let ideal = EdgeSimulator::new(SimConfig::default(), 1).edges(FRAME);
+        for _ in 0..100 {
+            let edges = sim.edges(FRAME);
+            assert_eq!(edges.len(), ideal.len() + 2);
+            assert_eq!(total(&edges), total(&ideal));
+            let at = edges
+                .iter()
+                .position(|e| *e == Edge::low(2))
+                .expect("a 2 µs low");
+            assert_eq!(edges[at - 1].level, Level::High);
+            assert_eq!(edges[at + 1].level, Level::High);
+            let split = edges[at - 1].duration_us + 2 + edges[at + 1].duration_us;
+            assert!(split == 27 || split == 70, "{split}");
+        }
+    }
+
+    #[test]
+    fn flipped_bits_inverts_exactly_that_many_distinct_bits() {
+        for n in [1, 2, 5] {
+            let config = SimConfig {
+                flipped_bits: n,
+                ..SimConfig::default()
+            };
+            let mut sim = EdgeSimulator::new(config, u64::from(n));
+            for _ in 0..100 {
+                let edges = sim.edges(FRAME);
+                let got = bits_of(&edges[2..85]);
+                let differ: u32 = got
+                    .iter()
+                    .zip(&FRAME)
+                    .map(|(a, b)| (a ^ b).count_ones())
+                    .sum();
+                assert_eq!(differ, n);
+            }
+        }
     }
 }
