@@ -251,6 +251,75 @@ pub fn double_flip() -> SimConfig {
     }
 }
 
+/// How far two reads may differ and still confirm each other, as the read policy checks it
+/// (`policy::Tolerance`): DHT11 ±1.0 °C and ±2 %, DHT22 ±0.5 °C and ±2 %. Returns (°C, %).
+pub fn confirmation_tolerance(model: Model) -> (f64, f64) {
+    match model {
+        Model::Dht11 => (1.0, 2.0),
+        Model::Dht22 => (0.5, 2.0),
+    }
+}
+
+/// What double-bit errors leave behind, worked out exactly (every one of the 780 pairs of bits
+/// of each frame, not a sample) for random readings of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DoubleFlipResidual {
+    /// Frames examined.
+    pub readings: u32,
+    /// Share of double flips the decoder accepts with a value that was not sent.
+    pub wrong: f64,
+    /// Share of double flips accepted with a value further from the truth than the
+    /// confirmation tolerance (what would matter if published).
+    pub wrong_beyond_tolerance: f64,
+    /// Share of *pairs* of independent double-flipped reads of the same frame where the first
+    /// is wrong beyond the tolerance and the second is accepted and agrees with it within the
+    /// tolerance: what confirmation by a second independent read lets through.
+    pub confirmed_pairs: f64,
+}
+
+/// Enumerates every double flip of `readings` random frames of `kind` through
+/// [`super::decode_frame`] (the timing is not what goes wrong here) and counts what passes.
+pub fn double_flip_residual(kind: FrameKind, readings: u32, seed: u64) -> DoubleFlipResidual {
+    let model = kind.model();
+    let (tol_t, tol_h) = confirmation_tolerance(model);
+    let agree = |a: Measurement, b: Measurement| {
+        (a.temperature_c - b.temperature_c).abs() <= tol_t + 1e-6
+            && (a.humidity_pct - b.humidity_pct).abs() <= tol_h + 1e-6
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut wrong, mut beyond, mut confirmed) = (0u64, 0u64, 0u64);
+    let pairs_per_frame = 40 * 39 / 2;
+    for _ in 0..readings {
+        let sent = kind.random_reading(&mut rng);
+        let bytes = encode_frame(model, sent);
+        let mut accepted = Vec::new();
+        for a in 0..40 {
+            for b in a + 1..40 {
+                let mut flipped = bytes;
+                flipped[a / 8] ^= 0x80 >> (a % 8);
+                flipped[b / 8] ^= 0x80 >> (b % 8);
+                if let Ok(got) = super::decode_frame(model, flipped) {
+                    if got != sent {
+                        accepted.push(got);
+                    }
+                }
+            }
+        }
+        wrong += accepted.len() as u64;
+        for first in accepted.iter().filter(|m| !agree(**m, sent)) {
+            beyond += 1;
+            confirmed += accepted.iter().filter(|m| agree(**m, *first)).count() as u64;
+        }
+    }
+    let reads = f64::from(readings) * f64::from(pairs_per_frame);
+    DoubleFlipResidual {
+        readings,
+        wrong: wrong as f64 / reads,
+        wrong_beyond_tolerance: beyond as f64 / reads,
+        confirmed_pairs: confirmed as f64 / (reads * f64::from(pairs_per_frame)),
+    }
+}
+
 /// The decoder held to the tables: the same rows as publisher/README.md, from other seeds, so
 /// they are an independent sample. 20,000 reads per row, 5,000 of each frame kind.
 #[cfg(test)]
