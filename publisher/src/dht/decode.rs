@@ -3,9 +3,14 @@
 //! Finding the frame follows the Linux kernel's dht11 driver: the forty bits are the *last*
 //! forty low/high pairs before the final low, so it does not matter whether the reader recorded
 //! the host's start pulse, the release, or the sensor's response. On top of that this decoder
-//! merges repeated levels (an edge the reader missed), refuses pulses no sensor sends (stalls,
-//! merged pulses), and checks the values against the model's format and range, so a frame that
-//! passes has passed several independent checks, not only the 8-bit checksum.
+//! merges repeated levels (an edge the reader missed); measures the line's rise delay from the
+//! frame's own lows and takes it out, so a slow line (weak pull-up, long cable) decodes instead
+//! of being misread; refuses pulses no sensor sends (stalls, merged pulses, glitches), frames
+//! too noisy to decide, and bits too close to the threshold that their neighbours do not
+//! confirm; and checks the values against the model's format and range (and refuses the
+//! all-zero frame), so a frame that passes has passed several independent checks, not only the
+//! 8-bit checksum. publisher/README.md has the rules with their datasheet numbers and the
+//! measured rates.
 
 use super::timing::{
     BIT_LOW_US, CLOSE_CALL_NOISE_US, CLOSE_CALL_US, FRAME_BITS, LONG_PULSE_US, MAX_BIT_HIGH_US,
@@ -333,10 +338,12 @@ fn find_frame(edges: &[Edge]) -> Result<[u8; 5], DecodeError> {
 ///   49 µs threshold reads 1s as 0s. The median low minus 50 µs is d (the median, so that one
 ///   odd pulse does not move it); each low is corrected by −d and each high by +d before
 ///   deciding. Up to [`SENSOR_MAX_BIT_LOW_US`] the median is the sensor's own tolerance and
-///   nothing is corrected. (The response's 80 µs low and high would say the same, but they are
+///   nothing is corrected, nor within three standard errors of that (a noisy frame's median
+///   can be a few µs long by chance). (The response's 80 µs low and high would say the same, but they are
 ///   one measurement, not forty, and a reader may not have recorded them.)
 /// - **How noisy the timing is**: the largest distance of any corrected pulse from its nominal
-///   width (50 µs for a low, 27 or 70 µs for a high). A high closer to the 48.5 µs threshold
+///   width (50 µs for a low, 27 or 70 µs for a high). Past [`MAX_NOISE_US`] the frame is
+///   refused: a bit may have crossed the threshold unseen. A high closer to the 48.5 µs threshold
 ///   than [`CLOSE_CALL_US`] (or than the noise less [`CLOSE_CALL_NOISE_US`], if that is more)
 ///   is a close call, and is decided only if a second reading of it agrees: the high plus half
 ///   of how far each of its two neighbouring lows is off. When a reader's timestamp is late,
