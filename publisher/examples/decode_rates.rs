@@ -1,174 +1,255 @@
-//! Measures how often a read decodes, against timing jitter and lost edges, with the simulator.
+//! Measures how often a read decodes exactly, is refused, or comes out wrong, with the edge
+//! simulator, and prints the tables in publisher/README.md:
 //!
 //! ```sh
 //! cargo run --release -p k3sense-publisher --example decode_rates
 //! ```
 //!
-//! Prints markdown tables (the ones in publisher/README.md). Every cell is 10,000 simulated
-//! reads of random valid DHT11 readings from a fixed seed, so the numbers repeat exactly.
+//! Every number comes from `k3sense_publisher::dht::rates` — the same code the decoder's tests
+//! run — with fixed seeds, so the tables repeat exactly.
 
-use std::collections::BTreeMap;
+use k3sense_publisher::dht::SimConfig;
+use k3sense_publisher::dht::rates::{self, FrameKind, Outcome};
 
-use k3sense_publisher::dht::{
-    DecodeError, EdgeSimulator, Measurement, Model, SimConfig, decode, encode_frame,
-};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-const FRAMES: u32 = 10_000;
-const JITTERS_US: [u32; 7] = [0, 5, 10, 15, 20, 25, 30];
+/// Reads per frame kind in a row of the robustness tables (four kinds: 80,000 per row).
+const READS_PER_KIND: u32 = 20_000;
+/// Reads per cell of the per-pulse jitter × lost edges table.
+const CELL_READS: u32 = 10_000;
+/// Frames per kind whose every double flip is enumerated.
+const RESIDUAL_READINGS: u32 = 2_000;
+const PULSE_JITTERS_US: [u32; 7] = [0, 5, 10, 15, 20, 25, 30];
 const LOST_EDGE_RATES: [f64; 4] = [0.0, 0.001, 0.01, 0.05];
 const FLIPPED_BIT_RATES: [f64; 3] = [0.001, 0.01, 0.05];
 
-/// What happened to the reads of one cell.
-#[derive(Default)]
-struct Outcome {
-    ok: u32,
-    /// Decoded, but not to what was sent: a wrong value would be published.
-    wrong: u32,
-    errors: BTreeMap<&'static str, u32>,
-}
-
-impl Outcome {
-    fn success_pct(&self) -> f64 {
-        f64::from(self.ok) * 100.0 / f64::from(FRAMES)
-    }
-
-    /// The failure kinds, most frequent first, as "kind NN %" of the failures.
-    fn failures(&self) -> String {
-        let failed: u32 = self.errors.values().sum();
-        if failed == 0 {
-            return "—".to_owned();
-        }
-        let mut kinds: Vec<_> = self.errors.iter().collect();
-        kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        kinds
-            .iter()
-            .map(
-                |(kind, n)| match f64::from(**n) * 100.0 / f64::from(failed) {
-                    share if share < 0.5 => format!("{kind} <1 %"),
-                    share => format!("{kind} {share:.0} %"),
-                },
-            )
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-fn kind(e: &DecodeError) -> &'static str {
-    match e {
-        DecodeError::NoResponse => "no response",
-        DecodeError::Timeout { .. } => "timeout",
-        DecodeError::ShortFrame { .. } => "short",
-        DecodeError::PulseWidth { .. } => "pulse width",
-        DecodeError::Checksum { .. } => "checksum",
-        DecodeError::Format { .. } => "format",
-        DecodeError::Implausible { .. } => "implausible",
-    }
-}
-
-/// A random reading the model can report, at its resolution.
-fn random_reading(rng: &mut StdRng, model: Model) -> Measurement {
-    let (t_min, t_max) = model.temperature_range();
-    let (h_min, h_max) = model.humidity_range();
-    let t = rng.random_range((t_min * 10.0) as i32..=(t_max * 10.0) as i32);
-    let h = rng.random_range((h_min * 10.0) as i32..=(h_max * 10.0) as i32);
-    Measurement {
-        temperature_c: f64::from(t) / 10.0,
-        humidity_pct: f64::from(h) / 10.0,
-    }
-}
-
-fn measure(model: Model, config: SimConfig, seed: u64) -> Outcome {
-    let mut readings = StdRng::seed_from_u64(seed);
-    let mut sim = EdgeSimulator::new(config, seed);
-    let mut outcome = Outcome::default();
-    for _ in 0..FRAMES {
-        let sent = random_reading(&mut readings, model);
-        match decode(model, &sim.edges(encode_frame(model, sent))) {
-            Ok(got) if got == sent => outcome.ok += 1,
-            Ok(_) => outcome.wrong += 1,
-            Err(e) => *outcome.errors.entry(kind(&e)).or_default() += 1,
-        }
-    }
-    outcome
-}
-
-fn pct(rate: f64) -> String {
-    format!("{} %", rate * 100.0)
-}
-
 fn main() {
-    let model = Model::Dht11;
-    let mut cells = Vec::new();
-    for (row, &jitter_us) in JITTERS_US.iter().enumerate() {
-        let mut line = Vec::new();
+    let mut args = std::env::args().skip(1);
+    let only = args.next();
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if want("rise") {
+        slow_rise();
+    }
+    if want("edge") {
+        edge_jitter();
+    }
+    if want("both") {
+        combined();
+    }
+    if want("glitch") {
+        glitch();
+    }
+    if want("double") {
+        double_flips();
+    }
+    if want("pulse") {
+        pulse_jitter_and_lost_edges();
+    }
+    if want("noise") {
+        flipped_bit_rates();
+    }
+}
+
+fn row_header(first: &str) {
+    println!("| {first} | exact | refused | **wrong** | why refused |");
+    println!("|---:|---:|---:|---:|---|");
+}
+
+fn row(label: &str, o: &Outcome) {
+    println!(
+        "| {label} | {:.2} % | {:.2} % | **{}** | {} |",
+        o.pct(o.exact),
+        o.pct(o.refused),
+        o.wrong,
+        o.reasons_summary()
+    );
+}
+
+fn slow_rise() {
+    println!(
+        "Slow rise (every low +d µs, every high −d µs), with ±{} µs jitter on each edge \
+         timestamp; {} reads per row ({READS_PER_KIND} of each frame kind):\n",
+        rates::ROW_EDGE_JITTER_US,
+        4 * READS_PER_KIND
+    );
+    row_header("d");
+    for d in rates::SLOW_RISES_US {
+        let (o, _) = rates::measure_all_kinds(rates::slow_rise(d), READS_PER_KIND, u64::from(d));
+        row(&format!("{d} µs"), &o);
+    }
+    println!();
+}
+
+fn edge_jitter() {
+    println!(
+        "Jitter on each edge timestamp (uniform ±j µs per edge, independent; a pulse is off by \
+         up to 2j), fast line; {} reads per row:\n",
+        4 * READS_PER_KIND
+    );
+    row_header("±j per edge");
+    for j in rates::EDGE_JITTERS_US {
+        let (o, _) =
+            rates::measure_all_kinds(rates::edge_jitter(j), READS_PER_KIND, 100 + u64::from(j));
+        row(&format!("±{j} µs"), &o);
+    }
+    println!();
+}
+
+fn combined() {
+    println!(
+        "Slow rise and edge jitter together; {} reads per cell, exact % (wrong):\n",
+        4 * READS_PER_KIND
+    );
+    let jitters = [0u32, 5, 10, 15];
+    let cols: Vec<String> = jitters
+        .iter()
+        .map(|j| format!("±{j} µs per edge"))
+        .collect();
+    println!("| d | {} |", cols.join(" | "));
+    println!("|---:|{}", "---:|".repeat(jitters.len()));
+    for d in [0u32, 6, 12, 18, 24] {
+        let cells: Vec<String> = jitters
+            .iter()
+            .map(|&j| {
+                let config = SimConfig {
+                    slow_rise_us: d,
+                    edge_jitter_us: j,
+                    ..SimConfig::default()
+                };
+                let seed = 200 + u64::from(d) * 100 + u64::from(j);
+                let (o, _) = rates::measure_all_kinds(config, READS_PER_KIND, seed);
+                format!("{:.2} % ({})", o.pct(o.exact), o.wrong)
+            })
+            .collect();
+        println!("| {d} µs | {} |", cells.join(" | "));
+    }
+    println!();
+}
+
+fn glitch() {
+    println!(
+        "One {} µs glitch per read (a low splitting one random bit's high), ±{} µs per edge; \
+         {} reads per row:\n",
+        rates::GLITCH_US,
+        rates::ROW_EDGE_JITTER_US,
+        4 * READS_PER_KIND
+    );
+    row_header("slow rise");
+    for d in rates::GLITCH_RISES_US {
+        let (o, _) = rates::measure_all_kinds(rates::glitch(d), READS_PER_KIND, 300 + u64::from(d));
+        row(&format!("d = {d} µs"), &o);
+    }
+    println!();
+}
+
+fn double_flips() {
+    println!(
+        "Exactly two distinct bits of 40 inverted in every read, ±{} µs per edge; \
+         {READS_PER_KIND} reads per row:\n",
+        rates::ROW_EDGE_JITTER_US
+    );
+    row_header("frame kind");
+    let (total, per_kind) = rates::measure_all_kinds(rates::double_flip(), READS_PER_KIND, 400);
+    for (kind, o) in FrameKind::ALL.iter().zip(&per_kind) {
+        row(kind.name(), o);
+    }
+    row("all four", &total);
+    println!();
+    println!(
+        "Every double flip of {RESIDUAL_READINGS} random frames per kind, enumerated (780 per \
+         frame), and what confirmation by a second independent read leaves (tolerance: DHT11 \
+         ±1.0 °C / ±2 %, DHT22 ±0.5 °C / ±2 %):\n"
+    );
+    println!(
+        "| frame kind | accepted, wrong | wrong beyond the tolerance | both of two reads wrong \
+         and agreeing |"
+    );
+    println!("|---|---:|---:|---:|");
+    for (i, kind) in FrameKind::ALL.into_iter().enumerate() {
+        let r = rates::double_flip_residual(kind, RESIDUAL_READINGS, 500 + i as u64);
+        println!(
+            "| {} | {:.2} % | {:.2} % | {:.4} % (1 in {:.0}) |",
+            kind.name(),
+            r.wrong * 100.0,
+            r.wrong_beyond_tolerance * 100.0,
+            r.confirmed_pairs * 100.0,
+            1.0 / r.confirmed_pairs,
+        );
+    }
+    println!();
+}
+
+fn pulse_jitter_and_lost_edges() {
+    println!(
+        "Per-**pulse** jitter (every pulse ± up to the given µs, independently) and lost edges; \
+         {CELL_READS} DHT11 tenths/negative reads per cell, exact % (wrong):\n"
+    );
+    let cols: Vec<String> = LOST_EDGE_RATES
+        .iter()
+        .map(|r| format!("lost edges {} %", r * 100.0))
+        .collect();
+    println!("| jitter per pulse | {} |", cols.join(" | "));
+    println!("|---:|{}", "---:|".repeat(LOST_EDGE_RATES.len()));
+    let mut why = Vec::new();
+    for (row, &jitter_us) in PULSE_JITTERS_US.iter().enumerate() {
+        let mut cells = Vec::new();
+        let mut reasons = Vec::new();
         for (col, &lost_edge_rate) in LOST_EDGE_RATES.iter().enumerate() {
             let config = SimConfig {
                 jitter_us,
                 lost_edge_rate,
-                flipped_bit_rate: 0.0,
+                ..SimConfig::default()
             };
-            line.push(measure(model, config, (row * 100 + col) as u64));
+            let o = rates::measure(
+                FrameKind::Dht11Tenths,
+                config,
+                CELL_READS,
+                (row * 100 + col) as u64,
+            );
+            cells.push(match o.wrong {
+                0 => format!("{:.2} %", o.pct(o.exact)),
+                n => format!("{:.2} % (**{n} wrong**)", o.pct(o.exact)),
+            });
+            reasons.push(o.reasons_summary());
         }
-        cells.push(line);
+        println!("| ±{jitter_us} µs | {} |", cells.join(" | "));
+        why.push((jitter_us, reasons));
     }
+    println!("\nWhy the others were refused (share of the refused reads in the cell):\n");
+    println!("| jitter per pulse | {} |", cols.join(" | "));
+    println!("|---:|{}", "---:|".repeat(LOST_EDGE_RATES.len()));
+    for (jitter_us, reasons) in why {
+        println!("| ±{jitter_us} µs | {} |", reasons.join(" | "));
+    }
+    println!();
+}
 
-    let header = |first: &str| {
-        let cols: Vec<String> = LOST_EDGE_RATES.iter().map(|r| pct(*r)).collect();
-        println!("| {first} | lost edges {} |", cols.join(" | "));
-        println!("|---:|{}", "---:|".repeat(LOST_EDGE_RATES.len()));
-    };
-
+fn flipped_bit_rates() {
     println!(
-        "Reads decoded to the value sent, {FRAMES} {model} reads per cell \
-         (jitter: every pulse ± up to the given µs, uniform):\n"
+        "Noise that inverts bits at random (each bit with the given chance), ±5 µs per pulse; \
+         {CELL_READS} reads per cell:\n"
     );
-    header("jitter");
-    for (jitter_us, line) in JITTERS_US.iter().zip(&cells) {
-        let row: Vec<String> = line
-            .iter()
-            .map(|o| match o.wrong {
-                0 => format!("{:.2} %", o.success_pct()),
-                n => format!("{:.2} % ({n} wrong)", o.success_pct()),
-            })
-            .collect();
-        println!("| ±{jitter_us} µs | {} |", row.join(" | "));
-    }
-
-    println!("\nWhy the others failed (share of the failed reads):\n");
-    header("jitter");
-    for (jitter_us, line) in JITTERS_US.iter().zip(&cells) {
-        let row: Vec<String> = line.iter().map(Outcome::failures).collect();
-        println!("| ±{jitter_us} µs | {} |", row.join(" | "));
-    }
-
-    let wrong: u32 = cells.iter().flatten().map(|o| o.wrong).sum();
-    let reads = FRAMES as usize * cells.iter().flatten().count();
-    println!(
-        "\nWrong values (decoded, but not what was sent) in all {reads} reads above: {wrong}."
-    );
-
-    println!("\nFlipped bits (noise), ±5 µs jitter, no lost edges, {FRAMES} reads per cell:\n");
-    println!("| model | flipped bits | decoded right | rejected | wrong value |");
+    println!("| frame kind | flipped bits | exact | refused | **wrong** |");
     println!("|---|---:|---:|---:|---:|");
-    for (i, model) in [Model::Dht11, Model::Dht22].into_iter().enumerate() {
+    for (i, kind) in [FrameKind::Dht11Tenths, FrameKind::Dht22Positive]
+        .into_iter()
+        .enumerate()
+    {
         for (j, &flipped_bit_rate) in FLIPPED_BIT_RATES.iter().enumerate() {
             let config = SimConfig {
                 jitter_us: 5,
-                lost_edge_rate: 0.0,
                 flipped_bit_rate,
+                ..SimConfig::default()
             };
-            let o = measure(model, config, (10_000 + i * 100 + j) as u64);
-            let rejected: u32 = o.errors.values().sum();
+            let o = rates::measure(kind, config, CELL_READS, (10_000 + i * 100 + j) as u64);
             println!(
-                "| {model} | {} per bit | {:.2} % | {:.2} % | {} ({:.3} %) |",
-                pct(flipped_bit_rate),
-                o.success_pct(),
-                f64::from(rejected) * 100.0 / f64::from(FRAMES),
+                "| {} | {} % per bit | {:.2} % | {:.2} % | {} ({:.3} %) |",
+                kind.name(),
+                flipped_bit_rate * 100.0,
+                o.pct(o.exact),
+                o.pct(o.refused),
                 o.wrong,
-                f64::from(o.wrong) * 100.0 / f64::from(FRAMES),
+                o.pct(o.wrong),
             );
         }
     }
+    println!();
 }

@@ -3,11 +3,20 @@
 //! Finding the frame follows the Linux kernel's dht11 driver: the forty bits are the *last*
 //! forty low/high pairs before the final low, so it does not matter whether the reader recorded
 //! the host's start pulse, the release, or the sensor's response. On top of that this decoder
-//! merges repeated levels (an edge the reader missed), refuses pulses no sensor sends (stalls,
-//! merged pulses), and checks the values against the model's format and range, so a frame that
-//! passes has passed several independent checks, not only the 8-bit checksum.
+//! merges repeated levels (an edge the reader missed); measures the line's rise delay from the
+//! frame's own lows and takes it out, so a slow line (weak pull-up, long cable) decodes instead
+//! of being misread; refuses pulses no sensor sends (stalls, merged pulses, glitches), frames
+//! too noisy to decide, and bits too close to the threshold that their neighbours do not
+//! confirm; and checks the values against the model's format and range (and refuses the
+//! all-zero frame), so a frame that passes has passed several independent checks, not only the
+//! 8-bit checksum. publisher/README.md has the rules with their datasheet numbers and the
+//! measured rates.
 
-use super::timing::{FRAME_BITS, LONG_PULSE_US, MAX_BIT_HIGH_US, MAX_BIT_LOW_US, ONE_THRESHOLD_US};
+use super::timing::{
+    BIT_LOW_US, CLOSE_CALL_NOISE_US, CLOSE_CALL_US, FRAME_BITS, LONG_PULSE_US, MAX_BIT_HIGH_US,
+    MAX_BIT_LOW_US, MAX_NOISE_US, MIN_BIT_HIGH_US, MIN_BIT_LOW_US, ONE_HIGH_US,
+    ONE_THRESHOLD_HALF_US, SENSOR_MAX_BIT_LOW_US, ZERO_HIGH_US,
+};
 use super::{Edge, Level, Measurement, Model};
 
 /// Why a train of edges did not give a reading. Every variant is a failed read worth retrying;
@@ -40,19 +49,21 @@ pub enum DecodeError {
         /// How many bits arrived before the line went idle (not counting the response).
         bits: usize,
     },
-    /// A pulse inside the frame was longer than any the sensor sends: edges were lost there.
+    /// A pulse inside the frame is not one the sensor sends: too long (edges were lost), too
+    /// short (a glitch), or a high the decoder cannot tell apart as a 0 or a 1.
     #[error(
         "bad pulse at edge {edge}: {level:?} for {duration_us} µs inside the frame, where bits \
-         are 50 µs low and at most 70 µs high; edges were missed (reader preempted) or the line rises too slowly \
-         (pull-up too weak, cable too long)"
+         are 50 µs low and 26–28 µs (0) or 70 µs (1) high: {fault}"
     )]
     PulseWidth {
         /// Index in the input slice of the offending pulse.
         edge: usize,
         /// The level it was at.
         level: Level,
-        /// How long it lasted.
+        /// How long it lasted, as recorded (before correcting for the line's rise delay).
         duration_us: u32,
+        /// What is wrong with it.
+        fault: PulseFault,
     },
     /// The checksum byte does not match the data bytes.
     #[error(
@@ -81,7 +92,8 @@ pub enum DecodeError {
     /// The frame decodes to values the model cannot report.
     #[error(
         "implausible reading {temperature_c} °C, {humidity_pct} %: outside what the sensor can \
-         report; is the sensor another model (check --sensor dht11|dht22), or damaged?"
+         report (0.0 % humidity is what a line that reads only short highs gives: a stuck or \
+         noisy data line); is the sensor another model (check --sensor dht11|dht22), or damaged?"
     )]
     Implausible {
         /// The decoded temperature.
@@ -89,6 +101,37 @@ pub enum DecodeError {
         /// The decoded humidity.
         humidity_pct: f64,
     },
+}
+
+/// What is wrong with a pulse refused as [`DecodeError::PulseWidth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum PulseFault {
+    /// Longer than any pulse of a bit, even after correcting for a slow line.
+    #[error(
+        "longer than any the sensor sends; edges were missed (reader preempted) or the line \
+         rises too slowly (pull-up too weak or missing, cable too long)"
+    )]
+    TooLong,
+    /// Shorter than any pulse of a bit, even allowing for timing jitter.
+    #[error(
+        "shorter than any the sensor sends, a glitch; electrical noise on the line (long or \
+         unshielded cable near mains or a motor, missing pull-up) or a contact that bounces"
+    )]
+    TooShort,
+    /// Off its nominal width by more than any bit can be and still be decided.
+    #[error(
+        "off its nominal width by more than 22 µs, so any bit of the frame may have crossed \
+         the 0/1 threshold; the reader's timing is that noisy (preemption, a loaded CPU — \
+         the kernel IIO driver avoids it) or the line is (cable, pull-up)"
+    )]
+    Noisy,
+    /// A high too close to the 0/1 threshold for the frame's own timing noise.
+    #[error(
+        "too close to the 0/1 threshold for how noisy this frame's timing is, so the bit is \
+         not guessed; the line is noisy or rises too slowly (pull-up 4.7–10 kΩ to 3.3 V, a \
+         shorter cable)"
+    )]
+    Ambiguous,
 }
 
 /// One pulse after merging repeated levels, with where it started in the input.
@@ -103,6 +146,15 @@ struct Pulse {
 impl Pulse {
     fn is_long(&self) -> bool {
         self.duration_us >= LONG_PULSE_US
+    }
+
+    fn refused(&self, fault: PulseFault) -> DecodeError {
+        DecodeError::PulseWidth {
+            edge: self.edge,
+            level: self.level,
+            duration_us: self.duration_us,
+            fault,
+        }
     }
 }
 
@@ -151,8 +203,13 @@ pub fn decode_frame(model: Model, bytes: [u8; 5]) -> Result<Measurement, DecodeE
     };
     let (t_min, t_max) = model.temperature_range();
     let (h_min, h_max) = model.humidity_range();
+    // Humidity 0.0 % is never a reading: a DHT11 measures 20–90 % (newer chips 5–95 %), an
+    // AM2302/DHT22's capacitive element does not reach 0.0 % in air, and it is what the all-zero
+    // frame decodes to — a line that answered the start pulse and then read only short highs,
+    // which passes the checksum (0 + 0 + 0 + 0 = 0).
     let in_range = (t_min..=t_max).contains(&measurement.temperature_c)
-        && (h_min..=h_max).contains(&measurement.humidity_pct);
+        && (h_min..=h_max).contains(&measurement.humidity_pct)
+        && humidity_tenths != 0;
     if !in_range {
         return Err(DecodeError::Implausible {
             temperature_c: measurement.temperature_c,
@@ -244,27 +301,177 @@ fn find_frame(edges: &[Edge]) -> Result<[u8; 5], DecodeError> {
         });
     }
     let bits = &frame[frame.len() - (WINDOW - 1)..];
-    let too_long = |p: &&Pulse| match p.level {
-        Level::Low => p.duration_us > MAX_BIT_LOW_US,
-        Level::High => p.duration_us > MAX_BIT_HIGH_US,
-    };
-    if let Some(bad) = bits.iter().find(too_long) {
-        return Err(DecodeError::PulseWidth {
-            edge: bad.edge,
-            level: bad.level,
-            duration_us: bad.duration_us,
-        });
+    let mut line = Line::measure(bits);
+    // Widths first, so a lost edge or a glitch is reported as what it is, not as the
+    // ambiguous bit its outsized pulse makes elsewhere.
+    for pulse in bits {
+        line.check_width(pulse)?;
     }
+    if line.corrected(final_low) < f64::from(MIN_BIT_LOW_US) {
+        return Err(final_low.refused(PulseFault::TooShort));
+    }
+    // The final low is followed by the idle line, so it may have been recorded longer than it
+    // was (a reader that stopped while it was low): it counts only if it looks like a bit low.
+    let final_low = (line.corrected(final_low) <= f64::from(MAX_BIT_LOW_US)).then_some(final_low);
+    line.measure_noise(bits, final_low)?;
     let mut bytes = [0u8; 5];
     // After merging, levels alternate and `bits` ends just before a low, so it is exactly
     // forty (low, high) pairs; the high of each pair carries the bit.
     for (i, pair) in bits.chunks_exact(2).enumerate() {
-        let high = pair[1];
-        if high.duration_us >= ONE_THRESHOLD_US {
+        let next_low = bits.get(2 * i + 2).or(final_low);
+        if line.is_one(&pair[0], &pair[1], next_low)? {
             bytes[i / 8] |= 0x80 >> (i % 8);
         }
     }
     Ok(bytes)
+}
+
+/// What the frame's own pulses say about the line, and the bit decisions that follow.
+///
+/// Every bit starts with a 50 µs low, whatever its value, so the forty lows of a frame are forty
+/// measurements of one known width. Two things are read from the frame:
+///
+/// - **How late the line rises.** The sensor pulls the line low hard, but the pull-up lifts it
+///   back through the cable's capacitance; on a slow line the reader sees every rising edge
+///   late by the same delay d, so every low is d too long and every high d too short. A 0's
+///   27 µs high then looks like 27 − d and a 1's 70 µs like 70 − d, and past d ≈ 21 µs a fixed
+///   49 µs threshold reads 1s as 0s. The median low minus 50 µs is d (the median, so that one
+///   odd pulse does not move it); each low is corrected by −d and each high by +d before
+///   deciding. Up to [`SENSOR_MAX_BIT_LOW_US`] the median is the sensor's own tolerance and
+///   nothing is corrected, nor within three standard errors of that (a noisy frame's median
+///   can be a few µs long by chance). (The response's 80 µs low and high would say the same, but they are
+///   one measurement, not forty, and a reader may not have recorded them.)
+/// - **How noisy the timing is**: the largest distance of any corrected pulse from its nominal
+///   width (50 µs for a low, 27 or 70 µs for a high). Past [`MAX_NOISE_US`] the frame is
+///   refused: a bit may have crossed the threshold unseen. A high closer to the 48.5 µs threshold
+///   than [`CLOSE_CALL_US`] (or than the noise less [`CLOSE_CALL_NOISE_US`], if that is more)
+///   is a close call, and is decided only if a second reading of it agrees: the high plus half
+///   of how far each of its two neighbouring lows is off. When a reader's timestamp is late,
+///   the pulse before it is long and the pulse after it short by the same amount, so a high
+///   pushed across the threshold by its two edges leaves its neighbouring lows off in the
+///   opposite direction, and the second reading puts it back; a close call they disagree on
+///   is refused rather than guessed.
+struct Line {
+    /// The line's rise delay d, µs (0 on a line within the sensor's tolerance).
+    rise: f64,
+    /// Half the width of the band around the threshold where a high is a close call, µs.
+    close_call: f64,
+}
+
+/// The 0/1 threshold on a corrected high, µs: half-way between 27 and 70.
+const THRESHOLD: f64 = ONE_THRESHOLD_HALF_US as f64 / 2.0;
+
+impl Line {
+    fn measure(bits: &[Pulse]) -> Self {
+        let mut lows: Vec<u32> = bits.iter().step_by(2).map(|p| p.duration_us).collect();
+        lows.sort_unstable();
+        let median_low = match lows.len() {
+            0 => f64::from(BIT_LOW_US),
+            n if n % 2 == 1 => f64::from(lows[n / 2]),
+            n => (f64::from(lows[n / 2 - 1]) + f64::from(lows[n / 2])) / 2.0,
+        };
+        // The median itself is uncertain on a noisy line (about 1.25 σ/√n): a median a few µs
+        // long by chance is not a slow line, and correcting for it would push the highs of a
+        // fast line off by as much.
+        let n = lows.len().max(1) as f64;
+        let mean = lows.iter().map(|l| f64::from(*l)).sum::<f64>() / n;
+        let sd = (lows
+            .iter()
+            .map(|l| (f64::from(*l) - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
+        let uncertainty = 3.0 * 1.25 * sd / n.sqrt();
+        let rise = if median_low > f64::from(SENSOR_MAX_BIT_LOW_US) + uncertainty {
+            median_low - f64::from(BIT_LOW_US)
+        } else {
+            0.0
+        };
+        Self {
+            rise,
+            close_call: f64::from(CLOSE_CALL_US),
+        }
+    }
+
+    /// Refuses a frame whose timing is too noisy to decide any bit, and otherwise widens the
+    /// close-call band by how far its pulses stray from their nominal widths.
+    fn measure_noise(
+        &mut self,
+        bits: &[Pulse],
+        final_low: Option<&Pulse>,
+    ) -> Result<(), DecodeError> {
+        let mut noise = 0.0;
+        for pulse in bits.iter().chain(final_low) {
+            let deviation = self.deviation(pulse);
+            if deviation > f64::from(MAX_NOISE_US) {
+                return Err(pulse.refused(PulseFault::Noisy));
+            }
+            noise = f64::max(noise, deviation);
+        }
+        self.close_call = self.close_call.max(noise - f64::from(CLOSE_CALL_NOISE_US));
+        Ok(())
+    }
+
+    /// How far a corrected pulse is from the nearest width a sensor sends at its level.
+    fn deviation(&self, pulse: &Pulse) -> f64 {
+        let width = self.corrected(pulse);
+        match pulse.level {
+            Level::Low => (width - f64::from(BIT_LOW_US)).abs(),
+            Level::High => (width - f64::from(ZERO_HIGH_US))
+                .abs()
+                .min((width - f64::from(ONE_HIGH_US)).abs()),
+        }
+    }
+
+    /// The pulse's width with the rise delay taken out: lows shorter, highs longer.
+    fn corrected(&self, pulse: &Pulse) -> f64 {
+        let width = f64::from(pulse.duration_us);
+        match pulse.level {
+            Level::Low => width - self.rise,
+            Level::High => width + self.rise,
+        }
+    }
+
+    /// Refuses a bit pulse longer or shorter than any the sensor sends.
+    fn check_width(&self, pulse: &Pulse) -> Result<(), DecodeError> {
+        let (min, max) = match pulse.level {
+            Level::Low => (MIN_BIT_LOW_US, MAX_BIT_LOW_US),
+            Level::High => (MIN_BIT_HIGH_US, MAX_BIT_HIGH_US),
+        };
+        let width = self.corrected(pulse);
+        if width > f64::from(max) {
+            return Err(pulse.refused(PulseFault::TooLong));
+        }
+        if width < f64::from(min) {
+            return Err(pulse.refused(PulseFault::TooShort));
+        }
+        Ok(())
+    }
+
+    /// Whether a bit's high is a 1, or an error if it cannot be told apart. `low` is the bit's
+    /// own low, `next_low` the one after the high (if it was recorded as a bit low).
+    fn is_one(
+        &self,
+        low: &Pulse,
+        high: &Pulse,
+        next_low: Option<&Pulse>,
+    ) -> Result<bool, DecodeError> {
+        let distance = self.corrected(high) - THRESHOLD;
+        if distance.abs() > self.close_call {
+            return Ok(distance > 0.0);
+        }
+        // A close call: read it again with the neighbouring lows' errors taken into account.
+        let off = |p: &Pulse| self.corrected(p) - f64::from(BIT_LOW_US);
+        let neighbours = match next_low {
+            Some(next) => (off(low) + off(next)) / 2.0,
+            None => off(low),
+        };
+        let again = distance + neighbours;
+        if distance == 0.0 || again == 0.0 || (distance > 0.0) != (again > 0.0) {
+            return Err(high.refused(PulseFault::Ambiguous));
+        }
+        Ok(distance > 0.0)
+    }
 }
 
 /// Merges consecutive edges at the same level into one pulse (a missed edge looks like that).
@@ -297,7 +504,6 @@ fn leading_highs(pulses: &[Pulse], from: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dht::timing::*;
     use crate::dht::{edges_for_frame, encode_frame};
 
     fn frame(b: [u8; 4]) -> [u8; 5] {
@@ -615,6 +821,181 @@ mod tests {
         assert_eq!(decode(Model::Dht11, &edges).unwrap(), m(24.0, 53.0));
     }
 
+    /// The sensor's train for `bytes` as a slow line shows it: every low `d` µs longer and
+    /// every high `d` µs shorter (the rising edges late); a high that would last 0 µs or less
+    /// is not seen (the decoder merges the lows around it).
+    fn slow(bytes: [u8; 5], d: u32) -> Vec<Edge> {
+        edges_for_frame(bytes)
+            .into_iter()
+            .map(|e| match e.level {
+                Level::Low => Edge::low(e.duration_us + d),
+                Level::High => Edge::high(e.duration_us.saturating_sub(d)),
+            })
+            .filter(|e| e.duration_us > 0)
+            .collect()
+    }
+
+    #[test]
+    fn the_all_zero_frame_and_zero_humidity_are_refused() {
+        // A line that answers the start pulse and then reads only short highs: all bits 0, and
+        // 0 + 0 + 0 + 0 = 0 passes the checksum.
+        for model in [Model::Dht11, Model::Dht22] {
+            let err = decode(model, &with_host(edges_for_frame([0; 5]))).unwrap_err();
+            assert_eq!(
+                err,
+                DecodeError::Implausible {
+                    temperature_c: 0.0,
+                    humidity_pct: 0.0
+                }
+            );
+            assert!(err.to_string().contains("short highs"), "{err}");
+        }
+        // 0.0 % with any temperature: no DHT reports it.
+        assert!(matches!(
+            decode_frame(Model::Dht22, frame([0, 0, 0x00, 0xfa])),
+            Err(DecodeError::Implausible { .. })
+        ));
+        assert!(matches!(
+            decode_frame(Model::Dht11, frame([0, 0, 21, 0])),
+            Err(DecodeError::Implausible { .. })
+        ));
+        // 0.1 % and 0.0 °C are readings.
+        assert_eq!(
+            decode_frame(Model::Dht22, frame([0, 1, 0, 0])),
+            Ok(m(0.0, 0.1))
+        );
+    }
+
+    #[test]
+    fn a_slow_line_is_corrected_not_misread() {
+        // 53 %, 24 °C has 1s and 0s in every byte but the tenths.
+        let bytes = [0x35, 0x00, 0x18, 0x00, 0x4d];
+        for d in [0, 5, 6, 12, 18, 21, 22] {
+            assert_eq!(
+                decode(Model::Dht11, &with_host(slow(bytes, d))),
+                Ok(m(24.0, 53.0)),
+                "d = {d}"
+            );
+        }
+        // At d = 22 a 1's high is 48 µs: the kernel's fixed 49 µs rule would read every 1 as
+        // a 0, and the all-zero frame would pass its checksum.
+        assert!(
+            slow(bytes, 22)[2..]
+                .iter()
+                .all(|e| e.level == Level::Low || e.duration_us < 49)
+        );
+        // Past 27 µs a 0's high is gone altogether; the merged lows are refused.
+        assert!(decode(Model::Dht11, &slow(bytes, 27)).is_err());
+    }
+
+    #[test]
+    fn a_glitch_is_refused() {
+        let sensor = edges_for_frame(encode_frame(Model::Dht22, m(21.3, 45.6)));
+        // A 2 µs low splits bit 10's high.
+        let at = 2 + 2 * 10 + 1;
+        let high = sensor[at].duration_us;
+        let mut edges = sensor[..at].to_vec();
+        edges.extend([Edge::high(10), Edge::low(2), Edge::high(high - 12)]);
+        edges.extend(&sensor[at + 1..]);
+        let err = decode(Model::Dht22, &edges).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::PulseWidth {
+                edge: at + 1,
+                level: Level::Low,
+                duration_us: 2,
+                fault: PulseFault::TooShort
+            }
+        );
+        assert!(err.to_string().contains("glitch"), "{err}");
+        // A 2 µs spike up splits bit 20's low: one half is shorter than 25 µs.
+        let at = 2 + 2 * 20;
+        let mut edges = sensor[..at].to_vec();
+        edges.extend([Edge::low(20), Edge::high(2), Edge::low(28)]);
+        edges.extend(&sensor[at + 1..]);
+        assert!(matches!(
+            decode(Model::Dht22, &edges),
+            Err(DecodeError::PulseWidth {
+                fault: PulseFault::TooShort,
+                ..
+            })
+        ));
+        // A glitch in the idle line after the frame makes a 2 µs "final low".
+        let mut edges = sensor.clone();
+        edges.extend([Edge::high(30), Edge::low(2), Edge::high(500)]);
+        assert!(matches!(
+            decode(Model::Dht22, &edges),
+            Err(DecodeError::PulseWidth {
+                fault: PulseFault::TooShort,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_close_call_is_refused_when_its_neighbours_disagree() {
+        let bytes = [0x35, 0x00, 0x18, 0x00, 0x4d];
+        let sensor = edges_for_frame(bytes);
+        // Bit 0 is a 0 (0x35 = 0b0011_0101). Its low 50 µs, its high stretched to 41 µs, the
+        // next low 72 µs: the frame's noise (22 µs) makes every high within 10 µs of the 48.5
+        // µs threshold a close call. Read with its neighbours' errors (0 and +22 µs, half of
+        // it) the high is 52.5 µs, a 1: the two readings disagree, the bit is not guessed.
+        let mut edges = sensor.clone();
+        edges[3] = Edge::high(41);
+        edges[4] = Edge::low(72);
+        let err = decode(Model::Dht11, &edges).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::PulseWidth {
+                    edge: 3,
+                    fault: PulseFault::Ambiguous,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // The same high next to lows that are on time is a 0 both ways.
+        let mut edges = sensor.clone();
+        edges[3] = Edge::high(41);
+        edges[8] = Edge::low(72);
+        assert_eq!(decode(Model::Dht11, &edges), Ok(m(24.0, 53.0)));
+    }
+
+    #[test]
+    fn a_frame_too_noisy_to_decide_is_refused() {
+        let mut edges = edges_for_frame([0x35, 0x00, 0x18, 0x00, 0x4d]);
+        // One low 23 µs longer than 50 µs: a bit elsewhere may have crossed the threshold.
+        edges[30] = Edge::low(73);
+        let err = decode(Model::Dht11, &edges).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::PulseWidth {
+                edge: 30,
+                level: Level::Low,
+                duration_us: 73,
+                fault: PulseFault::Noisy
+            }
+        );
+        // 22 µs off is still decided.
+        edges[30] = Edge::low(72);
+        assert_eq!(decode(Model::Dht11, &edges), Ok(m(24.0, 53.0)));
+    }
+
+    #[test]
+    fn a_sensor_with_54us_lows_is_not_corrected() {
+        // Some DHT11 clones send 54 µs lows; with the datasheet's 48–55 µs tolerance that is the
+        // sensor, not the line, and nothing is corrected.
+        let edges: Vec<Edge> = edges_for_frame([0x35, 0x00, 0x18, 0x00, 0x4d])
+            .into_iter()
+            .map(|e| match (e.level, e.duration_us) {
+                (Level::Low, 50) => Edge::low(54),
+                _ => e,
+            })
+            .collect();
+        assert_eq!(decode(Model::Dht11, &edges), Ok(m(24.0, 53.0)));
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -624,7 +1005,8 @@ mod tests {
             let (t_min, t_max) = model.temperature_range();
             let (h_min, h_max) = model.humidity_range();
             let t = (t_min * 10.0) as i32..=(t_max * 10.0) as i32;
-            let h = (h_min * 10.0) as i32..=(h_max * 10.0) as i32;
+            // 0.0 % is refused (the all-zero frame); 0.1 % is the lowest reading.
+            let h = ((h_min * 10.0) as i32).max(1)..=(h_max * 10.0) as i32;
             (t, h).prop_map(|(t, h)| Measurement {
                 temperature_c: f64::from(t) / 10.0,
                 humidity_pct: f64::from(h) / 10.0,
