@@ -83,12 +83,13 @@ pub struct Options {
 
     /// Most sockets not logged in yet, from all addresses; when full, the oldest is closed to
     /// make room for a new one (so silent sockets never lock out a real client).
-    #[arg(long, env = "K3SENSE_MAX_PENDING", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "K3SENSE_MAX_PENDING", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending: u32,
 
     /// Most sockets not logged in yet from one address (an IPv6 /64); when full, that address's
-    /// oldest is closed to make room.
-    #[arg(long, env = "K3SENSE_MAX_PENDING_PER_SOURCE", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    /// oldest is closed to make room. Whatever this is, a full pool closes the oldest socket of
+    /// the address holding the most.
+    #[arg(long, env = "K3SENSE_MAX_PENDING_PER_SOURCE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_per_source: u32,
 
     /// Most filters one connection may be subscribed to at once; more are refused (SUBACK 0x80).
@@ -145,8 +146,8 @@ impl Default for Options {
             max_connections: 1000,
             max_payload: 64 * 1024,
             connect_timeout: Duration::from_secs(5),
-            max_pending: 1024,
-            max_pending_per_source: 128,
+            max_pending: 4096,
+            max_pending_per_source: 4096,
             max_subscriptions: 64,
             max_filters: 2048,
             max_filters_per_account: 256,

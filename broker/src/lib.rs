@@ -294,10 +294,23 @@ pub async fn start(config: &Config) -> Result<Started> {
     })
 }
 
+/// Connections the kernel may hold for the accept loop. A flood of connects (silent sockets
+/// being reopened as the pending pool closes them) must not fill the queue: a real client's SYN
+/// dropped there waits a 1 s retransmission. Linux caps it at `net.core.somaxconn` (4096).
+const BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, flag, source })
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    bound().map_err(|source| Error::Bind { addr, flag, source })
 }
 
 /// A free loopback port for rumqttd (which binds by itself and cannot take port 0) and the one
