@@ -947,3 +947,46 @@ async fn log_lines_cut_client_supplied_strings() {
     );
     assert!(longest < 2_000, "a log line of {longest} bytes");
 }
+
+/// Row 1's figure without the budgets (run with `--ignored --nocapture`): the same 15,000
+/// filters with `--max-subscriptions`, `--max-filters` and `--max-filters-per-account` raised
+/// out of the way, as the broker was before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by hand"]
+async fn measure_filter_growth_without_the_budgets() {
+    let _heavy = HEAVY.lock().await;
+    let users = UsersFile::new();
+    let off = "1000000";
+    let (broker, listen, metrics_at) = start_process_with(
+        "info,rumqttd=warn",
+        &users,
+        &[
+            "--max-subscriptions",
+            off,
+            "--max-filters",
+            off,
+            "--max-filters-per-account",
+            off,
+        ],
+    )
+    .await;
+    let pid = broker.0.id();
+    let (tcp, buf) = raw_client(listen, ("reader", "reader-pw")).await;
+    raw_disconnect(tcp, buf).await;
+    wait_connected(metrics_at, 0).await;
+    let before = rss_kib(pid);
+    for batch in 0..3 {
+        let filters: Vec<String> = (0..5_000)
+            .map(|i| format!("k3sense/r{batch}-{i}/#"))
+            .collect();
+        let (mut tcp, mut buf) = raw_client(listen, ("reader", "reader-pw")).await;
+        let granted = raw_subscribe_all(&mut tcp, &mut buf, &filters).await;
+        raw_disconnect(tcp, buf).await;
+        wait_connected(metrics_at, 0).await;
+        eprintln!("batch {batch}: {granted} granted; RSS {} KiB", rss_kib(pid));
+    }
+    eprintln!(
+        "without the budgets: RSS {before} -> {} KiB after 15,000 filters and disconnect",
+        rss_kib(pid)
+    );
+}
