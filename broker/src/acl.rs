@@ -8,7 +8,7 @@
 //! | `admin`, no role | anything but `$…` | anything but `$…` |
 //! | `reader` | nothing | `<prefix>/#`, `homeassistant/#` |
 //! | `gateway` | `<prefix>/<id>/replay/request[/…]` | `<prefix>/#`, `homeassistant/#` |
-//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/<component>/k3sense_<s>/…` (its own discovery configs) | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `homeassistant/status` |
+//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/<component>/k3sense_<s>/…` (its own discovery configs) | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `<prefix>/<s>/availability` (to answer a foreign `offline`), `homeassistant/status` |
 //!
 //! An *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped unless it is
 //! retained: rumqttd erases a retained message on any empty publish (even with retain=0), while
@@ -159,15 +159,16 @@ impl Acl {
             Role::Publisher(sensors) => {
                 within(filter, HOME_ASSISTANT_STATUS)
                     || match sensors {
-                        // Its replay requests, and its own retained state (to continue `seq`
-                        // after a restart).
-                        Sensors::Any => {
-                            within(filter, &format!("{}/+/replay/#", self.prefix))
-                                || within(filter, &format!("{}/+/state", self.prefix))
-                        }
+                        // Its replay requests, its own retained state (to continue `seq`
+                        // after a restart) and its own availability (to say `online` again
+                        // when someone else says it is `offline`).
+                        Sensors::Any => ["+/replay/#", "+/state", "+/availability"]
+                            .iter()
+                            .any(|own| within(filter, &format!("{}/{own}", self.prefix))),
                         Sensors::Only(ids) => ids.iter().any(|id| {
-                            within(filter, &format!("{}/{}/replay/#", self.prefix, id.as_str()))
-                                || within(filter, &format!("{}/{}/state", self.prefix, id.as_str()))
+                            ["replay/#", "state", "availability"].iter().any(|own| {
+                                within(filter, &format!("{}/{}/{own}", self.prefix, id.as_str()))
+                            })
                         }),
                     }
             }
@@ -390,6 +391,14 @@ mod tests {
         assert_eq!(acl.subscribe(&p, "home/k3sense/+/replay/#"), S::Forbidden);
         // Its own retained state, to continue `seq` after a restart; nobody else's.
         assert_eq!(acl.subscribe(&p, "home/k3sense/pi-1/state"), S::Allow);
+        assert_eq!(
+            acl.subscribe(&p, "home/k3sense/pi-1/availability"),
+            S::Allow
+        );
+        assert_eq!(
+            acl.subscribe(&p, "home/k3sense/pi-2/availability"),
+            S::Forbidden
+        );
         assert_eq!(acl.subscribe(&p, "home/k3sense/pi-2/state"), S::Forbidden);
         assert_eq!(acl.subscribe(&p, "home/k3sense/+/state"), S::Forbidden);
         assert_eq!(acl.subscribe(&p, "homeassistant/status"), S::Allow);
