@@ -8,12 +8,19 @@
 //! | `admin`, no role | anything but `$…` | anything but `$…` |
 //! | `reader` | nothing | `<prefix>/#`, `homeassistant/#` |
 //! | `gateway` | `<prefix>/<id>/replay/request[/…]` | `<prefix>/#`, `homeassistant/#` |
-//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `homeassistant/status` |
+//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/<component>/k3sense_<s>/…` (its own discovery configs) | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `<prefix>/<s>/availability` (to answer a foreign `offline`), `homeassistant/status` |
 //!
-//! Whatever the role, an *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped:
-//! rumqttd erases a retained message on any empty publish (even with retain=0), and a reading must
-//! never be erased. `$SYS/…` and other `$` filters are refused with SUBACK 0x80 (rumqttd would
-//! disconnect the client); `$share/<group>/<filter>` is judged by its inner filter.
+//! An *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped unless it is
+//! retained: rumqttd erases a retained message on any empty publish (even with retain=0), while
+//! MQTT says only a retained empty publish clears one — which is how an account allowed to write
+//! the topic (`admin`, the sensor's own publisher) removes a sensor. `$SYS/…` and other `$`
+//! filters are refused with SUBACK 0x80 (rumqttd would disconnect the client), and so is
+//! `$share/…`: one client holding N shared subscriptions to the same topic would get each
+//! message N times (an amplification), and MQTT 3.1.1 has no shared subscriptions anyway.
+//!
+//! [`Acl::payload_cap`] caps each topic family's payload below `--max-payload`: a reading or a
+//! replayed reading is at most 1 KiB ([`k3sense_protocol::MAX_PAYLOAD_BYTES`]), an availability
+//! 16 bytes, so no client the project ships ever receives more than it accepts.
 
 use rumqttc::mqttbytes::valid_filter;
 
@@ -22,6 +29,14 @@ use crate::users::{Role, Sensors};
 /// Home Assistant's discovery prefix and its status topic.
 const HOME_ASSISTANT: &str = "homeassistant";
 const HOME_ASSISTANT_STATUS: &str = "homeassistant/status";
+/// The node id of a sensor's discovery topics: `homeassistant/<component>/k3sense_<id>/…`
+/// (publisher/src/discovery.rs, `device_id`).
+const DISCOVERY_NODE_PREFIX: &str = "k3sense_";
+/// Largest payload on `<prefix>/<id>/availability` (`online`, `offline`).
+pub(crate) const MAX_AVAILABILITY_BYTES: usize = 16;
+/// Largest payload on `<prefix>/<id>/state` and `<prefix>/<id>/replay[/…]`: one Reading JSON
+/// (or a replay request), as the gateway and the publisher accept it.
+pub(crate) const MAX_READING_BYTES: usize = k3sense_protocol::MAX_PAYLOAD_BYTES;
 
 /// The verdict on one PUBLISH (or last will).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +45,8 @@ pub(crate) enum PublishVerdict {
     Allow,
     /// The role may not publish to this topic.
     Forbidden,
-    /// An empty payload to a reading or availability topic: it would erase state.
+    /// An empty non-retained payload to a reading or availability topic: rumqttd would erase
+    /// the retained message, which MQTT reserves for a retained empty publish.
     WouldErase,
 }
 
@@ -45,6 +61,8 @@ pub(crate) enum SubscribeVerdict {
     System,
     /// Not a valid MQTT filter (`a/#/b`, `a+`, empty).
     Invalid,
+    /// A `$share/…` filter: refused, see the module's doc.
+    Shared,
 }
 
 /// The rules of one installation (one topic prefix).
@@ -61,15 +79,36 @@ impl Acl {
         }
     }
 
-    /// May `role` publish `payload_empty`-or-not to `topic` (a valid topic name, no wildcards)?
-    pub(crate) fn publish(&self, role: &Role, topic: &str, payload_empty: bool) -> PublishVerdict {
+    /// May `role` publish `payload_empty`-or-not, `retain`ed or not, to `topic` (a valid topic
+    /// name, no wildcards)? A last will is judged with `retain` false: no will may erase a
+    /// reading.
+    pub(crate) fn publish(
+        &self,
+        role: &Role,
+        topic: &str,
+        payload_empty: bool,
+        retain: bool,
+    ) -> PublishVerdict {
         if !self.may_publish(role, topic) {
             return PublishVerdict::Forbidden;
         }
-        if payload_empty && self.is_state_topic(topic) {
+        if payload_empty && !retain && self.is_state_topic(topic) {
             return PublishVerdict::WouldErase;
         }
         PublishVerdict::Allow
+    }
+
+    /// The largest payload accepted on `topic`, where its family has a cap of its own below
+    /// `--max-payload`: readings and replays 1 KiB, availability 16 bytes.
+    pub(crate) fn payload_cap(&self, topic: &str) -> Option<usize> {
+        let (_, rest) = self.sensor_subtopic(topic)?;
+        match rest {
+            "state" => Some(MAX_READING_BYTES),
+            "availability" => Some(MAX_AVAILABILITY_BYTES),
+            "replay" => Some(MAX_READING_BYTES),
+            rest if rest.starts_with("replay/") => Some(MAX_READING_BYTES),
+            _ => None,
+        }
     }
 
     fn may_publish(&self, role: &Role, topic: &str) -> bool {
@@ -83,11 +122,11 @@ impl Acl {
                 rest == "replay/request" || rest.starts_with("replay/request/")
             }),
             Role::Publisher(sensors) => {
-                if topic
+                if let Some(rest) = topic
                     .strip_prefix(HOME_ASSISTANT)
-                    .is_some_and(|rest| rest.starts_with('/'))
+                    .and_then(|rest| rest.strip_prefix('/'))
                 {
-                    return true;
+                    return own_discovery_topic(sensors, rest);
                 }
                 self.sensor_subtopic(topic).is_some_and(|(id, rest)| {
                     sensors.includes(id)
@@ -102,11 +141,9 @@ impl Acl {
 
     /// May `role` subscribe to `filter`?
     pub(crate) fn subscribe(&self, role: &Role, filter: &str) -> SubscribeVerdict {
-        let filter = match shared_inner(filter) {
-            Some(inner) => inner,
-            None if filter.starts_with("$share/") => return SubscribeVerdict::Invalid,
-            None => filter,
-        };
+        if filter.starts_with("$share/") {
+            return SubscribeVerdict::Shared;
+        }
         if !valid_filter(filter) {
             return SubscribeVerdict::Invalid;
         }
@@ -122,15 +159,16 @@ impl Acl {
             Role::Publisher(sensors) => {
                 within(filter, HOME_ASSISTANT_STATUS)
                     || match sensors {
-                        // Its replay requests, and its own retained state (to continue `seq`
-                        // after a restart).
-                        Sensors::Any => {
-                            within(filter, &format!("{}/+/replay/#", self.prefix))
-                                || within(filter, &format!("{}/+/state", self.prefix))
-                        }
+                        // Its replay requests, its own retained state (to continue `seq`
+                        // after a restart) and its own availability (to say `online` again
+                        // when someone else says it is `offline`).
+                        Sensors::Any => ["+/replay/#", "+/state", "+/availability"]
+                            .iter()
+                            .any(|own| within(filter, &format!("{}/{own}", self.prefix))),
                         Sensors::Only(ids) => ids.iter().any(|id| {
-                            within(filter, &format!("{}/{}/replay/#", self.prefix, id.as_str()))
-                                || within(filter, &format!("{}/{}/state", self.prefix, id.as_str()))
+                            ["replay/#", "state", "availability"].iter().any(|own| {
+                                within(filter, &format!("{}/{}/{own}", self.prefix, id.as_str()))
+                            })
                         }),
                     }
             }
@@ -158,11 +196,20 @@ impl Acl {
     }
 }
 
-/// The filter inside `$share/<group>/<filter>`, if it is one with a group and a filter.
-fn shared_inner(filter: &str) -> Option<&str> {
-    let rest = filter.strip_prefix("$share/")?;
-    let (group, inner) = rest.split_once('/')?;
-    (!group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty()).then_some(inner)
+/// Whether `rest` (a topic after `homeassistant/`) is `<component>/k3sense_<id>/<more>` for one
+/// of `sensors`: the discovery configs of the publisher's own sensors and nothing else, so one
+/// publisher cannot rewrite another sensor's (or any other) Home Assistant entity.
+fn own_discovery_topic(sensors: &Sensors, rest: &str) -> bool {
+    let mut levels = rest.splitn(3, '/');
+    let (Some(component), Some(node), Some(more)) = (levels.next(), levels.next(), levels.next())
+    else {
+        return false;
+    };
+    !component.is_empty()
+        && !more.is_empty()
+        && node
+            .strip_prefix(DISCOVERY_NODE_PREFIX)
+            .is_some_and(|id| sensors.includes(id))
 }
 
 /// Whether every topic `filter` matches is also matched by `pattern` (both valid filters).
@@ -217,8 +264,11 @@ mod tests {
     fn readers_never_publish_and_read_only_our_topics() {
         let acl = Acl::new("k3sense");
         for topic in ["k3sense/pi-1/state", "k3sense/pi-1/replay/request", "x"] {
-            assert_eq!(acl.publish(&Role::Reader, topic, false), P::Forbidden);
-            assert_eq!(acl.publish(&Role::Reader, topic, true), P::Forbidden);
+            assert_eq!(
+                acl.publish(&Role::Reader, topic, false, false),
+                P::Forbidden
+            );
+            assert_eq!(acl.publish(&Role::Reader, topic, true, false), P::Forbidden);
         }
         assert_eq!(acl.subscribe(&Role::Reader, "k3sense/#"), S::Allow);
         assert_eq!(acl.subscribe(&Role::Reader, "k3sense/+/state"), S::Allow);
@@ -227,10 +277,17 @@ mod tests {
         assert_eq!(acl.subscribe(&Role::Reader, "other/#"), S::Forbidden);
         assert_eq!(acl.subscribe(&Role::Reader, "$SYS/#"), S::System);
         assert_eq!(acl.subscribe(&Role::Reader, "k3sense/#/x"), S::Invalid);
-        assert_eq!(acl.subscribe(&Role::Reader, "$share/g/k3sense/#"), S::Allow);
-        assert_eq!(acl.subscribe(&Role::Reader, "$share/g/#"), S::Forbidden);
-        assert_eq!(acl.subscribe(&Role::Reader, "$share/g/$SYS/x"), S::System);
-        assert_eq!(acl.subscribe(&Role::Reader, "$share/x"), S::Invalid);
+        // No shared subscriptions at all: N of them to one topic would deliver each message N
+        // times to the same client.
+        for filter in [
+            "$share/g/k3sense/#",
+            "$share/g/#",
+            "$share/g/$SYS/x",
+            "$share/x",
+        ] {
+            assert_eq!(acl.subscribe(&Role::Reader, filter), S::Shared, "{filter}");
+            assert_eq!(acl.subscribe(&Role::Admin, filter), S::Shared, "{filter}");
+        }
     }
 
     #[test]
@@ -238,19 +295,25 @@ mod tests {
         let acl = Acl::new("k3sense");
         let g = Role::Gateway;
         assert_eq!(
-            acl.publish(&g, "k3sense/pi-1/replay/request", false),
+            acl.publish(&g, "k3sense/pi-1/replay/request", false, false),
             P::Allow
         );
         assert_eq!(
-            acl.publish(&g, "k3sense/pi-1/replay/request/gw-a", false),
+            acl.publish(&g, "k3sense/pi-1/replay/request/gw-a", false, false),
             P::Allow
         );
         assert_eq!(
-            acl.publish(&g, "k3sense/pi-1/replay/answer", false),
+            acl.publish(&g, "k3sense/pi-1/replay/answer", false, false),
             P::Forbidden
         );
-        assert_eq!(acl.publish(&g, "k3sense/pi-1/state", false), P::Forbidden);
-        assert_eq!(acl.publish(&g, "k3sense/pi-1/replay", false), P::Forbidden);
+        assert_eq!(
+            acl.publish(&g, "k3sense/pi-1/state", false, false),
+            P::Forbidden
+        );
+        assert_eq!(
+            acl.publish(&g, "k3sense/pi-1/replay", false, false),
+            P::Forbidden
+        );
         assert_eq!(acl.subscribe(&g, "k3sense/#"), S::Allow);
         assert_eq!(acl.subscribe(&g, "k3sense/+/replay"), S::Allow);
     }
@@ -259,38 +322,66 @@ mod tests {
     fn publishers_publish_only_their_own_sensors() {
         let acl = Acl::new("home/k3sense");
         let p = publisher(&["pi-1"]);
-        assert_eq!(acl.publish(&p, "home/k3sense/pi-1/state", false), P::Allow);
         assert_eq!(
-            acl.publish(&p, "home/k3sense/pi-1/availability", false),
+            acl.publish(&p, "home/k3sense/pi-1/state", false, false),
             P::Allow
         );
         assert_eq!(
-            acl.publish(&p, "home/k3sense/pi-1/replay/answer", false),
+            acl.publish(&p, "home/k3sense/pi-1/availability", false, false),
             P::Allow
         );
         assert_eq!(
-            acl.publish(&p, "home/k3sense/pi-2/state", false),
+            acl.publish(&p, "home/k3sense/pi-1/replay/answer", false, false),
+            P::Allow
+        );
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-2/state", false, false),
             P::Forbidden
         );
         assert_eq!(
-            acl.publish(&p, "home/k3sense/pi-1/other", false),
+            acl.publish(&p, "home/k3sense/pi-1/other", false, false),
             P::Forbidden
         );
-        assert_eq!(acl.publish(&p, "k3sense/pi-1/state", false), P::Forbidden);
         assert_eq!(
-            acl.publish(&p, "homeassistant/sensor/pi-1/temperature/config", false),
+            acl.publish(&p, "k3sense/pi-1/state", false, false),
+            P::Forbidden
+        );
+        // Its own discovery configs (publisher/src/discovery.rs), nobody else's.
+        assert_eq!(
+            acl.publish(
+                &p,
+                "homeassistant/sensor/k3sense_pi-1/temperature/config",
+                false,
+                true
+            ),
             P::Allow
         );
-        assert_eq!(acl.publish(&p, "homeassistantx/y", false), P::Forbidden);
-        assert_eq!(acl.publish(&p, "$SYS/x", false), P::Forbidden);
+        for topic in [
+            "homeassistant/sensor/k3sense_pi-2/temperature/config",
+            "homeassistant/sensor/pi-1/temperature/config",
+            "homeassistant/light/kitchen/config",
+            "homeassistant/sensor/k3sense_pi-1",
+            "homeassistant/sensor/k3sense_pi-1/",
+            "homeassistant/status",
+        ] {
+            assert_eq!(acl.publish(&p, topic, false, true), P::Forbidden, "{topic}");
+        }
+        assert_eq!(
+            acl.publish(&p, "homeassistantx/y", false, false),
+            P::Forbidden
+        );
+        assert_eq!(acl.publish(&p, "$SYS/x", false, false), P::Forbidden);
         assert_eq!(acl.subscribe(&p, "home/k3sense/pi-1/replay/#"), S::Allow);
         assert_eq!(
             acl.subscribe(&p, "home/k3sense/pi-1/replay/request"),
             S::Allow
         );
-        assert_eq!(acl.publish(&p, "home/k3sense/pi-1/replay", false), P::Allow);
         assert_eq!(
-            acl.publish(&p, "home/k3sense/pi-2/replay", false),
+            acl.publish(&p, "home/k3sense/pi-1/replay", false, false),
+            P::Allow
+        );
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-2/replay", false, false),
             P::Forbidden
         );
         assert_eq!(
@@ -300,6 +391,14 @@ mod tests {
         assert_eq!(acl.subscribe(&p, "home/k3sense/+/replay/#"), S::Forbidden);
         // Its own retained state, to continue `seq` after a restart; nobody else's.
         assert_eq!(acl.subscribe(&p, "home/k3sense/pi-1/state"), S::Allow);
+        assert_eq!(
+            acl.subscribe(&p, "home/k3sense/pi-1/availability"),
+            S::Allow
+        );
+        assert_eq!(
+            acl.subscribe(&p, "home/k3sense/pi-2/availability"),
+            S::Forbidden
+        );
         assert_eq!(acl.subscribe(&p, "home/k3sense/pi-2/state"), S::Forbidden);
         assert_eq!(acl.subscribe(&p, "home/k3sense/+/state"), S::Forbidden);
         assert_eq!(acl.subscribe(&p, "homeassistant/status"), S::Allow);
@@ -307,37 +406,80 @@ mod tests {
 
         let any = Role::Publisher(Sensors::Any);
         assert_eq!(
-            acl.publish(&any, "home/k3sense/node-7/state", false),
+            acl.publish(
+                &any,
+                "homeassistant/sensor/k3sense_node-7/humidity/config",
+                false,
+                true
+            ),
             P::Allow
         );
         assert_eq!(
-            acl.publish(&any, "home/k3sense/Not_An_Id/state", false),
+            acl.publish(&any, "homeassistant/light/kitchen/config", false, true),
+            P::Forbidden
+        );
+        assert_eq!(
+            acl.publish(&any, "home/k3sense/node-7/state", false, false),
+            P::Allow
+        );
+        assert_eq!(
+            acl.publish(&any, "home/k3sense/Not_An_Id/state", false, false),
             P::Forbidden
         );
         assert_eq!(acl.subscribe(&any, "home/k3sense/+/replay/#"), S::Allow);
     }
 
     #[test]
-    fn nobody_erases_a_reading_with_an_empty_publish() {
+    fn only_a_retained_empty_publish_from_a_writer_clears_a_reading() {
         let acl = Acl::new("k3sense");
         for role in [Role::Admin, Role::Unscoped, publisher(&["pi-1"])] {
+            for topic in ["k3sense/pi-1/state", "k3sense/pi-1/availability"] {
+                // rumqttd would erase the retained message even with retain=0.
+                assert_eq!(acl.publish(&role, topic, true, false), P::WouldErase);
+                // MQTT's way to clear a retained message: how a sensor is removed.
+                assert_eq!(acl.publish(&role, topic, true, true), P::Allow);
+            }
             assert_eq!(
-                acl.publish(&role, "k3sense/pi-1/state", true),
-                P::WouldErase
-            );
-            assert_eq!(
-                acl.publish(&role, "k3sense/pi-1/availability", true),
-                P::WouldErase
-            );
-            assert_eq!(
-                acl.publish(&role, "homeassistant/sensor/x/config", true),
+                acl.publish(
+                    &role,
+                    "homeassistant/sensor/k3sense_pi-1/t/config",
+                    true,
+                    true
+                ),
                 P::Allow,
                 "an empty retained discovery config is how Home Assistant entities are removed"
             );
         }
-        assert_eq!(acl.publish(&Role::Admin, "other/topic", true), P::Allow);
-        assert_eq!(acl.publish(&Role::Admin, "$SYS/x", false), P::Forbidden);
+        for role in [Role::Reader, Role::Gateway, publisher(&["pi-2"])] {
+            assert_eq!(
+                acl.publish(&role, "k3sense/pi-1/state", true, true),
+                P::Forbidden
+            );
+        }
+        assert_eq!(
+            acl.publish(&Role::Admin, "other/topic", true, false),
+            P::Allow
+        );
+        assert_eq!(
+            acl.publish(&Role::Admin, "$SYS/x", false, false),
+            P::Forbidden
+        );
         assert_eq!(acl.subscribe(&Role::Admin, "#"), S::Allow);
         assert_eq!(acl.subscribe(&Role::Admin, "$SYS/#"), S::System);
+    }
+
+    #[test]
+    fn each_topic_family_has_its_payload_cap() {
+        let acl = Acl::new("k3sense");
+        assert_eq!(acl.payload_cap("k3sense/pi-1/state"), Some(1024));
+        assert_eq!(acl.payload_cap("k3sense/pi-1/replay"), Some(1024));
+        assert_eq!(acl.payload_cap("k3sense/pi-1/replay/request"), Some(1024));
+        assert_eq!(acl.payload_cap("k3sense/pi-1/availability"), Some(16));
+        assert_eq!(acl.payload_cap("k3sense/pi-1/other"), None);
+        assert_eq!(
+            acl.payload_cap("homeassistant/sensor/k3sense_pi-1/t/config"),
+            None
+        );
+        assert_eq!(acl.payload_cap("other/pi-1/state"), None);
     }
 }

@@ -80,6 +80,31 @@ pub struct Options {
     /// How long a new connection may take for its TLS handshake and CONNECT before it is closed.
     #[arg(long, env = "K3SENSE_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime_duration)]
     pub connect_timeout: Duration,
+
+    /// Most sockets not logged in yet, from all addresses; when full, the oldest is closed to
+    /// make room for a new one (so silent sockets never lock out a real client).
+    #[arg(long, env = "K3SENSE_MAX_PENDING", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending: u32,
+
+    /// Most sockets not logged in yet from one address (an IPv6 /64); when full, that address's
+    /// oldest is closed to make room. Whatever this is, a full pool closes the oldest socket of
+    /// the address holding the most.
+    #[arg(long, env = "K3SENSE_MAX_PENDING_PER_SOURCE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_per_source: u32,
+
+    /// Most filters one connection may be subscribed to at once; more are refused (SUBACK 0x80).
+    #[arg(long, env = "K3SENSE_MAX_SUBSCRIPTIONS", default_value_t = 64)]
+    pub max_subscriptions: usize,
+
+    /// Most distinct filters the broker keeps (the embedded rumqttd keeps a log per filter ever
+    /// subscribed, until restart); a filter not yet known is refused beyond this (SUBACK 0x80).
+    #[arg(long, env = "K3SENSE_MAX_FILTERS", default_value_t = 2048)]
+    pub max_filters: usize,
+
+    /// Most new filters one account may add to those the broker keeps (see --max-filters);
+    /// filters already known stay open to every account.
+    #[arg(long, env = "K3SENSE_MAX_FILTERS_PER_ACCOUNT", default_value_t = 256)]
+    pub max_filters_per_account: usize,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -121,6 +146,11 @@ impl Default for Options {
             max_connections: 1000,
             max_payload: 64 * 1024,
             connect_timeout: Duration::from_secs(5),
+            max_pending: 4096,
+            max_pending_per_source: 4096,
+            max_subscriptions: 64,
+            max_filters: 2048,
+            max_filters_per_account: 256,
         }
     }
 }

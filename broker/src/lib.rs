@@ -39,8 +39,12 @@
 //! |---|---|
 //! | `config` | [`Config`]: the command-line flags and their `K3SENSE_*` variables |
 //! | `users` | [`Users`], [`Role`]: the users file |
-//! | `acl` | the rules of each role, as pure functions |
+//! | `acl` | the rules of each role, and each topic family's payload cap, as pure functions |
 //! | `listener` | accept loops: one task per connection, flood cap |
+//! | `pending` | sockets not logged in yet: per source and in total, the oldest closed first |
+//! | `throttle` | failed logins slowed per source and per account |
+//! | `filters` | subscriptions per connection, and the filters rumqttd keeps (per account, in total) |
+//! | `clip` | client-supplied strings cut short in log lines |
 //! | `tls` | the TLS acceptor from PEM files |
 //! | `session` | one connection: CONNECT, authentication, authorisation, relaying to rumqttd |
 //! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
@@ -51,16 +55,20 @@
 //! | `error` | [`Error`] |
 
 mod acl;
+mod clip;
 mod config;
 mod embedded;
 mod error;
 mod exporter;
+mod filters;
 mod frame;
 mod listener;
 mod metrics;
+mod pending;
 mod registry;
 mod retained;
 mod session;
+mod throttle;
 mod tls;
 mod users;
 
@@ -217,6 +225,14 @@ pub async fn start(config: &Config) -> Result<Started> {
         clients: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),
         max_payload: options.max_payload,
         connect_timeout: options.connect_timeout,
+        pending: Arc::new(pending::PendingPool::new(
+            options.max_pending as usize,
+            options.max_pending_per_source as usize,
+            metrics.clone(),
+        )),
+        throttle: throttle::Throttle::default(),
+        filters: filters::FilterTable::new(options.max_filters, options.max_filters_per_account),
+        max_subscriptions: options.max_subscriptions,
     });
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -227,7 +243,12 @@ pub async fn start(config: &Config) -> Result<Started> {
         tls,
         shared: shared.clone(),
         open: open.clone(),
-        max_open: options.max_connections.saturating_mul(2).max(64),
+        // Connected clients, pending sockets (bounded by the pool, which closes the oldest), and
+        // room for those between the two: past the pool, this only guards file descriptors.
+        max_open: options
+            .max_connections
+            .saturating_add(options.max_pending as usize)
+            .saturating_add(64),
         tracker: tracker.clone(),
         stop: stop.clone(),
         sessions: sessions.clone(),
@@ -273,10 +294,23 @@ pub async fn start(config: &Config) -> Result<Started> {
     })
 }
 
+/// Connections the kernel may hold for the accept loop. A flood of connects (silent sockets
+/// being reopened as the pending pool closes them) must not fill the queue: a real client's SYN
+/// dropped there waits a 1 s retransmission. Linux caps it at `net.core.somaxconn` (4096).
+const BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, flag, source })
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    bound().map_err(|source| Error::Bind { addr, flag, source })
 }
 
 /// A free loopback port for rumqttd (which binds by itself and cannot take port 0) and the one

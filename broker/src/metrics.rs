@@ -32,10 +32,16 @@ pub enum Reason {
     Oversized,
     /// Nothing received within 1.5 × the client's keepalive.
     KeepaliveTimeout,
+    /// Not logged in yet, and closed to make room for a newer socket (`--max-pending`,
+    /// `--max-pending-per-source`).
+    PendingEvicted,
+    /// Its address had failed so many logins that its turn to be checked would have come after
+    /// its CONNECT deadline (CONNACK 3, unchecked).
+    LoginThrottled,
 }
 
 impl Reason {
-    const ALL: [Reason; 10] = [
+    const ALL: [Reason; 12] = [
         Reason::ConnectTimeout,
         Reason::TlsHandshake,
         Reason::BadCredentials,
@@ -46,6 +52,8 @@ impl Reason {
         Reason::Malformed,
         Reason::Oversized,
         Reason::KeepaliveTimeout,
+        Reason::PendingEvicted,
+        Reason::LoginThrottled,
     ];
 
     /// The label value in the metrics and the log lines.
@@ -61,6 +69,8 @@ impl Reason {
             Self::Malformed => "malformed",
             Self::Oversized => "oversized",
             Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::PendingEvicted => "pending_evicted",
+            Self::LoginThrottled => "login_throttled",
         }
     }
 
@@ -79,11 +89,17 @@ pub struct Metrics {
     publishes_delivered: AtomicU64,
     publishes_forbidden: AtomicU64,
     publishes_would_erase: AtomicU64,
+    publishes_too_large: AtomicU64,
     subscriptions_forwarded: AtomicU64,
     subscriptions_forbidden: AtomicU64,
     subscriptions_system: AtomicU64,
     subscriptions_invalid: AtomicU64,
+    subscriptions_shared: AtomicU64,
+    subscriptions_limit: AtomicU64,
     client_id_slots: AtomicU64,
+    pending: AtomicU64,
+    filters: AtomicU64,
+    logins_delayed: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -103,6 +119,8 @@ pub struct Snapshot {
     pub publishes_forbidden: u64,
     /// Empty PUBLISHes dropped because they would have erased a retained message.
     pub publishes_would_erase: u64,
+    /// PUBLISHes dropped for a payload over their topic family's cap (a reading over 1 KiB).
+    pub publishes_too_large: u64,
     /// SUBSCRIBE filters passed to rumqttd.
     pub subscriptions_forwarded: u64,
     /// SUBSCRIBE filters refused (0x80) because the role may not read there.
@@ -111,9 +129,20 @@ pub struct Snapshot {
     pub subscriptions_system: u64,
     /// Invalid filters refused (0x80).
     pub subscriptions_invalid: u64,
+    /// `$share/…` filters refused (0x80).
+    pub subscriptions_shared: u64,
+    /// Filters refused (0x80) by `--max-subscriptions`, `--max-filters-per-account` or
+    /// `--max-filters`.
+    pub subscriptions_limit: u64,
     /// Slot ids the pool has handed rumqttd for clean sessions: what rumqttd's per-client
     /// records are bounded by, however many fresh client ids connect.
     pub client_id_slots: u64,
+    /// Sockets that have not logged in yet, right now.
+    pub pending: u64,
+    /// Distinct filters forwarded to rumqttd, which keeps a log for each for good.
+    pub filters: u64,
+    /// Wrong passwords answered late, and logins queued behind their address's failures.
+    pub logins_delayed: u64,
 }
 
 impl Snapshot {
@@ -157,6 +186,24 @@ impl Metrics {
     pub(crate) fn publish_would_erase(&self) {
         add(&self.publishes_would_erase);
     }
+    pub(crate) fn publish_too_large(&self) {
+        add(&self.publishes_too_large);
+    }
+    pub(crate) fn subscription_shared(&self) {
+        add(&self.subscriptions_shared);
+    }
+    pub(crate) fn subscription_limit(&self) {
+        add(&self.subscriptions_limit);
+    }
+    pub(crate) fn pending(&self, pending: usize) {
+        self.pending.store(pending as u64, Ordering::Relaxed);
+    }
+    pub(crate) fn filters(&self, filters: usize) {
+        self.filters.store(filters as u64, Ordering::Relaxed);
+    }
+    pub(crate) fn login_delayed(&self) {
+        add(&self.logins_delayed);
+    }
     pub(crate) fn subscription_forwarded(&self) {
         add(&self.subscriptions_forwarded);
     }
@@ -189,11 +236,17 @@ impl Metrics {
             publishes_delivered: get(&self.publishes_delivered),
             publishes_forbidden: get(&self.publishes_forbidden),
             publishes_would_erase: get(&self.publishes_would_erase),
+            publishes_too_large: get(&self.publishes_too_large),
             subscriptions_forwarded: get(&self.subscriptions_forwarded),
             subscriptions_forbidden: get(&self.subscriptions_forbidden),
             subscriptions_system: get(&self.subscriptions_system),
             subscriptions_invalid: get(&self.subscriptions_invalid),
+            subscriptions_shared: get(&self.subscriptions_shared),
+            subscriptions_limit: get(&self.subscriptions_limit),
             client_id_slots: get(&self.client_id_slots),
+            pending: get(&self.pending),
+            filters: get(&self.filters),
+            logins_delayed: get(&self.logins_delayed),
         }
     }
 
@@ -240,6 +293,7 @@ impl Metrics {
                 ("{outcome=\"forwarded\"}", s.publishes_forwarded),
                 ("{outcome=\"forbidden\"}", s.publishes_forbidden),
                 ("{outcome=\"would_erase\"}", s.publishes_would_erase),
+                ("{outcome=\"too_large\"}", s.publishes_too_large),
             ],
         );
         family(
@@ -257,6 +311,8 @@ impl Metrics {
                 ("{outcome=\"forbidden\"}", s.subscriptions_forbidden),
                 ("{outcome=\"system\"}", s.subscriptions_system),
                 ("{outcome=\"invalid\"}", s.subscriptions_invalid),
+                ("{outcome=\"shared\"}", s.subscriptions_shared),
+                ("{outcome=\"limit\"}", s.subscriptions_limit),
             ],
         );
         family(
@@ -264,6 +320,24 @@ impl Metrics {
             "gauge",
             "Pooled client ids handed to the embedded rumqttd for clean sessions; its per-client records are bounded by this, not by the client ids that ever connected.",
             &[("", s.client_id_slots)],
+        );
+        family(
+            "k3sense_broker_pending_connections",
+            "gauge",
+            "Sockets that have not logged in yet (TLS handshake, CONNECT, a failed login's delay).",
+            &[("", s.pending)],
+        );
+        family(
+            "k3sense_broker_filters",
+            "gauge",
+            "Distinct subscription filters forwarded to the embedded rumqttd, which keeps a log for each until the broker restarts.",
+            &[("", s.filters)],
+        );
+        family(
+            "k3sense_broker_logins_delayed_total",
+            "counter",
+            "Wrong passwords answered after a delay, and logins queued behind their address's failures.",
+            &[("", s.logins_delayed)],
         );
         out
     }

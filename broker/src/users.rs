@@ -145,6 +145,11 @@ impl Users {
         constant_time_eq(account.password.as_bytes(), password.as_bytes()).then_some(&account.role)
     }
 
+    /// Whether an account of this name exists (failed logins are tracked per existing account).
+    pub(crate) fn has(&self, username: &str) -> bool {
+        self.accounts.contains_key(username)
+    }
+
     /// The accounts that have no role (full access), sorted, to warn about once at start.
     pub fn unscoped(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self
