@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
-    Availability, Reading, ReplayRequest, SensorId,
+    Availability, Reading, ReplayRequest, SensorHealth, SensorId,
     ws::{SensorSummary, ServerMessage},
 };
 
@@ -97,6 +97,13 @@ impl Hub {
     pub fn availability(&self, id: &SensorId, availability: Availability) -> Sent {
         let mut inner = self.lock();
         let message = inner.registry.apply_availability(id, availability);
+        self.send(inner, message)
+    }
+
+    /// Records a sensor's own health and sends it to every client.
+    pub fn health(&self, health: SensorHealth) -> Sent {
+        let mut inner = self.lock();
+        let message = inner.registry.apply_health(health);
         self.send(inner, message)
     }
 

@@ -6,14 +6,18 @@
 //! {"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"online","latest":{…Reading…}}]}
 //! {"type":"reading","sensor_id":"pi-1","model":"dht11","temperature_c":23.0,"humidity_pct":41.0,"read_at":"…","seq":43}
 //! {"type":"availability","sensor_id":"pi-1","status":"offline"}
+//! {"type":"sensor","sensor_id":"pi-1","status":"not_answering","since":"…","reason":"no_response","errors":{"no_response":31}}
 //! ```
+//!
+//! `availability` is the publisher's (its process and connection); `sensor` is the sensor's own
+//! health ([`SensorHealth`]), and each summary carries the latest one as `sensor_health`.
 //!
 //! A `snapshot` always comes first, so a client never has to ask for state; `GET /api/sensors`
 //! returns the same `sensors` array.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Availability, Reading, SensorId};
+use crate::{Availability, Reading, SensorHealth, SensorId};
 
 /// What the gateway knows of a sensor's publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -45,6 +49,9 @@ pub struct SensorSummary {
     pub status: SensorStatus,
     /// The newest reading, if any arrived yet.
     pub latest: Option<Reading>,
+    /// The sensor's own health, once its publisher said it (`null` before).
+    #[serde(default)]
+    pub sensor_health: Option<SensorHealth>,
 }
 
 /// A message from the gateway on `/ws`.
@@ -65,6 +72,8 @@ pub enum ServerMessage {
         /// Its new status.
         status: SensorStatus,
     },
+    /// The sensor's own health changed; the [`SensorHealth`] fields sit beside `type`.
+    Sensor(SensorHealth),
 }
 
 #[cfg(test)]
@@ -103,12 +112,22 @@ mod tests {
                 sensor_id: id,
                 status: SensorStatus::Unknown,
                 latest: None,
+                sensor_health: None,
             }],
         })
         .unwrap();
         assert_eq!(
             json,
-            r#"{"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"unknown","latest":null}]}"#
+            r#"{"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"unknown","latest":null,"sensor_health":null}]}"#
+        );
+        let health = SensorHealth::from_json(
+            br#"{"sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":3}}"#,
+        )
+        .unwrap();
+        let json = serde_json::to_string(&ServerMessage::Sensor(health)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"sensor","sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":3}}"#
         );
     }
 }
