@@ -384,6 +384,29 @@ async fn a_silent_sensor_is_not_answering_everywhere_and_live_again_on_its_first
     if let Some(b) = browser {
         b.wait_for("live again", |c| c["status"] == "live" && c["health"] == "")
             .await;
+        // The chart's range buttons: 24 h, then everything kept (here a few seconds, shown as
+        // at least a minute), each pressed alone, the axis following.
+        for (range, axis) in [("24h", "24 h ago"), ("all", "1 min ago"), ("1h", "1 h ago")] {
+            let shown = b
+                .client
+                .execute(
+                    r#"
+                    const card = document.querySelector(`[data-sensor="${arguments[0]}"]`);
+                    card.querySelector(`.ranges [data-range="${arguments[1]}"]`).click();
+                    return {
+                        axis: card.querySelector(".axis-start").textContent,
+                        pressed: [...card.querySelectorAll(".ranges button")]
+                            .filter((b) => b.getAttribute("aria-pressed") === "true")
+                            .map((b) => b.dataset.range),
+                    };
+                    "#,
+                    vec![json!(ID), json!(range)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(shown["axis"], axis, "{range}: {shown}");
+            assert_eq!(shown["pressed"], json!([range]), "{range}: {shown}");
+        }
         b.close().await;
     }
     // The publisher said `online` throughout: the only availability ever retained is online.

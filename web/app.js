@@ -111,7 +111,7 @@ function ago(ms) {
 }
 
 function clock(iso) {
-  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
 }
 
 // "sensor not answering since 14:02 — check wiring/pull-up", and the counted reasons, so a

@@ -93,6 +93,7 @@ impl Acl {
                     sensors.includes(id)
                         && (rest == "state"
                             || rest == "availability"
+                            || rest == "sensor"
                             || rest == "replay"
                             || rest.starts_with("replay/"))
                 })
@@ -142,10 +143,11 @@ impl Acl {
         }
     }
 
-    /// `<prefix>/<id>/state` or `<prefix>/<id>/availability`, whatever `<id>` is.
+    /// `<prefix>/<id>/state`, `…/availability` or `…/sensor` (the retained ones), whatever
+    /// `<id>` is.
     fn is_state_topic(&self, topic: &str) -> bool {
         self.sensor_subtopic(topic)
-            .is_some_and(|(_, rest)| rest == "state" || rest == "availability")
+            .is_some_and(|(_, rest)| rest == "state" || rest == "availability" || rest == "sensor")
     }
 
     /// Splits `<prefix>/<id>/<rest>` into `(id, rest)`.
@@ -267,6 +269,15 @@ mod tests {
         assert_eq!(
             acl.publish(&p, "home/k3sense/pi-1/replay/answer", false),
             P::Allow
+        );
+        assert_eq!(acl.publish(&p, "home/k3sense/pi-1/sensor", false), P::Allow);
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-1/sensor", true),
+            P::WouldErase
+        );
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-2/sensor", false),
+            P::Forbidden
         );
         assert_eq!(
             acl.publish(&p, "home/k3sense/pi-2/state", false),

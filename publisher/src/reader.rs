@@ -136,6 +136,8 @@ struct Reader {
     health: Option<HealthStatus>,
     /// When the current spell of failed reads began (wall clock), until a reading ends it.
     failing_since: Option<DateTime<Utc>>,
+    /// Whether the two's-complement clone message was logged.
+    clone_warned: bool,
 }
 
 /// Reads until `shutdown` (or until the link is gone). `first` is the result of the first
@@ -160,6 +162,7 @@ pub async fn run(
         last_open_error: None,
         health: None,
         failing_since: None,
+        clone_warned: false,
     };
     let mut opener = opener;
     let mut current = first;
@@ -294,11 +297,15 @@ impl Reader {
                     rh = m.humidity_pct,
                     "a good read; waiting for an independent second read to confirm it"
                 ),
-                Verdict::Retry => {
-                    if let Err(e) = &result {
-                        tracing::debug!(error = %e, "sensor read failed; retrying");
+                Verdict::Retry => match &result {
+                    // Not noise: every read of this sensor will say it. Say it once, loudly.
+                    Err(e) if e.is_twos_complement_clone() && !self.clone_warned => {
+                        self.clone_warned = true;
+                        tracing::error!(sensor_id = %self.config.id, "{e}");
                     }
-                }
+                    Err(e) => tracing::debug!(error = %e, "sensor read failed; retrying"),
+                    Ok(_) => {}
+                },
                 Verdict::Lost => {
                     return Ended::Lost(match result {
                         Err(e) => e.to_string(),

@@ -242,6 +242,11 @@ mod tests {
         }
         let e = io::Error::from_raw_os_error(Errno::ENODEV as i32);
         assert!(matches!(read_error(p, &e), ReadError::Unavailable(_)));
+        // What `k3sense check` counts to explain a kernel that refuses every DHT11 frame.
+        let eio = read_error(p, &io::Error::from_raw_os_error(Errno::EIO as i32));
+        let eagain = read_error(p, &io::Error::from_raw_os_error(Errno::EAGAIN as i32));
+        assert!(eio.is_kernel_eio() && !eagain.is_kernel_eio());
+        assert!(!eio.is_twos_complement_clone());
     }
 
     #[test]
@@ -252,8 +257,10 @@ mod tests {
         let dir = device(root.path(), 0, "dht11", "-3276700", "45000");
         let mut s = IioSensor::open(Model::Dht22, dir).unwrap();
         match s.read() {
-            Err(ReadError::Driver { reason, .. }) => {
-                assert!(reason.contains("two's complement") && reason.contains("--sensor dht22"));
+            Err(e @ ReadError::Driver { .. }) => {
+                assert!(e.is_twos_complement_clone(), "{e}");
+                let text = e.to_string();
+                assert!(text.contains("two's complement") && text.contains("--sensor dht22"));
             }
             other => panic!("{other:?}"),
         }
