@@ -2,8 +2,8 @@
 //! The sensor's own health, end to end, through the real binary: `k3sense all` with a simulated
 //! sensor driven by `--sim-control FILE`, told to stop answering (`silent`) and to answer again
 //! (`ok`) while it runs. Watched the ways a user would: an MQTT subscriber (rumqttc) on the
-//! publisher's topics, `GET /api/sensors`, `k3sense watch` (the real binary), and the page in
-//! headless Chromium (WebDriver).
+//! publisher's topics, `GET /api/sensors`, `k3sense watch` and `k3sense check` (the real binary),
+//! and the page in headless Chromium (WebDriver).
 //!
 //! What it proves:
 //! - within `--unhealthy-after` (3) intervals of the sensor going silent, all four say
@@ -363,6 +363,21 @@ async fn a_silent_sensor_is_not_answering_everywhere_and_live_again_on_its_first
         );
         b.screenshot("sensor-not-answering").await;
     }
+    // `k3sense check` fails its `sensors` line and says what to check.
+    let check = tokio::process::Command::new(BIN)
+        .args(["check", "--broker", &mqtt.to_string(), "--skip", "sensor"])
+        .env_remove("K3SENSE_SENSOR_ID")
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "{ID} online, but its sensor is not answering since"
+        )) && printed.contains(&format!("{ID}: check wiring/pull-up")),
+        "{printed}"
+    );
     // A subscriber arriving now gets it at once, retained.
     let mut late = mqtt_subscriber(mqtt, &format!("k3sense/{ID}/sensor")).await;
     let (payload, retained) = next_on(&mut late, &format!("k3sense/{ID}/sensor"), WITHIN).await;
