@@ -431,3 +431,73 @@ async fn a_silent_sensor_is_not_answering_everywhere_and_live_again_on_its_first
     assert!(log.contains("the sensor is not answering"), "{log}");
     let _ = std::fs::remove_file(&control);
 }
+
+/// The gateway's side of the sensor topic, with a stand-in publisher (rumqttc): what is not a
+/// valid health of the topic's sensor is dropped and counted; a valid one reaches WebSocket
+/// clients as `{"type":"sensor",…}` and `/api/sensors` as `sensor_health`; the same payload
+/// again (a publisher reconnecting) is not sent twice; a new WebSocket client gets it in its
+/// snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_relays_valid_sensor_health_only() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let broker = support::start_broker().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (gateway, _) = support::start_gateway(broker, stop.clone()).await;
+    let mut ws = support::ws_connect(gateway).await;
+    assert_eq!(
+        support::ws_next(&mut ws, Duration::from_secs(1)).await["type"],
+        "snapshot"
+    );
+    let mut options = MqttOptions::new("stand-in", "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(options, 10);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let silent = r#"{"sensor_id":"gw-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"checksum","errors":{"checksum":40}}"#;
+    for (topic, payload) in [
+        (
+            "k3sense/gw-1/sensor",
+            r#"{"sensor_id":"gw-1","status":"fine"}"#,
+        ),
+        (
+            "k3sense/gw-1/sensor",
+            silent.replace("gw-1", "gw-2").as_str(),
+        ),
+        ("k3sense/gw-1/sensor", silent),
+        ("k3sense/gw-1/sensor", silent),
+        ("k3sense/gw-1/availability", "online"),
+    ] {
+        client
+            .publish(topic, QoS::AtLeastOnce, true, payload.to_owned())
+            .await
+            .unwrap();
+    }
+    let first = support::ws_next(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(first["type"], "sensor", "{first}");
+    assert_eq!(first["reason"], "checksum");
+    assert_eq!(first["errors"]["checksum"], 40);
+    // The repeat was not sent: the next message is the availability published after it.
+    let next = support::ws_next(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(next["type"], "availability", "{next}");
+    let (_, body) = http_get(gateway, "/api/sensors").await;
+    let sensors: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sensors.as_array().unwrap().len(), 1, "{sensors}");
+    assert_eq!(sensors[0]["sensor_health"]["status"], "not_answering");
+    let invalid = support::metric(
+        gateway,
+        "k3sense_gateway_invalid_messages_total{reason=\"malformed\"}",
+    )
+    .await;
+    let mismatched = support::metric(
+        gateway,
+        "k3sense_gateway_invalid_messages_total{reason=\"id_mismatch\"}",
+    )
+    .await;
+    assert_eq!((invalid, mismatched), (1.0, 1.0));
+    let mut late = support::ws_connect(gateway).await;
+    let snapshot = support::ws_next(&mut late, Duration::from_secs(1)).await;
+    assert_eq!(
+        snapshot["sensors"][0]["sensor_health"]["reason"], "checksum",
+        "{snapshot}"
+    );
+    stop.cancel();
+}
