@@ -4,6 +4,8 @@
 //! broker   ok    127.0.0.1:1883 accepted the connection (CONNACK 0: connection accepted), no username
 //! sensors  info  pi-1 online, last reading 23.0 °C 41.0 % 4s ago (seq 42)
 //! sensor   ok    dht11 on GPIO 4 read 23.0 °C 41.0 % (first attempt)
+//! sensors  FAIL  pi-2 online, but its sensor is not answering since 14:02 UTC (no_response)
+//!          fix:  pi-2: check wiring/pull-up
 //! gateway  FAIL  http://gateway:8080/readyz answered 503: not subscribed to the MQTT broker
 //!          fix:  the gateway cannot reach the broker; check its --broker and credentials
 //! ```
@@ -14,7 +16,9 @@ use std::{collections::BTreeMap, fmt, process::ExitCode, time::Duration};
 
 use chrono::Utc;
 use clap::Args;
-use k3sense_protocol::{Availability, Model, MqttConfig, Reading, SensorId, TopicKind};
+use k3sense_protocol::{
+    Availability, HealthStatus, Model, MqttConfig, Reading, SensorHealth, SensorId, TopicKind,
+};
 use k3sense_publisher::{SensorConfig, SensorKind};
 use rumqttc::{Event, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -273,6 +277,7 @@ fn describe_sensors(
     struct Seen {
         status: Option<Availability>,
         latest: Option<Result<Reading, String>>,
+        health: Option<SensorHealth>,
     }
     let mut sensors: BTreeMap<SensorId, Seen> = BTreeMap::new();
     for (topic, payload) in seen {
@@ -285,6 +290,7 @@ fn describe_sensors(
                 entry.latest = Some(Reading::from_json(&payload).map_err(|e| e.to_string()));
             }
             TopicKind::Availability => entry.status = Availability::from_payload(&payload).ok(),
+            TopicKind::Sensor => entry.health = SensorHealth::from_json(&payload).ok(),
         }
     }
     if sensors.is_empty() {
@@ -295,10 +301,26 @@ fn describe_sensors(
         ));
     }
     let now = Utc::now();
+    let mut fixes = Vec::new();
     let parts: Vec<String> = sensors
         .into_iter()
         .map(|(id, seen)| {
             let status = seen.status.map_or("status unknown", Availability::as_str);
+            if let Some(h) = seen
+                .health
+                .filter(|h| h.status == HealthStatus::NotAnswering)
+            {
+                let reason = h.reason.map_or("no reason given", |r| r.as_str());
+                fixes.push(format!(
+                    "{id}: {}",
+                    h.reason.map_or("see its publisher's log", |r| r.hint())
+                ));
+                return format!(
+                    "{id} {status}, but its sensor is not answering since {} ({reason}, {} ago)",
+                    h.since.format("%H:%M UTC"),
+                    format_age(now - h.since)
+                );
+            }
             match seen.latest {
                 Some(Ok(r)) => format!(
                     "{id} {status}, last reading {:.1} °C {:.1} % {} ago (seq {})",
@@ -312,7 +334,14 @@ fn describe_sensors(
             }
         })
         .collect();
-    Outcome::Info(parts.join("; "))
+    if fixes.is_empty() {
+        Outcome::Info(parts.join("; "))
+    } else {
+        Outcome::Fail {
+            problem: parts.join("; "),
+            fix: fixes.join("; "),
+        }
+    }
 }
 
 /// How many reads the sensor check tries; userspace GPIO reads fail a fraction of the time.
@@ -358,6 +387,22 @@ async fn check_sensor(args: &CheckArgs) -> Outcome {
                   dtoverlay=dht11,gpiopin=N (deploy/README.md)"
                 .into(),
         },
+        Ok(Err(SensorFailure::Clone)) => Outcome::Fail {
+            problem: format!(
+                "the {what} read about -3270 °C: a DHT22 clone that sends negatives in two's \
+                 complement, which the kernel driver decodes as sign and magnitude"
+            ),
+            fix: "read it with the GPIO backend, whose decoder reads both (--sensor dht22, \
+                  deploy/overlays/gpio-device-plugin), or use a genuine AM2302"
+                .into(),
+        },
+        Ok(Err(SensorFailure::KernelEio(e))) => Outcome::Fail {
+            problem: format!(
+                "the {what} failed all {SENSOR_ATTEMPTS} reads with EIO (the driver refused \
+                 every frame): {e}"
+            ),
+            fix: KERNEL_TENTHS_FIX.into(),
+        },
         Ok(Err(SensorFailure::Read(e))) => Outcome::Fail {
             problem: format!(
                 "the {what} did not give a valid reading in {SENSOR_ATTEMPTS} attempts: {e}"
@@ -376,7 +421,21 @@ async fn check_sensor(args: &CheckArgs) -> Outcome {
 enum SensorFailure {
     Open(String),
     Read(String),
+    /// Every read failed with EIO from the kernel driver.
+    KernelEio(String),
+    /// A two's-complement DHT22 clone read through the kernel driver.
+    Clone,
 }
+
+/// What to do when the kernel driver fails every read with EIO. Newer DHT11 chips send tenths
+/// (byte 1 and 3 not zero); the driver took them for garbage ("Don't know how to decode
+/// data") until "iio: humidity: dht11: Allow non-zero decimals" (raspberrypi/linux pull
+/// request 6454, merged into the Raspberry Pi kernel 2024-11-06).
+pub const KERNEL_TENTHS_FIX: &str = "if `dmesg` shows \"dht11 … Don't know how to decode data\", \
+     this is a DHT11 that sends tenths and the kernel predates the fix \"iio: humidity: dht11: \
+     Allow non-zero decimals\" (Raspberry Pi kernel, November 2024): update the kernel (`sudo apt \
+     full-upgrade` and reboot), or read the sensor with the GPIO backend (--sensor dht11), whose \
+     decoder reads tenths. Otherwise EIO means bad frames: check the wiring and the pull-up";
 
 /// Blocking: opens the backend and tries up to [`SENSOR_ATTEMPTS`] reads, paced by the sensor.
 fn read_once(config: &SensorConfig) -> Result<(f64, f64, u32), SensorFailure> {
@@ -386,6 +445,7 @@ fn read_once(config: &SensorConfig) -> Result<(f64, f64, u32), SensorFailure> {
     std::thread::sleep(pacing.settle);
     let id = SensorId::new("check").map_err(|e| SensorFailure::Read(e.to_string()))?;
     let mut last = String::new();
+    let mut eio = 0;
     for attempt in 1..=SENSOR_ATTEMPTS {
         if attempt > 1 {
             std::thread::sleep(pacing.min_spacing);
@@ -402,8 +462,15 @@ fn read_once(config: &SensorConfig) -> Result<(f64, f64, u32), SensorFailure> {
                 Ok(r) => return Ok((r.temperature_c, r.humidity_pct, attempt)),
                 Err(e) => last = format!("implausible values: {e}"),
             },
-            Err(e) => last = e.to_string(),
+            Err(e) if e.is_twos_complement_clone() => return Err(SensorFailure::Clone),
+            Err(e) => {
+                eio += u32::from(e.is_kernel_eio());
+                last = e.to_string();
+            }
         }
+    }
+    if eio == SENSOR_ATTEMPTS {
+        return Err(SensorFailure::KernelEio(last));
     }
     Err(SensorFailure::Read(last))
 }
@@ -566,5 +633,26 @@ mod tests {
         );
         let refused = describe_sensors(&topics, Err("no SUBACK".into()));
         assert!(matches!(refused, Outcome::Fail { .. }));
+        let silent = describe_sensors(
+            &topics,
+            Ok(vec![
+                ("k3sense/pi-1/state".into(), reading.to_vec()),
+                ("k3sense/pi-1/availability".into(), b"online".to_vec()),
+                (
+                    "k3sense/pi-1/sensor".into(),
+                    br#"{"sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":9}}"#.to_vec(),
+                ),
+            ]),
+        );
+        let Outcome::Fail { problem, fix } = silent else {
+            panic!("{silent:?}")
+        };
+        assert!(
+            problem.contains(
+                "pi-1 online, but its sensor is not answering since 14:02 UTC (no_response"
+            ),
+            "{problem}"
+        );
+        assert_eq!(fix, "pi-1: check wiring/pull-up");
     }
 }

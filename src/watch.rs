@@ -6,6 +6,8 @@
 //! pi-1           23.0 °C     41.0 %  2026-11-27T04:00:00.123Z       42     0.4s  retained
 //! pi-1           23.1 °C     41.0 %  2026-11-27T04:00:10.123Z       43     0.1s
 //! pi-1           availability: offline
+//! pi-1           sensor: not_answering since 2026-11-27T14:02:00.000Z: no_response (check wiring/pull-up)  errors: no_response=31
+//! pi-1           sensor: ok since 2026-11-27T14:09:12.301Z
 //! pi-2           invalid reading: temperature_c 99 is outside dht11's range  {"sensor_id":…
 //! ```
 //!
@@ -16,7 +18,9 @@ use std::{collections::HashMap, process::ExitCode, time::Duration};
 
 use chrono::{TimeDelta, Utc};
 use clap::Args;
-use k3sense_protocol::{Availability, Backoff, MqttConfig, Reading, TopicKind, Topics};
+use k3sense_protocol::{
+    Availability, Backoff, HealthStatus, MqttConfig, Reading, SensorHealth, TopicKind, Topics,
+};
 use rumqttc::{ConnectionError, Event, Packet, QoS, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
@@ -198,6 +202,14 @@ impl View {
                 };
                 (Some(format!("{id:<SENSOR_WIDTH$} {text}{retained}")), false)
             }
+            TopicKind::Sensor => {
+                let text = match SensorHealth::from_json(payload) {
+                    Ok(h) => health_text(&h),
+                    Err(_) if payload.is_empty() => "sensor: (cleared)".to_owned(),
+                    Err(e) => format!("invalid sensor health: {e}  {}", preview(payload)),
+                };
+                (Some(format!("{id:<SENSOR_WIDTH$} {text}{retained}")), false)
+            }
             TopicKind::State => match Reading::from_json(payload) {
                 Ok(r) if r.sensor_id.as_str() != id => (
                     Some(format!(
@@ -237,6 +249,22 @@ impl View {
             },
         }
     }
+}
+
+/// `sensor: ok since …` or `sensor: not_answering since …: reason (hint)  errors: kind=n, …`.
+pub fn health_text(h: &SensorHealth) -> String {
+    let since = k3sense_protocol::format_read_at(&h.since);
+    let mut text = format!("sensor: {} since {since}", h.status);
+    if h.status == HealthStatus::NotAnswering {
+        if let Some(reason) = h.reason {
+            text.push_str(&format!(": {reason} ({})", reason.hint()));
+        }
+    }
+    if !h.errors.is_empty() {
+        let errors: Vec<String> = h.errors.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        text.push_str(&format!("  errors: {}", errors.join(", ")));
+    }
+    text
 }
 
 /// The start of a payload, printable, for lines about invalid messages.
@@ -333,6 +361,33 @@ mod tests {
         assert!(line.unwrap().contains("does not match the topic"));
         let (line, _) = v.line("k3sense/x/y/z", b"hi", false);
         assert!(line.unwrap().contains("not a k3sense topic: k3sense/x/y/z"));
+    }
+
+    #[test]
+    fn sensor_health_is_shown_with_its_reason_and_hint() {
+        let mut v = View::new(Topics::default(), None);
+        let (line, ok) = v.line(
+            "k3sense/pi-1/sensor",
+            br#"{"sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":31,"checksum":2}}"#,
+            true,
+        );
+        assert!(!ok);
+        assert_eq!(
+            line.unwrap(),
+            format!(
+                "{:<SENSOR_WIDTH$} sensor: not_answering since 2026-11-27T14:02:00.000Z: no_response (check wiring/pull-up)  errors: checksum=2, no_response=31  retained",
+                "pi-1"
+            )
+        );
+        let (line, _) = v.line(
+            "k3sense/pi-1/sensor",
+            br#"{"sensor_id":"pi-1","status":"ok","since":"2026-11-27T14:09:00.000Z"}"#,
+            false,
+        );
+        assert!(
+            line.unwrap()
+                .ends_with("sensor: ok since 2026-11-27T14:09:00.000Z")
+        );
     }
 
     #[test]

@@ -52,8 +52,9 @@ async fn mosquitto_sub_prints_the_retained_reading_at_once() {
             "-t",
             "k3sense/#",
             "-v",
+            // state, availability and the sensor's health: three retained messages.
             "-C",
-            "2",
+            "3",
             "-W",
             "5",
         ])

@@ -215,6 +215,8 @@ async fn the_real_publisher_reaches_websocket_clients() {
         match m["type"].as_str().unwrap() {
             "reading" => seqs.push(m["seq"].as_u64().unwrap()),
             "availability" => online |= m["status"] == "online",
+            // The sensor's own health: `ok` with its first reading.
+            "sensor" => assert_eq!(m["status"], "ok"),
             other => panic!("unexpected {other}"),
         }
     }

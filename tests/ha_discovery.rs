@@ -119,9 +119,8 @@ fn check_entity(message: &Message, id: &str, entity: &str) -> Value {
         "state_class",
         "suggested_display_precision",
         "expire_after",
-        "availability_topic",
-        "payload_available",
-        "payload_not_available",
+        "availability_mode",
+        "availability",
         "qos",
         "device",
         "origin",
@@ -143,12 +142,47 @@ fn check_entity(message: &Message, id: &str, entity: &str) -> Value {
         format!("k3sense_{id}_{entity}")
     );
     assert!(!string(&config, "name").is_empty());
+    // Two availability topics, both must say available (availability_mode: all): the
+    // publisher's, and the sensor's own health. Each entry uses only keys of Home Assistant's
+    // availability list (topic, payload_available, payload_not_available, value_template).
+    assert_eq!(string(&config, "availability_mode"), "all");
+    let availability = config["availability"]
+        .as_array()
+        .expect("availability is a list");
+    assert_eq!(availability.len(), 2, "{config}");
+    for entry in availability {
+        for key in entry.as_object().expect("an object").keys() {
+            assert!(
+                [
+                    "topic",
+                    "payload_available",
+                    "payload_not_available",
+                    "value_template"
+                ]
+                .contains(&key.as_str()),
+                "unknown availability key {key}"
+            );
+        }
+    }
     assert_eq!(
-        string(&config, "availability_topic"),
+        string(&availability[0], "topic"),
         format!("k3sense/{id}/availability")
     );
-    assert_eq!(string(&config, "payload_available"), "online");
-    assert_eq!(string(&config, "payload_not_available"), "offline");
+    assert_eq!(string(&availability[0], "payload_available"), "online");
+    assert_eq!(string(&availability[0], "payload_not_available"), "offline");
+    assert_eq!(
+        string(&availability[1], "topic"),
+        format!("k3sense/{id}/sensor")
+    );
+    assert_eq!(
+        string(&availability[1], "value_template"),
+        "{{ value_json.status }}"
+    );
+    assert_eq!(string(&availability[1], "payload_available"), "ok");
+    assert_eq!(
+        string(&availability[1], "payload_not_available"),
+        "not_answering"
+    );
     assert_eq!(string(&config, "state_class"), "measurement");
     assert_eq!(config["qos"].as_u64(), Some(1));
     let (device_class, unit, field) = match entity {

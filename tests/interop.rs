@@ -73,14 +73,15 @@ async fn mosquitto_sub_gets_live_and_retained_readings_with_wildcards_at_qos1() 
     assert!(flags.ends_with(" 1"), "delivered at QoS 1: {flags}");
     Reading::from_json(payload.as_bytes()).unwrap();
 
-    // Publisher gone: `#` brings exactly the retained state and availability, at QoS 1.
+    // Publisher gone: `#` brings exactly the retained state, availability and sensor health, at
+    // QoS 1.
     stop.cancel();
     tokio::time::timeout(5 * SECOND, publisher)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    let retained = mosquitto_sub(broker, &["k3sense/#"], 2).await;
+    let retained = mosquitto_sub(broker, &["k3sense/#"], 3).await;
     let state = retained
         .iter()
         .find_map(|l| l.strip_prefix("1 1 k3sense/pi-1/state "))
@@ -88,6 +89,13 @@ async fn mosquitto_sub_gets_live_and_retained_readings_with_wildcards_at_qos1() 
     Reading::from_json(state.as_bytes()).unwrap();
     assert!(
         retained.contains(&"1 1 k3sense/pi-1/availability offline".to_owned()),
+        "{retained:?}"
+    );
+    assert!(
+        retained
+            .iter()
+            .any(|l| l
+                .starts_with("1 1 k3sense/pi-1/sensor {\"sensor_id\":\"pi-1\",\"status\":\"ok\"")),
         "{retained:?}"
     );
 }

@@ -1,15 +1,29 @@
 // k3sense live page: one WebSocket to /ws, a snapshot first, then readings, availability and
-// the gateway's broker link.
+// the gateway's broker link and the sensor's own health.
 // No build step, no dependencies: what is here is what runs.
 "use strict";
 
-const CHART_SPAN_MS = 60 * 60 * 1000;      // the chart shows the last hour
+const HOUR_MS = 60 * 60 * 1000;
+const CHART_SPAN_MS = HOUR_MS;             // the chart shows the last hour until asked for more
 const DEFAULT_INTERVAL_MS = 10 * 1000;     // until two readings tell the real interval
 const STALE_INTERVALS = 3;                 // no reading for three intervals: stale
 const HISTORY_LIMIT = 3600;                // an hour at the fastest rate a DHT11 allows
 const SKEW_SAMPLES = 10;                   // live readings used to estimate the publisher's clock offset
+// The chart's ranges; `all` is everything the gateway keeps (its --history, 24 h at 10 s).
+const RANGES = { "1h": HOUR_MS, "6h": 6 * HOUR_MS, "24h": 24 * HOUR_MS, "all": Infinity };
+// What to check, by the reason a publisher gives for a sensor that stopped answering.
+const HEALTH_HINTS = {
+  no_response: "check wiring/pull-up",
+  timeout: "check wiring/pull-up",
+  short_frame: "check the pull-up and cable length",
+  pulse_width: "check the pull-up and cable length",
+  checksum: "noise on the line: shorter cable, stronger pull-up",
+  implausible: "the sensor sends impossible values: replace it",
+  driver: "the kernel driver fails every read: run k3sense check",
+  unconfirmed: "reads disagree: noisy line or a failing sensor",
+};
 
-// sensor_id -> { card, status, latest, history: [], skews: [] }
+// sensor_id -> { card, status, health, latest, history: [], skews: [], range, loaded }
 const sensors = new Map();
 let backoffMs = 500;
 
@@ -27,7 +41,10 @@ function sensorFor(id) {
   const card = document.getElementById("sensor-card").content.firstElementChild.cloneNode(true);
   card.dataset.sensor = id;
   $(card, ".sensor-id").textContent = id;
-  s = { card, status: "unknown", latest: null, history: [], skews: [] };
+  s = { card, status: "unknown", health: null, latest: null, history: [], skews: [], range: "1h", loaded: CHART_SPAN_MS };
+  for (const button of card.querySelectorAll(".ranges button")) {
+    button.addEventListener("click", () => chooseRange(s, button.dataset.range));
+  }
   sensors.set(id, s);
   const list = document.getElementById("sensors");
   const after = [...list.children].find((c) => c.dataset.sensor > id);
@@ -45,9 +62,15 @@ function addReading(s, r) {
   while (i > 0 && before(r, h[i - 1])) i--;
   if (i > 0 && h[i - 1].seq === r.seq && h[i - 1].read_at === r.read_at) return;
   h.splice(i, 0, r);
-  const cutoff = Date.now() - skewOf(s) - CHART_SPAN_MS;
+  // Keep what the widest range asked for so far needs (everything, once `all` was chosen).
+  const cutoff = Date.now() - skewOf(s) - s.loaded;
   while (h.length > 1 && Date.parse(h[0].read_at) < cutoff) h.shift();
   if (!s.latest || !before(r, s.latest)) s.latest = r;
+  // A reading taken after the sensor was said to stop answering means it answers again (the
+  // publisher says `ok` first, but a page that missed that message must not stay stuck).
+  if (s.health && s.health.status !== "ok" && Date.parse(r.read_at) > Date.parse(s.health.since)) {
+    s.health = { ...s.health, status: "ok", reason: undefined };
+  }
 }
 
 function intervalOf(s) {
@@ -76,6 +99,7 @@ function ageOf(s, r) { return Math.max(0, Date.now() - Date.parse(r.read_at) - s
 
 function displayedStatus(s) {
   if (s.status === "offline") return "offline";
+  if (s.health && s.health.status === "not_answering") return "not_answering";
   if (!s.latest) return "waiting";
   return ageOf(s, s.latest) > STALE_INTERVALS * intervalOf(s) ? "stale" : "live";
 }
@@ -87,11 +111,37 @@ function ago(ms) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min ago`;
 }
 
+function clock(iso) {
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+}
+
+// "sensor not answering since 14:02 — check wiring/pull-up", and the counted reasons, so a
+// user can tell wiring (no_response every time) from noise (a few checksum errors).
+function healthText(h) {
+  const hint = HEALTH_HINTS[h.reason] || "see the publisher's log";
+  return `sensor not answering since ${clock(h.since)} — ${hint}`;
+}
+
+function errorsText(h) {
+  const entries = Object.entries(h.errors || {}).sort((a, b) => b[1] - a[1]);
+  const counted = entries.map(([k, n]) => `${k.replace("_", " ")} ${n}`).join(", ");
+  return `${h.reason ? `reason: ${h.reason.replace("_", " ")}` : ""}${counted ? ` · failed reads: ${counted}` : ""}`;
+}
+
 function render(s) {
   const c = s.card;
   const status = displayedStatus(s);
   c.dataset.status = status;
-  $(c, ".badge-text").textContent = status;
+  $(c, ".badge-text").textContent = status.replace("_", " ");
+  const health = $(c, ".health");
+  if (status === "not_answering") {
+    health.hidden = false;
+    $(health, ".health-text").textContent = healthText(s.health);
+    $(health, ".health-errors").textContent = errorsText(s.health);
+    health.title = `since ${s.health.since}`;
+  } else {
+    health.hidden = true;
+  }
   if (s.latest) {
     const r = s.latest;
     $(c, ".temperature .number").textContent = r.temperature_c.toFixed(1);
@@ -104,16 +154,27 @@ function render(s) {
   drawChart(s);
 }
 
+function spanLabel(ms) {
+  if (ms < HOUR_MS) return `${Math.max(1, Math.round(ms / 60000))} min`;
+  const h = ms / HOUR_MS;
+  return Number.isInteger(h) ? `${h} h` : `${h.toFixed(1)} h`;
+}
+
 function drawChart(s) {
   const now = Date.now() - skewOf(s);     // on the publisher's clock, like read_at
-  const points = s.history.filter((r) => now - Date.parse(r.read_at) <= CHART_SPAN_MS);
+  let span = RANGES[s.range] || CHART_SPAN_MS;
+  if (span === Infinity) {
+    span = s.history.length ? Math.max(60000, now - Date.parse(s.history[0].read_at)) : CHART_SPAN_MS;
+  }
+  const points = s.history.filter((r) => now - Date.parse(r.read_at) <= span);
+  const xOf = (at) => 300 * (1 - (now - at) / span);
   const line = (field, el, rangeEl, unit) => {
     if (points.length === 0) { el.setAttribute("points", ""); rangeEl.textContent = ""; return; }
     let lo = Math.min(...points.map((r) => r[field])), hi = Math.max(...points.map((r) => r[field]));
     rangeEl.textContent = lo === hi ? `${lo.toFixed(1)} ${unit}` : `${lo.toFixed(1)}–${hi.toFixed(1)} ${unit}`;
     if (hi - lo < 1) { const mid = (hi + lo) / 2; lo = mid - 0.5; hi = mid + 0.5; }
     const xy = points.map((r) => {
-      const x = 300 * (1 - (now - Date.parse(r.read_at)) / CHART_SPAN_MS);
+      const x = xOf(Date.parse(r.read_at));
       const y = 95 - 90 * (r[field] - lo) / (hi - lo);
       return `${x.toFixed(1)},${y.toFixed(1)}`;
     });
@@ -122,6 +183,55 @@ function drawChart(s) {
   const c = s.card;
   line("temperature_c", $(c, ".line-temperature"), $(c, ".range-temperature"), "°C");
   line("humidity_pct", $(c, ".line-humidity"), $(c, ".range-humidity"), "%");
+  // Gaps: no reading for more than three intervals is shaded, so a stretch the line merely
+  // bridges is not mistaken for a flat one.
+  const gaps = $(c, ".gaps");
+  gaps.replaceChildren();
+  const limit = STALE_INTERVALS * intervalOf(s);
+  const edges = points.map((r) => Date.parse(r.read_at));
+  if (points.length && s.latest && ageOf(s, s.latest) > limit) edges.push(now);
+  for (let i = 1; i < edges.length; i++) {
+    if (edges[i] - edges[i - 1] <= limit) continue;
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    const x0 = Math.max(0, xOf(edges[i - 1])), x1 = xOf(edges[i]);
+    rect.setAttribute("x", x0.toFixed(1));
+    rect.setAttribute("y", "0");
+    rect.setAttribute("width", Math.max(0.5, x1 - x0).toFixed(1));
+    rect.setAttribute("height", "100");
+    gaps.appendChild(rect);
+  }
+  $(c, ".axis-start").textContent = `${spanLabel(span)} ago`;
+  $(c, ".axis-mid").textContent = spanLabel(span / 2);
+  $(c, ".chart svg").setAttribute("aria-label", `Temperature and humidity over the last ${spanLabel(span)}`);
+  for (const button of c.querySelectorAll(".ranges button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.range === s.range));
+  }
+}
+
+// Shows another range; fetches what it needs from the gateway the first time.
+function chooseRange(s, range) {
+  if (!(range in RANGES)) return;
+  s.range = range;
+  const span = RANGES[range];
+  if (span > s.loaded) {
+    s.loaded = span;
+    loadRange(s, span);
+  }
+  render(s);
+}
+
+async function loadRange(s, span) {
+  const id = encodeURIComponent(s.card.dataset.sensor);
+  const since = span === Infinity ? "" : `&since=${encodeURIComponent(new Date(Date.now() - skewOf(s) - span).toISOString())}`;
+  try {
+    const res = await fetch(`/api/sensors/${id}/history?limit=1000000${since}`);
+    if (!res.ok) return;
+    for (const r of await res.json()) addReading(s, r);
+    render(s);
+  } catch (e) {
+    // The range shows what is held; choosing it again retries.
+    s.loaded = CHART_SPAN_MS;
+  }
 }
 
 // Fetches what the chart lacks: the last hour, or after a reconnect only what came after
@@ -164,6 +274,7 @@ function onMessage(event) {
       const s = sensorFor(entry.sensor_id);
       const held = s.history.length ? s.history[s.history.length - 1] : null;
       s.status = entry.status;
+      if (entry.sensor_health) s.health = entry.sensor_health;
       if (entry.latest) addReading(s, entry.latest);
       render(s);
       loadHistory(s, held);
@@ -180,6 +291,11 @@ function onMessage(event) {
     render(s);
   } else if (m.type === "broker") {
     showBroker(m);
+  } else if (m.type === "sensor") {
+    const { type, ...h } = m;
+    const s = sensorFor(h.sensor_id);
+    s.health = h;
+    render(s);
   }
 }
 

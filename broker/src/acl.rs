@@ -99,12 +99,13 @@ impl Acl {
     }
 
     /// The largest payload accepted on `topic`, where its family has a cap of its own below
-    /// `--max-payload`: readings and replays 1 KiB, availability 16 bytes.
+    /// `--max-payload`: readings, sensor health and replays 1 KiB, availability 16 bytes.
     pub(crate) fn payload_cap(&self, topic: &str) -> Option<usize> {
         let (_, rest) = self.sensor_subtopic(topic)?;
         match rest {
             "state" => Some(MAX_READING_BYTES),
             "availability" => Some(MAX_AVAILABILITY_BYTES),
+            "sensor" => Some(MAX_READING_BYTES),
             "replay" => Some(MAX_READING_BYTES),
             rest if rest.starts_with("replay/") => Some(MAX_READING_BYTES),
             _ => None,
@@ -132,6 +133,7 @@ impl Acl {
                     sensors.includes(id)
                         && (rest == "state"
                             || rest == "availability"
+                            || rest == "sensor"
                             || rest == "replay"
                             || rest.starts_with("replay/"))
                 })
@@ -180,10 +182,11 @@ impl Acl {
         }
     }
 
-    /// `<prefix>/<id>/state` or `<prefix>/<id>/availability`, whatever `<id>` is.
+    /// `<prefix>/<id>/state`, `…/availability` or `…/sensor` (the retained ones), whatever
+    /// `<id>` is.
     fn is_state_topic(&self, topic: &str) -> bool {
         self.sensor_subtopic(topic)
-            .is_some_and(|(_, rest)| rest == "state" || rest == "availability")
+            .is_some_and(|(_, rest)| rest == "state" || rest == "availability" || rest == "sensor")
     }
 
     /// Splits `<prefix>/<id>/<rest>` into `(id, rest)`.
@@ -329,6 +332,27 @@ mod tests {
         assert_eq!(
             acl.publish(&p, "home/k3sense/pi-1/availability", false, false),
             P::Allow
+        );
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-1/sensor", false, true),
+            P::Allow
+        );
+        // Empty and not retained would erase it in rumqttd; empty and retained is a clear.
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-1/sensor", true, false),
+            P::WouldErase
+        );
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-1/sensor", true, true),
+            P::Allow
+        );
+        assert_eq!(
+            acl.publish(&p, "home/k3sense/pi-2/sensor", false, true),
+            P::Forbidden
+        );
+        assert_eq!(
+            acl.payload_cap("home/k3sense/pi-1/sensor"),
+            Some(MAX_READING_BYTES)
         );
         assert_eq!(
             acl.publish(&p, "home/k3sense/pi-1/replay/answer", false, false),

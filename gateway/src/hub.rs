@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
-    Availability, Reading, ReplayRequest, SensorId,
+    Availability, Reading, ReplayRequest, SensorHealth, SensorId,
     ws::{BrokerLink, SensorSummary, ServerMessage},
 };
 
@@ -129,6 +129,13 @@ impl Hub {
     /// Whether the gateway has been subscribed to its broker at least once since it started.
     pub fn broker_ever_connected(&self) -> bool {
         self.lock().link.ever_connected()
+    }
+
+    /// Records a sensor's own health and sends it to every client.
+    pub fn health(&self, health: SensorHealth) -> Sent {
+        let mut inner = self.lock();
+        let message = inner.registry.apply_health(health);
+        self.send(inner, message)
     }
 
     /// Adds a client on `io`: it is sent a snapshot now and every update after it.

@@ -1,4 +1,4 @@
-//! The gateway's MQTT side: subscribe to every sensor's state, availability and replays,
+//! The gateway's MQTT side: subscribe to every sensor's state, availability, health and replays,
 //! validate each message, feed the [`Hub`]. Reconnects forever with jittered backoff. The link's
 //! state (subscribed or not, since when) goes to the hub, which tells pages and the API; losing
 //! it never closes a WebSocket or makes the gateway unready (see `crate::link`).
@@ -17,7 +17,7 @@ use std::{
 use chrono::Utc;
 
 use k3sense_protocol::{
-    Availability, MqttConfig, Reading, ReplayRequest, SensorId, TopicKind, Topics,
+    Availability, MqttConfig, Reading, ReplayRequest, SensorHealth, SensorId, TopicKind, Topics,
 };
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let filters = vec![
         SubscribeFilter::new(topics.filter(TopicKind::State), QoS::AtLeastOnce),
         SubscribeFilter::new(topics.filter(TopicKind::Availability), QoS::AtLeastOnce),
+        SubscribeFilter::new(topics.filter(TopicKind::Sensor), QoS::AtLeastOnce),
         SubscribeFilter::new(topics.replay_filter(), QoS::AtLeastOnce),
     ];
     // Set when the connection was lost: after the next subscription, ask every publisher for
@@ -246,6 +247,32 @@ fn handle(
                     link.metrics.invalid(reason);
                     complaints.say(reason, || {
                         format!("dropping an invalid reading on {topic}: {e}")
+                    });
+                }
+            }
+        }
+        TopicKind::Sensor => {
+            link.metrics.received("sensor");
+            if payload.is_empty() {
+                link.metrics.invalid("empty");
+                return;
+            }
+            match SensorHealth::from_json(payload) {
+                Ok(health) if health.sensor_id != id => {
+                    link.metrics.invalid("id_mismatch");
+                    complaints.say("id_mismatch", || {
+                        format!("dropping the health of sensor {} sent on {topic}: the id in the payload must match the topic", health.sensor_id)
+                    });
+                }
+                Ok(health) => {
+                    link.sent(link.hub.health(health));
+                    link.metrics.sensors.set(link.hub.sensor_count() as i64);
+                }
+                Err(e) => {
+                    let reason = reason_of(&e);
+                    link.metrics.invalid(reason);
+                    complaints.say(reason, || {
+                        format!("dropping an invalid sensor health on {topic}: {e}")
                     });
                 }
             }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
-    Availability, Reading, ReplayRequest, SensorId,
+    Availability, Reading, ReplayRequest, SensorHealth, SensorId,
     ws::{SensorStatus, SensorSummary, ServerMessage},
 };
 
@@ -118,6 +118,8 @@ impl History {
 struct Sensor {
     status: SensorStatus,
     history: History,
+    /// The sensor's own health, as its publisher last said it.
+    health: Option<SensorHealth>,
 }
 
 /// Every sensor the gateway has heard of.
@@ -141,6 +143,7 @@ impl Registry {
         self.sensors.entry(id.clone()).or_insert_with(|| Sensor {
             status: SensorStatus::Unknown,
             history: History::new(capacity),
+            health: None,
         })
     }
 
@@ -220,6 +223,17 @@ impl Registry {
         })
     }
 
+    /// Records the sensor's own health; `None` when nothing changed (the same message again,
+    /// as after a publisher reconnects).
+    pub fn apply_health(&mut self, health: SensorHealth) -> Option<ServerMessage> {
+        let sensor = self.sensor(&health.sensor_id);
+        if sensor.health.as_ref() == Some(&health) {
+            return None;
+        }
+        sensor.health = Some(health.clone());
+        Some(ServerMessage::Sensor(health))
+    }
+
     /// Every sensor with its status and newest reading, sorted by id.
     pub fn summaries(&self) -> Vec<SensorSummary> {
         self.sensors
@@ -228,6 +242,7 @@ impl Registry {
                 sensor_id: id.clone(),
                 status: s.status,
                 latest: s.history.latest().cloned(),
+                sensor_health: s.health.clone(),
             })
             .collect()
     }
@@ -353,6 +368,31 @@ mod tests {
             reg.history(&SensorId::new("b").unwrap(), 10, None)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn health_is_kept_per_sensor_and_reported_when_it_changes() {
+        let mut reg = Registry::new(5);
+        let health = |status: &str| {
+            SensorHealth::from_json(
+                format!(
+                    r#"{{"sensor_id":"a","status":"{status}","since":"2026-11-27T14:02:00.000Z"}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        assert!(matches!(
+            reg.apply_health(health("not_answering")),
+            Some(ServerMessage::Sensor(_))
+        ));
+        assert!(reg.apply_health(health("not_answering")).is_none());
+        assert_eq!(
+            reg.summaries()[0].sensor_health,
+            Some(health("not_answering"))
+        );
+        assert!(reg.apply_health(health("ok")).is_some());
+        assert_eq!(reg.summaries()[0].status, SensorStatus::Unknown);
     }
 
     #[test]

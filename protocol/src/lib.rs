@@ -7,8 +7,9 @@
 //! - [`Reading`]: one measurement, with its strict JSON encoding ([`Reading::to_json`]) and
 //!   decoding ([`Reading::from_json`]) that rejects anything a real sensor could not have sent.
 //! - [`SensorId`]: the sensor-id rule, a DNS label like a Kubernetes node name.
-//! - [`Topics`]: the topic layout `<prefix>/<sensor_id>/state` and `<prefix>/<sensor_id>/availability`.
+//! - [`Topics`]: the topic layout `<prefix>/<sensor_id>/state`, `…/availability` and `…/sensor`.
 //! - [`Availability`]: the `online` / `offline` payloads.
+//! - [`SensorHealth`]: whether the sensor itself answers (`ok` / `not_answering`), and why not.
 //! - [`MqttConfig`]: the broker address, credentials and prefix every client shares.
 //! - [`ws`]: the JSON messages the gateway sends to browsers over WebSocket, and its HTTP API shapes.
 //!
@@ -20,6 +21,7 @@
 //! | `sensor_id` | `SensorId` and its rule |
 //! | `topic` | `Topics`, `TopicKind`, topic parsing |
 //! | `availability` | `Availability` |
+//! | `health` | [`SensorHealth`]: the sensor's own health (`<prefix>/<id>/sensor`) |
 //! | `replay` | [`ReplayRequest`] and the replay topics: how a gateway gets back readings it missed |
 //! | `ws` | WebSocket and HTTP API messages |
 //! | `client` | [`MqttConfig`]: how publisher, gateway and tools reach the broker; [`Backoff`] |
@@ -28,6 +30,7 @@
 mod availability;
 mod client;
 mod error;
+mod health;
 mod reading;
 mod replay;
 mod sensor_id;
@@ -37,6 +40,7 @@ pub mod ws;
 pub use availability::Availability;
 pub use client::{Backoff, MqttConfig, MqttEvents, pump};
 pub use error::{Error, Result};
+pub use health::{FailureKind, HealthStatus, SensorHealth};
 pub use reading::{MAX_PAYLOAD_BYTES, Model, Reading, format_read_at};
 pub use replay::ReplayRequest;
 pub use sensor_id::SensorId;

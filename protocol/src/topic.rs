@@ -3,6 +3,7 @@
 //! ```text
 //! <prefix>/<sensor_id>/state          Reading JSON, QoS 1, retained
 //! <prefix>/<sensor_id>/availability   "online" / "offline", QoS 1, retained (offline = last will)
+//! <prefix>/<sensor_id>/sensor         SensorHealth JSON: the sensor's own health, QoS 1, retained
 //! ```
 //!
 //! The prefix defaults to [`DEFAULT_PREFIX`] and may hold several levels (`home/k3sense`), so two
@@ -20,6 +21,8 @@ pub enum TopicKind {
     State,
     /// `<prefix>/<id>/availability`: an [`crate::Availability`].
     Availability,
+    /// `<prefix>/<id>/sensor`: a [`crate::SensorHealth`].
+    Sensor,
 }
 
 impl TopicKind {
@@ -27,6 +30,7 @@ impl TopicKind {
         match self {
             Self::State => "state",
             Self::Availability => "availability",
+            Self::Sensor => "sensor",
         }
     }
 }
@@ -76,6 +80,11 @@ impl Topics {
         self.topic(id, TopicKind::Availability)
     }
 
+    /// `<prefix>/<id>/sensor`.
+    pub fn sensor(&self, id: &SensorId) -> String {
+        self.topic(id, TopicKind::Sensor)
+    }
+
     /// The topic of `kind` for sensor `id`.
     pub fn topic(&self, id: &SensorId, kind: TopicKind) -> String {
         format!("{}/{}/{}", self.prefix, id, kind.suffix())
@@ -94,6 +103,7 @@ impl Topics {
         let kind = match suffix {
             "state" => TopicKind::State,
             "availability" => TopicKind::Availability,
+            "sensor" => TopicKind::Sensor,
             _ => return None,
         };
         SensorId::new(id).ok().map(|id| (id, kind))
@@ -114,6 +124,11 @@ mod tests {
         assert_eq!(t.state(&id("pi-1")), "k3sense/pi-1/state");
         assert_eq!(t.availability(&id("pi-1")), "k3sense/pi-1/availability");
         assert_eq!(t.filter(TopicKind::State), "k3sense/+/state");
+        assert_eq!(t.sensor(&id("pi-1")), "k3sense/pi-1/sensor");
+        assert_eq!(
+            t.parse("k3sense/pi-1/sensor"),
+            Some((id("pi-1"), TopicKind::Sensor))
+        );
         let t = Topics::new("home/k3sense").unwrap();
         assert_eq!(t.state(&id("a")), "home/k3sense/a/state");
     }

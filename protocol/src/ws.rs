@@ -6,8 +6,12 @@
 //! {"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"online","latest":{…Reading…}}]}
 //! {"type":"reading","sensor_id":"pi-1","model":"dht11","temperature_c":23.0,"humidity_pct":41.0,"read_at":"…","seq":43}
 //! {"type":"availability","sensor_id":"pi-1","status":"offline"}
+//! {"type":"sensor","sensor_id":"pi-1","status":"not_answering","since":"…","reason":"no_response","errors":{"no_response":31}}
 //! {"type":"broker","status":"unreachable","since":"2026-11-27T04:00:05.000Z"}
 //! ```
+//!
+//! `availability` is the publisher's (its process and connection); `sensor` is the sensor's own
+//! health ([`SensorHealth`]), and each summary carries the latest one as `sensor_health`.
 //!
 //! A `snapshot` always comes first, so a client never has to ask for state; `GET /api/sensors`
 //! returns the same `sensors` array. The snapshot also carries the gateway's `broker` link (the
@@ -17,7 +21,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::{Availability, Reading, SensorId, format_read_at};
+use crate::{Availability, Reading, SensorHealth, SensorId, format_read_at};
 
 /// What the gateway knows of a sensor's publisher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,6 +53,9 @@ pub struct SensorSummary {
     pub status: SensorStatus,
     /// The newest reading, if any arrived yet.
     pub latest: Option<Reading>,
+    /// The sensor's own health, once its publisher said it (`null` before).
+    #[serde(default)]
+    pub sensor_health: Option<SensorHealth>,
 }
 
 /// Whether a gateway is connected (and subscribed) to its MQTT broker.
@@ -100,6 +107,8 @@ pub enum ServerMessage {
     },
     /// The gateway's broker link changed; its fields sit beside `type`.
     Broker(BrokerLink),
+    /// The sensor's own health changed; the [`SensorHealth`] fields sit beside `type`.
+    Sensor(SensorHealth),
 }
 
 #[cfg(test)]
@@ -138,13 +147,23 @@ mod tests {
                 sensor_id: id,
                 status: SensorStatus::Unknown,
                 latest: None,
+                sensor_health: None,
             }],
             broker: None,
         })
         .unwrap();
         assert_eq!(
             json,
-            r#"{"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"unknown","latest":null}]}"#
+            r#"{"type":"snapshot","sensors":[{"sensor_id":"pi-1","status":"unknown","latest":null,"sensor_health":null}]}"#
+        );
+        let health = SensorHealth::from_json(
+            br#"{"sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":3}}"#,
+        )
+        .unwrap();
+        let json = serde_json::to_string(&ServerMessage::Sensor(health)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"sensor","sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":3}}"#
         );
     }
 

@@ -51,6 +51,18 @@ pub struct SensorConfig {
     #[arg(long, env = "K3SENSE_INTERVAL", value_parser = humantime::parse_duration)]
     pub interval: Option<Duration>,
 
+    /// Intervals in a row without a reading after which the sensor is reported `not_answering`
+    /// on `<prefix>/<id>/sensor` (the publisher itself stays `online`); the first reading
+    /// makes it `ok` again.
+    #[arg(long, env = "K3SENSE_UNHEALTHY_AFTER", default_value_t = crate::reader::UNHEALTHY_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
+    pub unhealthy_after: u32,
+
+    /// For `--sensor sim`: a file the simulator reads before every read, to be told how to
+    /// behave while it runs: `ok` (also a missing file), `silent` (does not answer, like an
+    /// unplugged sensor) or `noisy` (every frame fails its checksum). E.g. `echo silent > PATH`.
+    #[arg(long, env = "K3SENSE_SIM_CONTROL", value_name = "PATH")]
+    pub sim_control: Option<PathBuf>,
+
     /// Readings kept while the broker is unreachable, published in order when it is back; the
     /// oldest are dropped (and counted) beyond this.
     #[arg(long, env = "K3SENSE_BUFFER", default_value_t = 8640)]
@@ -189,6 +201,8 @@ impl SensorConfig {
             iio_device: None,
             sensor_id: Some(id.to_owned()),
             interval: Some(interval),
+            unhealthy_after: crate::reader::UNHEALTHY_AFTER,
+            sim_control: None,
             buffer: 8640,
             replay_buffer: 8640,
             ha: HaConfig::default(),
@@ -275,6 +289,14 @@ mod tests {
     #[test]
     fn flags_parse() {
         use clap::Parser;
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.sensor.unhealthy_after, 3);
+        assert_eq!(cli.sensor.sim_control, None);
+        assert!(Cli::try_parse_from(["x", "--unhealthy-after", "0"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--unhealthy-after", "5", "--sim-control", "/tmp/c"])
+            .unwrap();
+        assert_eq!(cli.sensor.unhealthy_after, 5);
+        assert_eq!(cli.sensor.sim_control, Some(PathBuf::from("/tmp/c")));
         let cli = Cli::try_parse_from(["x"]).unwrap();
         assert!(cli.sensor.ha.discovery);
         assert_eq!(cli.sensor.ha.prefix, "homeassistant");

@@ -8,8 +8,11 @@
 //!
 //! The payloads follow Home Assistant's MQTT sensor schema
 //! (<https://www.home-assistant.io/integrations/sensor.mqtt/>): the entities read our own state
-//! topic through a `value_template`, use our availability topic, and expire after three
-//! intervals without a reading, so a stuck sensor shows as unavailable instead of an old value.
+//! topic through a `value_template`, and expire after three intervals without a reading, so a
+//! stuck sensor shows as unavailable instead of an old value. They list two availability
+//! topics with `availability_mode: all`: the publisher's (`online`/`offline`) and the sensor's
+//! own health (`<prefix>/<id>/sensor`, JSON whose `status` is `ok` or `not_answering`), so an
+//! unplugged sensor shows as unavailable while its publisher runs.
 //!
 //! ```text
 //! <prefix>/sensor/k3sense_<sensor_id>/temperature/config
@@ -18,7 +21,7 @@
 
 use std::time::Duration;
 
-use k3sense_protocol::{Availability, Model, SensorId, Topics};
+use k3sense_protocol::{Availability, HealthStatus, Model, SensorId, Topics};
 use serde_json::{Value, json};
 
 use crate::{Error, Result};
@@ -159,9 +162,20 @@ fn entity_config(
         "state_class": "measurement",
         "suggested_display_precision": 1,
         "expire_after": expire_after_secs(interval),
-        "availability_topic": topics.availability(id),
-        "payload_available": Availability::Online.as_str(),
-        "payload_not_available": Availability::Offline.as_str(),
+        "availability_mode": "all",
+        "availability": [
+            {
+                "topic": topics.availability(id),
+                "payload_available": Availability::Online.as_str(),
+                "payload_not_available": Availability::Offline.as_str(),
+            },
+            {
+                "topic": topics.sensor(id),
+                "value_template": "{{ value_json.status }}",
+                "payload_available": HealthStatus::Ok.as_str(),
+                "payload_not_available": HealthStatus::NotAnswering.as_str(),
+            },
+        ],
         "qos": 1,
         "device": {
             "identifiers": [node],
@@ -212,7 +226,19 @@ mod tests {
         let a = announcement(Duration::from_secs(10));
         let t: Value = serde_json::from_str(&a.messages[0].payload).unwrap();
         assert_eq!(t["state_topic"], "k3sense/pi-1/state");
-        assert_eq!(t["availability_topic"], "k3sense/pi-1/availability");
+        assert_eq!(t["availability_mode"], "all");
+        assert_eq!(t["availability"][0]["topic"], "k3sense/pi-1/availability");
+        assert_eq!(t["availability"][0]["payload_available"], "online");
+        assert_eq!(t["availability"][1]["topic"], "k3sense/pi-1/sensor");
+        assert_eq!(
+            t["availability"][1]["value_template"],
+            "{{ value_json.status }}"
+        );
+        assert_eq!(t["availability"][1]["payload_available"], "ok");
+        assert_eq!(
+            t["availability"][1]["payload_not_available"],
+            "not_answering"
+        );
         assert_eq!(t["value_template"], "{{ value_json.temperature_c }}");
         assert_eq!(t["unit_of_measurement"], "°C");
         assert_eq!(t["expire_after"], 30);

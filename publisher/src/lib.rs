@@ -1,6 +1,6 @@
 //! The k3sense publisher: reads the DHT sensor wired to this node and publishes every reading
 //! over MQTT, QoS 1 and retained, with `online`/`offline` availability (offline is also its last
-//! will).
+//! will) and the sensor's own health (`ok` / `not_answering`, on `<prefix>/<id>/sensor`).
 //!
 //! ```text
 //! Sensor (sim | dht11/dht22 via rppal | iio) ──blocking read──▶ reader (ReadPolicy) ──▶ link ──MQTT──▶ broker
@@ -20,8 +20,8 @@
 //! | `config` | [`Config`], [`SensorConfig`]: flags and `K3SENSE_*` variables |
 //! | `dht` | DHT11/DHT22 frames: decoder, encoder, edge simulator (pure) |
 //! | `sensor` | the [`Sensor`] trait and its backends: `sim`, `gpio` (rppal), `iio` (kernel) |
-//! | `policy` | [`ReadPolicy`]: pacing, retries, spike hold, freshness, read counters (pure) |
-//! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings |
+//! | `policy` | [`ReadPolicy`]: pacing, confirmation by a second independent read, retries, freshness, read counters (pure) |
+//! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings, keeps the sensor's health |
 //! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
 //! | `recent` | the recent readings kept to answer gateways' replay requests (pure) |
 //! | `link` | the MQTT connection task |
@@ -57,7 +57,7 @@ pub use error::{Error, Result};
 pub use link::Update;
 pub use metrics::Metrics;
 pub use outbox::Outbox;
-pub use policy::{ReadCounters, ReadPolicy, Verdict};
+pub use policy::{Pacing, ReadCounters, ReadPolicy, Tolerance, Verdict};
 pub use reader::{Clock, ReaderConfig};
 pub use sensor::{OpenError, ReadError, Sensor, SimSensor};
 
@@ -144,6 +144,7 @@ pub async fn run_with(
     );
     reader_config.reopen_every = options.reopen_every;
     reader_config.clock = options.clock;
+    reader_config.unhealthy_after = config.sensor.unhealthy_after;
     reader::run(opener, first, reader_config, tx, counters, shutdown.clone()).await;
     let linked = link.await;
     if let Some(server) = server {

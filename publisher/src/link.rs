@@ -4,7 +4,7 @@
 //! On every connect it announces the sensor to Home Assistant (when discovery is on: the
 //! retained configs of `discovery.rs`, and a subscription to Home Assistant's status topic, so
 //! a restarted Home Assistant gets them again), publishes `online` (retained) and then every
-//! unacknowledged reading in order; the broker announces `offline` (the last will) if the
+//! unacknowledged reading in order (and the sensor's health, retained, once known); the broker announces `offline` (the last will) if the
 //! connection dies; on shutdown it publishes `offline` itself and disconnects cleanly. It keeps
 //! the connection, buffer and reading metrics up to date.
 //!
@@ -29,7 +29,8 @@ use std::{
 };
 
 use k3sense_protocol::{
-    Availability, MqttConfig, MqttEvents, Reading, ReplayRequest, SensorId, Topics,
+    Availability, HealthStatus, MqttConfig, MqttEvents, Reading, ReplayRequest, SensorHealth,
+    SensorId, Topics,
 };
 use rumqttc::Publish;
 use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
@@ -47,6 +48,8 @@ pub enum Update {
     Reading(Reading),
     /// The sensor became readable (`Online`) or unreadable (`Offline`).
     Sensor(Availability),
+    /// The sensor's own health changed (`<prefix>/<id>/sensor`).
+    Health(SensorHealth),
 }
 
 /// How many readings may be handed to rumqttc before their PUBACKs arrive.
@@ -97,6 +100,8 @@ struct Link {
     by_pkid: HashMap<u16, Sent>,
     connected: bool,
     sensor: Availability,
+    /// The sensor's health, published retained on every change and every connect.
+    health: Option<SensorHealth>,
     /// Readings kept for replays.
     recent: Recent,
     /// Readings waiting to go out on the replay topic.
@@ -160,6 +165,7 @@ pub async fn run(
         by_pkid: HashMap::new(),
         connected: false,
         sensor,
+        health: None,
         recent: Recent::new(replay_buffer),
         replays: VecDeque::new(),
         seq_offset: None,
@@ -175,6 +181,7 @@ pub async fn run(
             update = updates.recv() => match update {
                 Some(Update::Reading(reading)) => link.push(reading),
                 Some(Update::Sensor(a)) => link.sensor_changed(a),
+                Some(Update::Health(h)) => link.health_changed(h),
                 None => break,
             },
             event = events.recv() => match event {
@@ -286,6 +293,32 @@ impl Link {
             .set(i64::from(availability == Availability::Online));
         if self.connected {
             self.publish_availability(availability);
+        }
+    }
+
+    fn health_changed(&mut self, health: SensorHealth) {
+        self.metrics
+            .sensor_answering
+            .set(i64::from(health.status == HealthStatus::Ok));
+        self.health = Some(health);
+        if self.connected {
+            self.publish_health();
+        }
+    }
+
+    /// Publishes the sensor's health, retained (after a reconnect too: a restarted broker
+    /// lost it).
+    fn publish_health(&mut self) {
+        let Some(health) = &self.health else {
+            return;
+        };
+        let topic = self.topics.sensor(&self.id);
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, health.to_json())
+            .is_ok()
+        {
+            self.queued.push_back(Sent::Other);
         }
     }
 
@@ -464,6 +497,7 @@ impl Link {
                     tracing::warn!(error = %e, "cannot subscribe to replay requests");
                 }
                 self.publish_availability(self.sensor);
+                self.publish_health();
                 if self.seq_offset.is_none() {
                     // Our own retained reading, if the broker has one, says where seq goes on.
                     let _ = self

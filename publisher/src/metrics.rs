@@ -36,6 +36,8 @@ pub struct Metrics {
     pub broker_connected: Gauge,
     /// 1 while the sensor is readable (what the availability topic says).
     pub sensor_available: Gauge,
+    /// 1 while the sensor answers (the sensor topic says `ok`), 0 while `not_answering`.
+    pub sensor_answering: Gauge,
     /// Readings kept until the broker acknowledges them.
     pub buffered_readings: Gauge,
     /// The most readings the buffer keeps.
@@ -77,6 +79,7 @@ impl Metrics {
             registry: Arc::new(Registry::default()),
             broker_connected: Gauge::default(),
             sensor_available: Gauge::default(),
+            sensor_answering: Gauge::default(),
             buffered_readings: Gauge::default(),
             buffer_capacity: Gauge::default(),
             dropped_readings: Counter::default(),
@@ -96,6 +99,11 @@ impl Metrics {
             "sensor_available",
             "1 while the sensor is readable (the availability topic says online)",
             metrics.sensor_available.clone(),
+        );
+        registry.register(
+            "sensor_answering",
+            "1 while the sensor gives readings, 0 once it is not answering (the sensor topic's status)",
+            metrics.sensor_answering.clone(),
         );
         registry.register(
             "buffered_readings",
@@ -246,14 +254,10 @@ impl Collector for ReadCollector {
         )?;
         labelled_counters(
             &mut encoder,
-            "spikes",
-            "Jumps held for a second read, and whether it confirmed or discarded them",
+            "confirmations",
+            "Good reads checked against the previous good read: agreed (published) or disagreed",
             "result",
-            &[
-                ("held", c.spike_held),
-                ("confirmed", c.spike_confirmed),
-                ("discarded", c.spike_discarded),
-            ],
+            &[("agreed", c.confirmed), ("disagreed", c.disagreed)],
         )?;
         counter(
             &mut encoder,

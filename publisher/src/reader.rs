@@ -6,11 +6,17 @@
 //! while it stays the same), and tries to open it again every `reopen_every`, so fixing the
 //! node heals the publisher without a restart. `seq` lives here, so it continues across
 //! reconnects to the broker and reopenings of the sensor.
+//!
+//! It also keeps the sensor's own health (`<prefix>/<id>/sensor`): after
+//! [`ReaderConfig::unhealthy_after`] intervals in a row without a reading the sensor is
+//! `not_answering`, with the most frequent failure as the reason; the first published reading
+//! makes it `ok` again. The publisher's availability stays `online` throughout: its process and
+//! its connection are fine, and a gateway or Home Assistant can tell the two apart.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use k3sense_protocol::{Availability, Model, Reading, SensorId};
+use chrono::{DateTime, SubsecRound, Utc};
+use k3sense_protocol::{Availability, HealthStatus, Model, Reading, SensorHealth, SensorId};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -28,6 +34,8 @@ pub type Opener = Box<dyn FnMut() -> Result<Box<dyn Sensor>, OpenError> + Send>;
 
 /// How long after a failed open, or a lost device, the sensor is opened again.
 pub const REOPEN_EVERY: Duration = Duration::from_secs(30);
+/// How many intervals in a row without a reading make the sensor `not_answering`.
+pub const UNHEALTHY_AFTER: u32 = 3;
 /// How often the read counters are logged.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(600);
 
@@ -72,6 +80,8 @@ pub struct ReaderConfig {
     pub summary_every: Duration,
     /// Where `read_at` comes from.
     pub clock: Clock,
+    /// See [`UNHEALTHY_AFTER`]; at least 1.
+    pub unhealthy_after: u32,
 }
 
 impl ReaderConfig {
@@ -84,6 +94,7 @@ impl ReaderConfig {
             reopen_every: REOPEN_EVERY,
             summary_every: SUMMARY_EVERY,
             clock: Clock::System,
+            unhealthy_after: UNHEALTHY_AFTER,
         }
     }
 }
@@ -121,6 +132,12 @@ struct Reader {
     online: bool,
     last_open_error: Option<String>,
     next_summary: Instant,
+    /// The health last told to the link (`None` before the first reading or verdict).
+    health: Option<HealthStatus>,
+    /// When the current spell of failed reads began (wall clock), until a reading ends it.
+    failing_since: Option<DateTime<Utc>>,
+    /// Whether the two's-complement clone message was logged.
+    clone_warned: bool,
 }
 
 /// Reads until `shutdown` (or until the link is gone). `first` is the result of the first
@@ -143,6 +160,9 @@ pub async fn run(
         seq: 0,
         online: first.is_ok(),
         last_open_error: None,
+        health: None,
+        failing_since: None,
+        clone_warned: false,
     };
     let mut opener = opener;
     let mut current = first;
@@ -234,8 +254,9 @@ impl Reader {
                 () = self.shutdown.cancelled() => return Ended::Shutdown,
                 () = tokio::time::sleep_until(policy.next_read_at()) => {}
             }
-            let at = Instant::now();
-            let read_at = self.config.clock.now();
+            let at_start = Instant::now();
+            let read_at_start = self.config.clock.now();
+            let at_end_of_read = sensor.sampled_at_end();
             let (returned, result) = match tokio::task::spawn_blocking(move || {
                 let result = sensor.read();
                 (sensor, result)
@@ -244,6 +265,14 @@ impl Reader {
             {
                 Ok(pair) => pair,
                 Err(e) => return Ended::Lost(format!("the sensor read failed: {e}")),
+            };
+            // When the sample was taken: the start of a read that makes the sensor measure
+            // (GPIO: the frame follows the start pulse within ~25 ms), the end of one that
+            // returns what a driver measured during it (IIO).
+            let (at, read_at) = if at_end_of_read {
+                (Instant::now(), self.config.clock.now())
+            } else {
+                (at_start, read_at_start)
             };
             sensor = returned;
             let missed = policy.counters().missed_intervals;
@@ -254,22 +283,29 @@ impl Reader {
                 tracing::warn!(sensor_id = %self.config.id, missed = counters.missed_intervals, "no good read in a whole interval; nothing published for it");
             }
             self.maybe_summarise(&counters);
+            if !self.track_health(&policy, &verdict, read_at).await {
+                return Ended::Shutdown;
+            }
             match verdict {
                 Verdict::Publish(m) => {
                     if !self.publish(m.temperature_c, m.humidity_pct, read_at).await {
                         return Ended::Shutdown;
                     }
                 }
-                Verdict::Held(m) => tracing::info!(
+                Verdict::Unconfirmed(m) => tracing::debug!(
                     t = m.temperature_c,
                     rh = m.humidity_pct,
-                    "a sudden jump; holding it until the next read confirms it"
+                    "a good read; waiting for an independent second read to confirm it"
                 ),
-                Verdict::Retry => {
-                    if let Err(e) = &result {
-                        tracing::debug!(error = %e, "sensor read failed; retrying");
+                Verdict::Retry => match &result {
+                    // Not noise: every read of this sensor will say it. Say it once, loudly.
+                    Err(e) if e.is_twos_complement_clone() && !self.clone_warned => {
+                        self.clone_warned = true;
+                        tracing::error!(sensor_id = %self.config.id, "{e}");
                     }
-                }
+                    Err(e) => tracing::debug!(error = %e, "sensor read failed; retrying"),
+                    Ok(_) => {}
+                },
                 Verdict::Lost => {
                     return Ended::Lost(match result {
                         Err(e) => e.to_string(),
@@ -278,6 +314,67 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Updates the sensor's health after a verdict and tells the link when it changed; false
+    /// when the link is gone. `ok` goes out before the reading that ends a spell, so a
+    /// subscriber sees the sensor live again together with its first value.
+    async fn track_health(
+        &mut self,
+        policy: &ReadPolicy,
+        verdict: &Verdict,
+        read_at: DateTime<Utc>,
+    ) -> bool {
+        let status = match verdict {
+            Verdict::Publish(_) => {
+                self.failing_since = None;
+                if self.health == Some(HealthStatus::Ok) {
+                    return true;
+                }
+                if self.health == Some(HealthStatus::NotAnswering) {
+                    tracing::info!(sensor_id = %self.config.id, "the sensor answers again");
+                }
+                HealthStatus::Ok
+            }
+            Verdict::Lost => return true,
+            Verdict::Retry | Verdict::Unconfirmed(_) => {
+                if matches!(verdict, Verdict::Retry) && self.failing_since.is_none() {
+                    self.failing_since = Some(read_at);
+                }
+                if policy.missed_in_row() < self.config.unhealthy_after.max(1)
+                    || self.health == Some(HealthStatus::NotAnswering)
+                {
+                    return true;
+                }
+                HealthStatus::NotAnswering
+            }
+        };
+        self.health = Some(status);
+        let reason = (status == HealthStatus::NotAnswering)
+            .then(|| policy.spell_reason())
+            .flatten();
+        let since = match status {
+            HealthStatus::Ok => read_at,
+            HealthStatus::NotAnswering => self.failing_since.unwrap_or(read_at),
+        };
+        if status == HealthStatus::NotAnswering {
+            tracing::warn!(
+                sensor_id = %self.config.id,
+                intervals = policy.missed_in_row(),
+                reason = reason.map_or("unknown", |r| r.as_str()),
+                "the sensor is not answering: no reading for {} intervals in a row ({})",
+                policy.missed_in_row(),
+                reason.map_or("no reason counted", |r| r.hint())
+            );
+        }
+        let health = SensorHealth {
+            sensor_id: self.config.id.clone(),
+            status,
+            since: since.trunc_subsecs(3),
+            reason,
+            errors: policy.counters().errors(),
+        };
+        self.updates.send(Update::Health(health)).await.is_ok()
     }
 
     /// Numbers the reading and hands it to the link; false when the link is gone.
@@ -322,9 +419,8 @@ impl Reader {
             implausible = c.implausible,
             driver_error = c.driver_error,
             unavailable = c.unavailable,
-            spike_held = c.spike_held,
-            spike_confirmed = c.spike_confirmed,
-            spike_discarded = c.spike_discarded,
+            confirmed = c.confirmed,
+            disagreed = c.disagreed,
             missed_intervals = c.missed_intervals,
             "sensor reads so far"
         );
@@ -408,7 +504,7 @@ mod tests {
                         (r.read_at - epoch()).as_seconds_f64(),
                         r.temperature_c,
                     )),
-                    Update::Sensor(_) => None,
+                    Update::Sensor(_) | Update::Health(_) => None,
                 })
                 .collect()
         }
@@ -485,91 +581,114 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn reads_after_the_settle_time_then_once_per_interval_never_faster() {
+    async fn reads_twice_per_interval_and_publishes_the_confirmed_second_read() {
         let run = run_reader(Model::Dht11, 10, vec![], true, 0, 35).await;
-        assert_eq!(run.call_secs(), [1, 11, 21, 31]);
+        assert_eq!(run.call_secs(), [1, 2, 11, 12, 21, 22, 31, 32]);
         assert_eq!(
             run.readings(),
             [
-                (1, 1.0, 20.0),
-                (2, 11.0, 20.0),
-                (3, 21.0, 20.0),
-                (4, 31.0, 20.0)
+                (1, 2.0, 20.0),
+                (2, 12.0, 20.0),
+                (3, 22.0, 20.0),
+                (4, 32.0, 20.0)
             ]
         );
-        // An interval shorter than a DHT22 allows is stretched to its 2 s.
+        // An interval shorter than a DHT22 allows is stretched to its 2 s, and each read is
+        // confirmed by the previous interval's.
         let run = run_reader(Model::Dht22, 1, vec![], true, 0, 9).await;
         assert_eq!(run.call_secs(), [2, 4, 6, 8]);
+        assert_eq!(run.readings().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn failed_reads_are_retried_at_the_model_spacing_within_the_interval() {
         let script = vec![checksum(), checksum(), checksum(), ok(21.0, 41.0)];
         let run = run_reader(Model::Dht22, 10, script, true, 0, 15).await;
-        assert_eq!(run.call_secs(), [2, 4, 6, 8, 12]);
-        assert_eq!(run.readings(), [(1, 8.0, 21.0), (2, 12.0, 21.0)]);
+        // 8 s: the first good read; 10 s confirms it. The next interval's read at 12 s is only
+        // 2 s after that one, so it is confirmed by it and needs no second read.
+        assert_eq!(run.call_secs(), [2, 4, 6, 8, 10, 12]);
+        assert_eq!(run.readings(), [(1, 10.0, 21.0), (2, 12.0, 21.0)]);
         let c = run.counters;
-        assert_eq!((c.checksum, c.ok, c.published, c.attempts()), (3, 2, 2, 5));
+        assert_eq!((c.checksum, c.ok, c.published, c.attempts()), (3, 3, 2, 6));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_interval_without_a_good_read_publishes_nothing_and_old_values_are_never_restamped()
     {
-        let mut script = vec![ok(20.0, 40.0)];
+        let mut script = vec![ok(20.0, 40.0), ok(20.0, 40.0)];
         script.extend((0..5).map(|_| checksum()));
         script.push(ok(21.0, 41.0));
-        let run = run_reader(Model::Dht22, 10, script, true, 0, 23).await;
-        assert_eq!(run.call_secs(), [2, 12, 14, 16, 18, 20, 22]);
-        // Nothing for the interval 12–22 s; the next reading is the read at 22 s, with the
-        // next seq: the 20 °C read at 2 s was not sent again as if it were new.
-        assert_eq!(run.readings(), [(1, 2.0, 20.0), (2, 22.0, 21.0)]);
+        let run = run_reader(Model::Dht22, 10, script, true, 0, 25).await;
+        assert_eq!(run.call_secs(), [2, 4, 12, 14, 16, 18, 20, 22, 24]);
+        // Nothing for the interval 12–22 s; the next reading is the read at 24 s (confirmed by
+        // the one at 22 s), with the next seq: the 20 °C read at 4 s was not sent again.
+        assert_eq!(run.readings(), [(1, 4.0, 20.0), (2, 24.0, 21.0)]);
         assert_eq!(run.counters.missed_intervals, 1);
         assert!(run.t0 <= Instant::now());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_jump_is_held_until_a_second_read_confirms_it() {
-        let script = vec![
-            ok(20.0, 40.0),
-            ok(20.0, 40.0),
-            ok(30.0, 40.0), // held
-            ok(30.0, 41.0), // confirms: published, stamped 22 s
-            ok(20.0, 70.0), // humidity jump: held
-            ok(31.0, 41.0), // contradicts it: the 70 % is never published
-        ];
-        let run = run_reader(Model::Dht11, 10, script, true, 0, 33).await;
-        assert_eq!(run.call_secs(), [1, 11, 21, 22, 31, 32]);
+    async fn a_silent_sensor_is_not_answering_after_three_intervals_and_ok_with_the_next_reading() {
+        let mut script = vec![ok(20.0, 40.0), ok(20.0, 40.0)];
+        script.extend((0..20).map(|_| Err(ReadError::Decode(DecodeError::NoResponse))));
+        // Then the sensor answers again (the script repeats its last good value).
+        let run = run_reader(Model::Dht11, 5, script, true, 0, 28).await;
+        let events: Vec<String> = run
+            .updates
+            .iter()
+            .map(|u| match u {
+                Update::Reading(r) => {
+                    format!("r{}@{}", r.seq, (r.read_at - epoch()).as_seconds_f64())
+                }
+                Update::Sensor(a) => a.to_string(),
+                Update::Health(h) => format!(
+                    "{}@{}:{}",
+                    h.status,
+                    (h.since - epoch()).as_seconds_f64(),
+                    h.reason.map_or("-", |r| r.as_str())
+                ),
+            })
+            .collect();
+        // Reads fail from 6 s; the intervals 6–11, 11–16 and 16–21 end without a reading, so
+        // the read at 21 s says `not_answering` (since the first failure, 6 s). The reads at 26
+        // and 27 s agree: `ok` again, then the reading. The publisher never said `offline`.
         assert_eq!(
-            run.readings(),
+            events,
             [
-                (1, 1.0, 20.0),
-                (2, 11.0, 20.0),
-                (3, 22.0, 30.0),
-                (4, 32.0, 31.0)
+                "ok@2:-",
+                "r1@2",
+                "not_answering@6:no_response",
+                "ok@27:-",
+                "r2@27"
             ]
         );
-        let c = run.counters;
-        assert_eq!(
-            (c.spike_held, c.spike_confirmed, c.spike_discarded),
-            (2, 1, 1)
-        );
+        let Some(Update::Health(h)) = run.updates.get(2) else {
+            panic!("{events:?}")
+        };
+        // The failed reads at 6, 7, … 21 s.
+        assert_eq!(h.errors.get("no_response"), Some(&16));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_missing_sensor_is_reopened_periodically_and_comes_online_when_fixed() {
-        let run = run_reader(Model::Dht11, 10, vec![], false, 1, 62).await;
-        // Opened at 0 s (failed), 30 s (failed), 60 s (worked): online, then read at 61 s.
+        let run = run_reader(Model::Dht11, 10, vec![], false, 1, 63).await;
+        // Opened at 0 s (failed), 30 s (failed), 60 s (worked): online, then read at 61 s and
+        // 62 s (which confirms it and is published).
         assert!(matches!(
             run.updates.first(),
             Some(Update::Sensor(Availability::Online))
         ));
-        assert_eq!(run.readings(), [(1, 61.0, 20.0)]);
-        assert_eq!(run.call_secs(), [61]);
+        assert_eq!(run.readings(), [(1, 62.0, 20.0)]);
+        assert_eq!(run.call_secs(), [61, 62]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_sensor_that_goes_away_is_reported_offline() {
-        let script = vec![ok(20.0, 40.0), Err(ReadError::Unavailable("gone".into()))];
+        let script = vec![
+            ok(20.0, 40.0),
+            ok(20.0, 40.0),
+            Err(ReadError::Unavailable("gone".into())),
+        ];
         // The opener has no sensor to give back: the reader keeps reporting offline.
         let run = run_reader(Model::Dht11, 10, script, true, 0, 45).await;
         let kinds: Vec<String> = run
@@ -578,9 +697,10 @@ mod tests {
             .map(|u| match u {
                 Update::Reading(r) => format!("r{}", r.seq),
                 Update::Sensor(a) => a.to_string(),
+                Update::Health(h) => h.status.to_string(),
             })
             .collect();
-        assert_eq!(kinds, ["r1", "offline"]);
+        assert_eq!(kinds, ["ok", "r1", "offline"]);
         assert_eq!(run.counters.unavailable, 1);
     }
 }

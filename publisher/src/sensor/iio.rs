@@ -12,17 +12,59 @@
 //! dts/overlays/dht11-overlay.dts in raspberrypi/linux rewrites the unit address with
 //! `gpiopin`). So a device matches by the name `dht11@…` or `dht11`, or by its device-tree
 //! node's `compatible` (`of_node/compatible`, which the IIO core links to the parent's node).
+//!
+//! # Timing: the driver's 2 s cache
+//!
+//! `dht11_read_raw` (drivers/iio/humidity/dht11.c) reads the sensor only when
+//! `dht11->timestamp + DHT11_DATA_VALID_TIME < ktime_get_boottime_ns()` (2 s); otherwise it
+//! answers with the sample it already has. `timestamp` is set in `dht11_decode` once a frame
+//! decoded, i.e. at the end of the read that took the sample; a failed read does not set it. So:
+//! - one read measures for both files: `in_temp_input` makes the sensor send a frame (≥ 18 ms
+//!   start pulse, ~5 ms frame), `in_humidityrelative_input` right after it gets the same sample;
+//! - a second read within 2 s of the end of that read returns the same sample again — whatever
+//!   its value, changed or not, and whatever a file's mtime says. Confirming a reading with it
+//!   would confirm a corrupt frame with itself. Hence [`CACHE_WAIT`]: this backend is read no
+//!   sooner than 2 s plus a margin after the end of its previous read, and the sample time is
+//!   the end of the read ([`Sensor::sampled_at_end`]). Another process reading the device in
+//!   between can only make the driver measure earlier, within the margin, never hand out the
+//!   sample we already have.
+//!
+//! # Kernel facts this backend checks
+//!
+//! - The driver decodes DHT22 negatives only as sign and magnitude (`temp_int & 0x80` →
+//!   negative). Clones that send two's complement read about −3276 °C at −0.1 °C (0xFFFF →
+//!   −(0x7FFF) tenths). Such values are refused with [`CLONE_FIX`] rather than counted as noise.
+//! - Before the Raspberry Pi kernel took "iio: humidity: dht11: Allow non-zero decimals"
+//!   (raspberrypi/linux pull request 6454, merged 2024-11-06), the driver failed every frame of
+//!   a DHT11 that sends tenths with EIO ("Don't know how to decode data"); `k3sense check`
+//!   says so when every read fails with EIO.
 
 use std::{
     io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use k3sense_protocol::Model;
 use nix::errno::Errno;
 
 use super::{OpenError, ReadError, Sensor};
-use crate::dht::Measurement;
+use crate::{dht::Measurement, policy::Pacing};
+
+/// The driver's `DHT11_DATA_VALID_TIME`: a read within this long after the end of the read that
+/// took a sample returns that sample again.
+pub const DRIVER_CACHE: Duration = Duration::from_secs(2);
+/// The shortest time between the end of one read and the start of the next: past the cache,
+/// with a margin for timer slack.
+pub const CACHE_WAIT: Duration = DRIVER_CACHE.saturating_add(Duration::from_millis(100));
+/// Below this (°C) a temperature can only be a two's-complement clone read as sign-magnitude.
+const CLONE_BELOW_C: f64 = -1000.0;
+/// What to do about a two's-complement DHT22 clone.
+pub const CLONE_FIX: &str = "the kernel dht11 driver read about -3270 °C: this DHT22/AM2302 \
+     clone sends temperatures below zero in two's complement, which the driver decodes only as \
+     sign and magnitude. Read it with the GPIO backend instead (`--sensor dht22`, see \
+     deploy/overlays/gpio-device-plugin), whose decoder tells the two apart, or use a genuine \
+     AM2302";
 
 /// The kernel driver's device-tree `compatible` string (drivers/iio/humidity/dht11.c).
 const COMPATIBLE: &str = "dht11";
@@ -248,13 +290,35 @@ impl Sensor for IioSensor {
     }
 
     fn read(&mut self) -> Result<Measurement, ReadError> {
-        // The driver reads the sensor once for both files (it keeps a read for ~2 s).
+        // The driver reads the sensor once for both files: the temperature read measures, the
+        // humidity read right after it is answered from the 2 s cache (the same sample).
         let temperature_c = self.value(TEMPERATURE)?;
         let humidity_pct = self.value(HUMIDITY)?;
+        if temperature_c < CLONE_BELOW_C {
+            return Err(ReadError::Driver {
+                timed_out: false,
+                reason: CLONE_FIX.to_owned(),
+            });
+        }
         Ok(Measurement {
             temperature_c,
             humidity_pct,
         })
+    }
+
+    /// The model's spacing, but never inside the driver's cache: see the module docs.
+    fn pacing(&self) -> Pacing {
+        let model = Pacing::for_model(self.model);
+        let min_spacing = model.min_spacing.max(CACHE_WAIT);
+        Pacing {
+            min_spacing,
+            settle: model.settle,
+            confirm_within: min_spacing * 2,
+        }
+    }
+
+    fn sampled_at_end(&self) -> bool {
+        true
     }
 }
 
@@ -530,6 +594,30 @@ mod tests {
         }
         let e = io::Error::from_raw_os_error(Errno::ENODEV as i32);
         assert!(matches!(read_error(p, &e), ReadError::Unavailable(_)));
+        // What `k3sense check` counts to explain a kernel that refuses every DHT11 frame.
+        let eio = read_error(p, &io::Error::from_raw_os_error(Errno::EIO as i32));
+        let eagain = read_error(p, &io::Error::from_raw_os_error(Errno::EAGAIN as i32));
+        assert!(eio.is_kernel_eio() && !eagain.is_kernel_eio());
+        assert!(!eio.is_twos_complement_clone());
+    }
+
+    #[test]
+    fn a_twos_complement_clone_is_refused_with_the_fix() {
+        // -0.1 °C in two's complement is 0xFFFF; the driver computes
+        // ((0xFF & 0x7f) << 8 + 0xFF) * -100 = -3276700 milli-°C.
+        let sys = PiSysfs::new();
+        let dir = sys.dht11(0, 4, "-3276700", "45000");
+        let mut s = IioSensor::open(Model::Dht22, dir).unwrap();
+        match s.read() {
+            Err(e @ ReadError::Driver { .. }) => {
+                assert!(e.is_twos_complement_clone(), "{e}");
+                let text = e.to_string();
+                assert!(text.contains("two's complement") && text.contains("--sensor dht22"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.sampled_at_end());
+        assert_eq!(s.pacing().min_spacing, CACHE_WAIT);
     }
 
     #[test]

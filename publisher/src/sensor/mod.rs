@@ -19,8 +19,8 @@ mod iio;
 mod sim;
 
 pub use gpio::{DataLine, GpioSensor, capture};
-pub use iio::IioSensor;
-pub use sim::SimSensor;
+pub use iio::{CACHE_WAIT, CLONE_FIX, DRIVER_CACHE, IioSensor};
+pub use sim::{SimMode, SimSensor};
 
 use k3sense_protocol::Model;
 
@@ -41,6 +41,14 @@ pub trait Sensor: Send + 'static {
     /// How fast it may be read; real sensors keep their model's datasheet limits.
     fn pacing(&self) -> Pacing {
         Pacing::for_model(self.model())
+    }
+
+    /// Whether the sample is taken at the end of [`Sensor::read`] rather than at its start:
+    /// the kernel driver measures during the read (and answers from its cache for 2 s after
+    /// one), while a GPIO read's frame follows its start pulse at once. The reader stamps
+    /// `read_at` and times the next read from this moment.
+    fn sampled_at_end(&self) -> bool {
+        false
     }
 }
 
@@ -64,6 +72,20 @@ pub enum ReadError {
     Unavailable(String),
 }
 
+impl ReadError {
+    /// Whether the kernel driver failed this read with EIO: a frame it could not decode (or,
+    /// on older kernels, any DHT11 frame with tenths).
+    pub fn is_kernel_eio(&self) -> bool {
+        let eio = format!("os error {}", nix::errno::Errno::EIO as i32);
+        matches!(self, Self::Driver { reason, .. } if reason.contains(&eio))
+    }
+
+    /// Whether this was a two's-complement DHT22 clone read through the kernel driver.
+    pub fn is_twos_complement_clone(&self) -> bool {
+        matches!(self, Self::Driver { reason, .. } if reason == iio::CLONE_FIX)
+    }
+}
+
 /// Why a backend could not be opened: one message naming the cause and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -77,11 +99,13 @@ pub const IIO_DEVICES: &str = "/sys/bus/iio/devices";
 pub fn open(config: &SensorConfig) -> Result<Box<dyn Sensor>, OpenError> {
     let model = config.effective_model();
     match config.sensor {
-        SensorKind::Sim => Ok(Box::new(SimSensor::new(
-            model,
-            dht::SimConfig::default(),
-            rand::random(),
-        ))),
+        SensorKind::Sim => {
+            let mut sim = SimSensor::new(model, dht::SimConfig::default(), rand::random());
+            if let Some(path) = &config.sim_control {
+                sim = sim.controlled_by(path.clone());
+            }
+            Ok(Box::new(sim))
+        }
         SensorKind::Dht11 | SensorKind::Dht22 => {
             Ok(Box::new(GpioSensor::open(model, config.gpio)?))
         }

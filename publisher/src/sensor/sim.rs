@@ -1,14 +1,20 @@
 //! The simulated sensor: slowly drifting room values, sent as the edge train a real DHT would
 //! produce (with jitter, lost edges and flipped bits at the configured rates) and decoded by the
 //! same decoder the GPIO backend uses. CI thereby exercises the real decoding path.
+//!
+//! `--sim-control PATH` makes it controllable while it runs: before every read it reads the
+//! file, whose first word is `ok` (answer normally; also a missing or empty file), `silent`
+//! (the sensor does not answer the start pulse, like an unplugged one: every read fails with
+//! "no response") or `noisy` (every frame arrives with a flipped bit and fails its checksum).
+//! `echo silent > PATH` and `echo ok > PATH` are what a user or a test does.
 
 use k3sense_protocol::Model;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use super::{ReadError, Sensor};
-use crate::dht::{self, EdgeSimulator, Measurement, SimConfig};
+use crate::dht::{self, DecodeError, EdgeSimulator, Measurement, SimConfig};
 use crate::policy::Pacing;
 
 /// A simulated DHT11/DHT22.
@@ -18,6 +24,30 @@ pub struct SimSensor {
     line: EdgeSimulator,
     temperature_c: f64,
     humidity_pct: f64,
+    control: Option<PathBuf>,
+}
+
+/// What `--sim-control` tells the simulated sensor to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimMode {
+    /// Answer normally.
+    Ok,
+    /// Do not answer the start pulse (an unplugged sensor).
+    Silent,
+    /// Answer with a frame whose checksum fails (a noisy line).
+    Noisy,
+}
+
+impl SimMode {
+    /// The mode a control file holds: its first word; anything unknown, a missing or an empty
+    /// file is `ok` (the simulator must never stop because of its remote control).
+    pub fn from_control(text: &str) -> Self {
+        match text.split_whitespace().next() {
+            Some("silent") => Self::Silent,
+            Some("noisy") => Self::Noisy,
+            _ => Self::Ok,
+        }
+    }
 }
 
 impl SimSensor {
@@ -29,7 +59,22 @@ impl SimSensor {
             line: EdgeSimulator::new(line, seed.wrapping_add(1)),
             temperature_c: 21.5,
             humidity_pct: 45.0,
+            control: None,
         }
+    }
+
+    /// Reads its [`SimMode`] from `path` before every read (`--sim-control`).
+    #[must_use]
+    pub fn controlled_by(mut self, path: PathBuf) -> Self {
+        self.control = Some(path);
+        self
+    }
+
+    fn mode(&self) -> SimMode {
+        self.control
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map_or(SimMode::Ok, |text| SimMode::from_control(&text))
     }
 
     /// Moves the true values a little: a bounded random walk that stays in a room's range.
@@ -61,17 +106,28 @@ impl Sensor for SimSensor {
 
     fn read(&mut self) -> Result<Measurement, ReadError> {
         self.drift();
-        let frame = dht::encode_frame(self.model, self.quantised());
+        let mode = self.mode();
+        if mode == SimMode::Silent {
+            return Err(DecodeError::NoResponse.into());
+        }
+        let mut frame = dht::encode_frame(self.model, self.quantised());
+        if mode == SimMode::Noisy {
+            // One flipped bit in the humidity byte: the decoder's checksum refuses it.
+            frame[0] ^= 0x04;
+        }
         let edges = self.line.edges(frame);
         Ok(dht::decode(self.model, &edges)?)
     }
 
     /// A simulated sensor has no physical limit: demos and tests may read it every few
-    /// milliseconds. Retries are still spaced, so a noisy simulated line does not spin.
+    /// milliseconds. Retries are still spaced, so a noisy simulated line does not spin. Its
+    /// values drift slowly, so a read up to a second old still confirms the next one: a busy CI
+    /// machine that wakes the reader late does not leave readings unconfirmed.
     fn pacing(&self) -> Pacing {
         Pacing {
             min_spacing: Duration::from_millis(20),
             settle: Duration::ZERO,
+            confirm_within: Duration::from_secs(1),
         }
     }
 }
@@ -96,5 +152,28 @@ mod tests {
             }
             previous = Some(m);
         }
+    }
+
+    #[test]
+    fn the_control_file_silences_and_revives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("control");
+        let mut s =
+            SimSensor::new(Model::Dht11, SimConfig::default(), 7).controlled_by(control.clone());
+        assert!(s.read().is_ok(), "no file yet: ok");
+        std::fs::write(&control, "silent\n").unwrap();
+        assert!(matches!(
+            s.read(),
+            Err(ReadError::Decode(DecodeError::NoResponse))
+        ));
+        std::fs::write(&control, "noisy").unwrap();
+        assert!(matches!(
+            s.read(),
+            Err(ReadError::Decode(DecodeError::Checksum { .. }))
+        ));
+        std::fs::write(&control, "ok").unwrap();
+        assert!(s.read().is_ok());
+        assert_eq!(SimMode::from_control("  silent please"), SimMode::Silent);
+        assert_eq!(SimMode::from_control("banana"), SimMode::Ok);
     }
 }
