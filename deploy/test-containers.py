@@ -464,7 +464,8 @@ class Pod:
         self.uid = str(uuid.uuid4())
         self.ip = ""
         self.netns = ""
-        self.containers: list[dict] = []  # {"name", "podman", "spec"}
+        self.containers: list[dict] = []  # {"name", "podman", "spec", "started"}
+        self.service_ip = lambda svc: ""  # set by the Cluster once every pod has its address
 
     @property
     def labels(self) -> dict:
@@ -499,8 +500,34 @@ class Pod:
             raise ValueError(f"fieldRef {path} is not modelled by this test")
         return values[path]
 
-    def env_for(self, c: dict) -> dict[str, str]:
+    def service_links(self) -> dict[str, str]:
+        """The Docker-link variables the kubelet injects unless enableServiceLinks is false
+        (pkg/kubelet/envvars): here each Service's address is its pod's, as /etc/hosts says."""
         env: dict[str, str] = {}
+        if self.spec.get("enableServiceLinks") is False:
+            return env
+        for (kind, _), svc in self.objects.items():
+            if kind != "Service" or not svc["spec"].get("ports"):
+                continue
+            ip = self.service_ip(svc)
+            name = svc["metadata"]["name"].upper().replace("-", "_")
+            first = svc["spec"]["ports"][0]
+            env[f"{name}_SERVICE_HOST"] = ip
+            env[f"{name}_SERVICE_PORT"] = str(first["port"])
+            env[f"{name}_PORT"] = f"{first.get('protocol', 'TCP').lower()}://{ip}:{first['port']}"
+            for sp in svc["spec"]["ports"]:
+                proto = sp.get("protocol", "TCP")
+                if sp.get("name"):
+                    env[f"{name}_SERVICE_PORT_{sp['name'].upper().replace('-', '_')}"] = str(sp["port"])
+                prefix = f"{name}_PORT_{sp['port']}_{proto}"
+                env[prefix] = f"{proto.lower()}://{ip}:{sp['port']}"
+                env[prefix + "_PROTO"] = proto.lower()
+                env[prefix + "_PORT"] = str(sp["port"])
+                env[prefix + "_ADDR"] = ip
+        return env
+
+    def env_for(self, c: dict) -> dict[str, str]:
+        env: dict[str, str] = self.service_links()
         for src in c.get("envFrom") or []:
             prefix = src.get("prefix", "")
             if "secretRef" in src:
@@ -697,6 +724,12 @@ class Cluster:
             else:
                 raise ValueError(f"volume {v['name']}: {sorted(v)} is not modelled by this test")
             out[v["name"]] = dest
+        sa = self.objects.get(("ServiceAccount", pod.spec.get("serviceAccountName", "default"))) or {}
+        automount = pod.spec.get("automountServiceAccountToken", sa.get("automountServiceAccountToken", True))
+        if automount is not False:
+            files = {"token": b"not-a-real-token", "ca.crt": b"", "namespace": pod.namespace.encode()}
+            write_projection(vdir / "..serviceaccount", files, {k: 0o644 for k in files}, fs_group)
+            out["..serviceaccount"] = vdir / "..serviceaccount"
         return out
 
     def node_path(self, path: str) -> Path:
@@ -773,6 +806,11 @@ class Cluster:
             vol = next(v for v in pod.spec.get("volumes") or [] if v["name"] == m["name"])
             ro = m.get("readOnly") or "secret" in vol or "configMap" in vol  # the kubelet mounts these read-only
             args += ["--mount", f"type=bind,source={src},destination={m['mountPath']}" + (",ro=true" if ro else "")]
+        # The service account token the kubelet mounts unless automountServiceAccountToken is false
+        # (on the pod, else on its ServiceAccount); a fake one, since there is no API server.
+        if "..serviceaccount" in volumes:
+            args += ["--mount", f"type=bind,source={volumes['..serviceaccount']},"
+                     "destination=/var/run/secrets/kubernetes.io/serviceaccount,ro=true"]
         # The fake node's own /sys replaces the runtime's sysfs (read-only, as for any unprivileged pod).
         if "/sys" in self.node_paths and not any(m["mountPath"] == "/sys" for m in c.get("volumeMounts") or []):
             args += ["--mount", f"type=bind,source={self.node_paths['/sys']},destination=/sys,ro=true"]
@@ -792,6 +830,13 @@ class Cluster:
             self.check(all(NODE_LABELS.get(k) == v for k, v in sel.items()),
                        f"{pod.name_} is schedulable on the sensor node", f"nodeSelector {sel or '{}'}")
         hosts = self.hosts()
+
+        def service_ip(svc: dict) -> str:
+            targets = self.pods_for(svc["spec"].get("selector") or {})
+            return targets[0].ip if targets else ""
+
+        for pod in self.pods:
+            pod.service_ip = service_ip
         for pod in self.pods:
             vdir = self.work / f"volumes-{self.overlay}-{pod.name_}"
             volumes = self.volume_sources(pod, vdir)
@@ -808,7 +853,7 @@ class Cluster:
                 p = run(PODMAN + args, check=False)
                 if p.returncode != 0:
                     raise RuntimeError(f"podman run for {pod.name_}/{c['name']} failed: {p.stderr.strip()}")
-                pod.containers.append({"name": c["name"], "podman": cname, "spec": c})
+                pod.containers.append({"name": c["name"], "podman": cname, "spec": c, "started": time.monotonic()})
         if self.image_override:
             print(f"     ({self.overlay}: image overridden by K3SENSE_TEST_IMAGE={self.image_override})")
 
@@ -913,19 +958,18 @@ class Cluster:
             return
         period = float(probe.get("periodSeconds", 10))
         failures = int(probe.get("failureThreshold", 3))
-        # How long the kubelet would wait: a startup probe fails the container after
-        # initialDelay + period × failureThreshold; liveness restarts it after as long; readiness
-        # has no limit, so give it the startup budget or a minute.
+        # How long the kubelet would wait, counted from the container's start: a startup probe
+        # fails the container after initialDelay + period × failureThreshold; liveness restarts it
+        # after as long; readiness has no limit, so it gets a minute.
         budget = float(probe.get("initialDelaySeconds", 0)) + period * failures
         budget = max(budget, deadline_floor)
-        start = time.monotonic()
         while True:
             ok, detail = self.probe_once(pod, c, probe)
-            if ok or time.monotonic() - start > budget or not self.state(c["podman"]).get("Running"):
+            if ok or time.monotonic() - c["started"] > budget or not self.state(c["podman"]).get("Running"):
                 break
             time.sleep(min(period, 0.5))
-        took = time.monotonic() - start
-        self.check(ok, f"{pod.name_}/{c['name']} {kind}", f"{detail} (after {took:.1f} s, kubelet allows {budget:.0f} s)")
+        took = time.monotonic() - c["started"]
+        self.check(ok, f"{pod.name_}/{c['name']} {kind}", f"{detail} ({took:.1f} s after the start, kubelet allows {budget:.0f} s)")
 
     def metrics(self, pod: Pod, port: int, path: str = "/metrics") -> dict[str, float]:
         r = self.net.client("http", pod.ip, str(port), path, "5", "[]", timeout=5)
