@@ -27,7 +27,8 @@ namespace, as the kubelet and Traefik do: the script re-runs itself under
 `nsenter --net=/run/netns/<node>` as a small client (HTTP probe, TCP probe, MQTT CONNECT,
 WebSocket).
 
-What it checks, per overlay (dev: simulated sensor; iio: the kernel driver's sysfs, faked):
+What it checks, per overlay (dev: simulated sensor; iio and multi-sensor: the kernel driver's
+sysfs, faked; the gpio-* overlays need a Pi's /dev/gpiomem and are not run):
   - each container runs with the uid/gid/groups/capabilities/no_new_privs/read-only root asked for
   - every probe (startup, readiness, liveness; httpGet/tcpSocket/exec) as rendered, within the
     time the kubelet allows; every declared containerPort accepts TCP; prometheus.io/* scrapes
@@ -43,7 +44,7 @@ Needs root, podman (runc), iproute2, nsenter, kubectl and PyYAML; the image the 
 deploy/build-image.sh. K3SENSE_TEST_IMAGE overrides the image (for development only).
 Outside CI a missing tool skips the test; with CI=true it fails.
 
-Usage: deploy/test-containers.py [--overlay dev] [--overlay iio] [--keep]
+Usage: deploy/test-containers.py [--overlay dev|iio|multi-sensor]... [--keep]   (default: all three)
 Prints one line per check and finally `containers: N passed, N failed`; exits 1 on any failure.
 """
 
@@ -76,6 +77,8 @@ NODE_LABELS = {"kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux",
 NODE_IP = "10.244.0.1"  # the node's address on the pod bridge (status.hostIP)
 SUBNET_PREFIX = "10.244.0."
 MAX_LOG = 1500
+# The overlays that run on a node without GPIO access (the gpio-* overlays need /dev/gpiomem and a Pi).
+OVERLAYS = ["dev", "iio", "multi-sensor"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,7 +625,17 @@ class Cluster:
         self.objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
         ns = [d for d in docs if d["kind"] == "Namespace"]
         self.namespace = ns[0]["metadata"]["name"] if ns else "default"
-        self.pods = [Pod(d, self.objects, self.namespace) for d in docs if d["kind"] == "Deployment"]
+        # Deployments run one pod here (the test has one node); a DaemonSet runs one only if the
+        # fake node matches its nodeSelector, as the DaemonSet controller decides.
+        self.pods = []
+        for d in docs:
+            if d["kind"] == "DaemonSet":
+                sel = d["spec"]["template"]["spec"].get("nodeSelector") or {}
+                if not all(NODE_LABELS.get(k) == v for k, v in sel.items()):
+                    print(f"     ({overlay}: DaemonSet {d['metadata']['name']} has no pod on the node: nodeSelector {sel})")
+                    continue
+            if d["kind"] in ("Deployment", "DaemonSet"):
+                self.pods.append(Pod(d, self.objects, self.namespace))
         self.services = [d for d in docs if d["kind"] == "Service"]
         self.net: Network | None = None
         self.started: list[str] = []
@@ -1043,7 +1056,7 @@ class Cluster:
             time.sleep(0.5)
         refused = {k: v for k, v in bm.items() if k.startswith("k3sense_broker_connections_refused_total") and v}
         self.check(pm.get("k3sense_publisher_broker_connected") == 1,
-                   "the publisher is logged in to broker:1883 with its generated password",
+                   f"the publisher is logged in to {penv.get('K3SENSE_BROKER')} with its generated password",
                    f"k3sense_publisher_broker_connected {pm.get('k3sense_publisher_broker_connected')}")
         self.check(gm.get("k3sense_gateway_broker_connected") == 1,
                    "the gateway is logged in and subscribed with its generated password",
@@ -1209,10 +1222,10 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         return client_main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--overlay", action="append", choices=["dev", "iio"], help="default: dev and iio")
+    ap.add_argument("--overlay", action="append", choices=OVERLAYS, help=f"default: all of {', '.join(OVERLAYS)}")
     ap.add_argument("--keep", action="store_true", help="leave containers, namespaces and files for inspection")
     opts = ap.parse_args()
-    overlays = opts.overlay or ["dev", "iio"]
+    overlays = opts.overlay or OVERLAYS
     ci = os.environ.get("CI") == "true"
     try:
         preflight()
@@ -1236,7 +1249,7 @@ def main() -> int:
         image_override = os.environ.get("K3SENSE_TEST_IMAGE")
         for overlay in overlays:
             docs = render(work, overlay)
-            images = {c["image"] for d in docs if d["kind"] == "Deployment"
+            images = {c["image"] for d in docs if d["kind"] in ("Deployment", "DaemonSet")
                       for c in d["spec"]["template"]["spec"]["containers"]}
             for image in sorted({image_override} if image_override else images):
                 ok = run(PODMAN + ["image", "exists", image], check=False).returncode == 0
@@ -1246,8 +1259,8 @@ def main() -> int:
                     raise RuntimeError("no image")
             node_paths = {}
             expected = None
-            if overlay == "iio":
-                sysfs = work / "node-sys"
+            if overlay in ("iio", "multi-sensor"):
+                sysfs = work / f"node-sys-{overlay}"
                 expected = write_fake_pi_sysfs(sysfs)
                 node_paths["/sys"] = sysfs
             cluster = Cluster(overlay, docs, results, run_id, work, node_paths, image_override)
