@@ -304,6 +304,9 @@ def write_fake_pi_sysfs(root: Path) -> dict:
       name `mcp3008`) and a BME280 on I2C1 (drivers/iio/pressure/bmp280-core.c, name `bme280`),
       which also has in_temp_input and in_humidityrelative_input — so a lookup that takes "any
       device with a temperature file" reads the wrong sensor and the values tell.
+    Inside a container the runtime masks /sys/firmware with an empty read-only tmpfs (runc's and
+    containerd's default masked paths; podman here does the same over this fake), so there the
+    `of_node` links point nowhere, exactly as in a real pod: only `name` is left to go by.
     Returns the values the dht11 device holds.
     """
     dt = root / "firmware/devicetree/base"
