@@ -698,6 +698,7 @@ class Cluster:
             for sp in svc["spec"].get("ports") or []:
                 if int(sp["port"]) == port and targets:
                     return self.container_port(targets[0], sp.get("targetPort", port)) == port
+            return False  # a Service name, but not one of its ports (or no pod behind it)
         return True
 
     # --- starting the pods -----------------------------------------------------------------------
@@ -838,7 +839,34 @@ class Cluster:
         args += [image, *cargs]
         return args, cname
 
+    @staticmethod
+    def unmodelled(pod: Pod) -> list[str]:
+        """Pod spec fields that would change how the pod runs but that this test does not apply.
+
+        Knowingly ignored, as they only steer scheduling or the API: resources.requests,
+        tolerations, affinity, topologySpreadConstraints, priorityClassName, imagePullPolicy,
+        dnsPolicy, replicas (one pod per workload here).
+        """
+        out = [f for f in ("initContainers", "ephemeralContainers", "hostNetwork", "hostPID", "hostIPC",
+                           "shareProcessNamespace", "hostAliases", "dnsConfig", "runtimeClassName", "os")
+               if pod.spec.get(f)]
+        for c in pod.spec["containers"]:
+            life = c.get("lifecycle") or {}
+            if life.get("postStart"):
+                out.append(f"{c['name']}: lifecycle.postStart")
+            if set(life.get("preStop") or {}) - {"sleep"}:
+                out.append(f"{c['name']}: a preStop other than sleep")
+            if any(m.get("subPathExpr") or m.get("mountPropagation") for m in c.get("volumeMounts") or []):
+                out.append(f"{c['name']}: subPathExpr/mountPropagation")
+            if c.get("stdin") or c.get("tty"):
+                out.append(f"{c['name']}: stdin/tty")
+        return out
+
     def start(self) -> None:
+        for pod in self.pods:
+            missing = self.unmodelled(pod)
+            if missing:
+                raise ValueError(f"{pod.name_} uses what this test does not model: {', '.join(missing)}")
         self.net = Network(f"{self.run_id}{self.overlay[:3]}")
         for pod in self.pods:
             pod.netns, pod.ip = self.net.add_pod(pod.name_[:10])
