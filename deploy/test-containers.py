@@ -2,8 +2,9 @@
 """deploy/test-containers.py — the manifests' own configuration, run in containers.
 
 Renders an overlay with `kubectl kustomize` (throwaway credentials from gen-secrets.sh, in a copy
-of deploy/ as check.sh does), then starts every Deployment of the render from the image with
-exactly its pod spec, translated the way the kubelet would apply it:
+of deploy/ as check.sh does), then starts every Deployment of the render — and every DaemonSet
+whose nodeSelector matches the one fake node — from the image with exactly its pod spec,
+translated the way the kubelet would apply it:
 
   command/args                 podman --entrypoint / arguments ($(VAR) expanded as the kubelet does)
   env, envFrom                 value; valueFrom secretKeyRef / configMapKeyRef / fieldRef
@@ -17,7 +18,13 @@ exactly its pod spec, translated the way the kubelet would apply it:
                                allowPrivilegeEscalation: false → no-new-privileges, runAsNonRoot
   resources.limits             --memory (swap = memory), --cpus
   service names                /etc/hosts of every container maps each Service (and its
-                               .ns, .ns.svc, .ns.svc.cluster.local forms) to the pod it selects
+                               .ns, .ns.svc, .ns.svc.cluster.local forms) to the pod it selects;
+                               service-link env and a service-account token unless turned off
+  /sys                         the node's: for iio a fake Raspberry Pi sysfs, bind-mounted
+                               read-only where the runtime would mount sysfs
+Anything else in a pod spec that changes how it runs (initContainers, host namespaces, postStart,
+…) fails the test as "not modelled" rather than being ignored. Why not `podman kube play`: podman
+4.3 crashes on Secret volumes, and podman pods need a pause image (catatonit) this machine lacks.
 
 No host port is published. Each pod gets its own network namespace with an eth0 on a bridge in
 a "node" namespace (veth pairs, like a CNI bridge), so every pod has its own IP, services reach
