@@ -27,11 +27,13 @@ mod decode;
 mod encode;
 pub mod rates;
 mod sim;
+mod tolerance;
 
 pub use decode::{DecodeError, PulseFault, decode, decode_frame};
 pub use encode::{edges_for_frame, encode_frame};
 pub use k3sense_protocol::Model;
 pub use sim::{EdgeSimulator, SimConfig};
+pub use tolerance::Tolerance;
 
 /// The level of the data line. The line idles high (pull-up); host and sensor pull it low.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -251,15 +251,6 @@ pub fn double_flip() -> SimConfig {
     }
 }
 
-/// How far two reads may differ and still confirm each other, as the read policy checks it
-/// (`policy::Tolerance`): DHT11 ±1.0 °C and ±2 %, DHT22 ±0.5 °C and ±2 %. Returns (°C, %).
-pub fn confirmation_tolerance(model: Model) -> (f64, f64) {
-    match model {
-        Model::Dht11 => (1.0, 2.0),
-        Model::Dht22 => (0.5, 2.0),
-    }
-}
-
 /// What double-bit errors leave behind, worked out exactly (every one of the 780 pairs of bits
 /// of each frame, not a sample) for random readings of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -281,7 +272,10 @@ pub struct DoubleFlipResidual {
 /// [`super::decode_frame`] (the timing is not what goes wrong here) and counts what passes.
 pub fn double_flip_residual(kind: FrameKind, readings: u32, seed: u64) -> DoubleFlipResidual {
     let model = kind.model();
-    let (tol_t, tol_h) = confirmation_tolerance(model);
+    let super::Tolerance {
+        temperature_c: tol_t,
+        humidity_pct: tol_h,
+    } = super::Tolerance::for_model(model);
     let agree = |a: Measurement, b: Measurement| {
         (a.temperature_c - b.temperature_c).abs() <= tol_t + 1e-6
             && (a.humidity_pct - b.humidity_pct).abs() <= tol_h + 1e-6
