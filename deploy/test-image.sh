@@ -370,8 +370,19 @@ for p in "${platforms[@]}"; do
 done
 if [[ -n $archive ]]; then
   # Last, so that NAME:TAG in the store is the archive's image for this machine's CPU.
+  host_platform=$(podman info --format '{{.Host.OS}}/{{.Host.Arch}}')
   if loaded=$(podman load -i "$archive" 2>&1) && grep -q "Loaded image.*$image" <<<"$loaded"; then
-    pass "archive: podman load -i $archive loaded $image"
+    # From an index podman loads this machine's platform; from a one-platform archive, that platform.
+    want_platform=$host_platform
+    if [[ " ${platforms[*]} " != *" $host_platform "* && ${#platforms[@]} == 1 ]]; then
+      want_platform=${platforms[0]%/v*}
+    fi
+    loaded_platform=$(podman image inspect --format '{{.Os}}/{{.Architecture}}' "$image" 2>&1 || true)
+    if [[ $loaded_platform == "$want_platform" ]]; then
+      pass "archive: podman load -i $archive loaded $image ($loaded_platform)"
+    else
+      fail "archive: after podman load, $image is '$loaded_platform', not the $want_platform image"
+    fi
   else
     echo "$loaded" >&2
     fail "archive: podman load -i $archive did not load $image"
