@@ -8,7 +8,7 @@
 //! | `admin`, no role | anything but `$…` | anything but `$…` |
 //! | `reader` | nothing | `<prefix>/#`, `homeassistant/#` |
 //! | `gateway` | `<prefix>/<id>/replay/request[/…]` | `<prefix>/#`, `homeassistant/#` |
-//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `homeassistant/status` |
+//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/…` | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `<prefix>/<s>/availability` (to answer a foreign `offline`), `homeassistant/status` |
 //!
 //! Whatever the role, an *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped:
 //! rumqttd erases a retained message on any empty publish (even with retain=0), and a reading must
@@ -122,15 +122,21 @@ impl Acl {
             Role::Publisher(sensors) => {
                 within(filter, HOME_ASSISTANT_STATUS)
                     || match sensors {
-                        // Its replay requests, and its own retained state (to continue `seq`
-                        // after a restart).
+                        // Its replay requests, its own retained state (to continue `seq`
+                        // after a restart) and its availability (to answer a foreign
+                        // `offline`).
                         Sensors::Any => {
                             within(filter, &format!("{}/+/replay/#", self.prefix))
                                 || within(filter, &format!("{}/+/state", self.prefix))
+                                || within(filter, &format!("{}/+/availability", self.prefix))
                         }
                         Sensors::Only(ids) => ids.iter().any(|id| {
                             within(filter, &format!("{}/{}/replay/#", self.prefix, id.as_str()))
                                 || within(filter, &format!("{}/{}/state", self.prefix, id.as_str()))
+                                || within(
+                                    filter,
+                                    &format!("{}/{}/availability", self.prefix, id.as_str()),
+                                )
                         }),
                     }
             }

@@ -20,6 +20,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
     },
     registry::Registry,
@@ -52,6 +53,9 @@ pub struct Metrics {
     pub replay_requests: Counter,
     /// Readings sent again on the replay topic.
     pub replayed_readings: Counter,
+    /// Signs of another client impersonating this sensor, by reason
+    /// (`retained_seq_refused`, `foreign_offline`).
+    pub anomalies: Family<Vec<(&'static str, &'static str)>, Counter>,
     latest: Arc<Mutex<Option<Latest>>>,
 }
 
@@ -85,6 +89,7 @@ impl Metrics {
             ha_announcements: Counter::default(),
             replay_requests: Counter::default(),
             replayed_readings: Counter::default(),
+            anomalies: Family::default(),
             latest: Arc::new(Mutex::new(None)),
         };
         registry.register(
@@ -137,6 +142,11 @@ impl Metrics {
             "Readings sent again on the replay topic",
             metrics.replayed_readings.clone(),
         );
+        registry.register(
+            "anomalies",
+            "Signs of another client impersonating this sensor, by reason",
+            metrics.anomalies.clone(),
+        );
         registry.register_collector(Box::new(ReadCollector {
             counters,
             latest: Arc::clone(&metrics.latest),
@@ -145,6 +155,13 @@ impl Metrics {
             registry: Arc::new(registry),
             ..metrics
         }
+    }
+
+    /// Counts one anomaly of kind `reason`.
+    pub fn anomaly(&self, reason: &'static str) {
+        self.anomalies
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// Records the newest reading for the value gauges.
