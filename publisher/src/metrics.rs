@@ -142,6 +142,10 @@ impl Metrics {
             "Readings sent again on the replay topic",
             metrics.replayed_readings.clone(),
         );
+        // Both reasons exist from the start, at 0, so a dashboard can alert on any increase.
+        for reason in ["retained_seq_refused", "foreign_offline"] {
+            let _ = metrics.anomalies.get_or_create(&vec![("reason", reason)]);
+        }
         registry.register(
             "anomalies",
             "Signs of another client impersonating this sensor, by reason",
