@@ -500,3 +500,75 @@ async fn wait_http_tcp(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Row 5: 20 replay requests a second for 3 s, each asking for everything the publisher keeps.
+/// Each reading is replayed at most once per 2 s cooldown instead of once per request, and a
+/// QoS 1 subscriber to the state topic gets every live reading meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_flood_is_coalesced_and_live_readings_all_arrive() {
+    let id = "pi-h5";
+    let (mqtt, metrics) = (free_addr(), free_addr());
+    let _b = broker(mqtt);
+    wait_http_tcp(mqtt).await;
+    let mut all = mqtt_subscriber(mqtt, &format!("k3sense/{id}/#")).await;
+    let _p = publisher(mqtt, id, metrics);
+    wait_http(metrics, "/healthz").await;
+    let state = format!("k3sense/{id}/state");
+    let replay = format!("k3sense/{id}/replay");
+    let mut live = Vec::new();
+    while live.len() < 10 {
+        let (payload, _) = next_on(&mut all, &state, Duration::from_secs(20)).await;
+        live.push(Reading::from_json(&payload).unwrap().seq);
+    }
+    let (evil, _) = attacker(mqtt).await;
+    let requests = 60;
+    for _ in 0..requests {
+        evil.publish(
+            format!("k3sense/{id}/replay/request"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"after_seq":0}"#,
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the last answers and a few more live readings arrive.
+    let mut replayed = 0;
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Ok(Some((topic, payload, _))) =
+        tokio::time::timeout_at(until.into(), all.recv()).await
+    {
+        if topic == replay {
+            replayed += 1;
+        } else if topic == state {
+            live.push(Reading::from_json(&payload).unwrap().seq);
+        }
+    }
+    let newest = *live.last().unwrap();
+    assert!(
+        live.windows(2).all(|w| w[1] == w[0] + 1),
+        "a live reading is missing: {live:?}"
+    );
+    let (_, text) = http_get(metrics, "/metrics").await;
+    assert_eq!(
+        sample_with(&text, &["replay_requests_total"]),
+        requests as f64,
+        "{text}"
+    );
+    assert!(
+        sample_with(&text, &["replays_coalesced_total"]) > 0.0,
+        "{text}"
+    );
+    // Over ~3 s and a 2 s cooldown each reading goes out at most twice (thrice at a boundary).
+    let bound = 3 * newest;
+    assert!(
+        replayed <= bound,
+        "{replayed} readings replayed for {requests} requests (bound {bound})"
+    );
+    println!(
+        "row 5: {requests} requests for everything in 3 s over ≤ {newest} readings: {replayed} replayed (uncoalesced: up to {}), live readings {}..={newest} all received",
+        requests as u64 * newest,
+        live[0]
+    );
+}

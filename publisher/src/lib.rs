@@ -24,6 +24,7 @@
 //! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings |
 //! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
 //! | `recent` | the recent readings kept to answer gateways' replay requests (pure) |
+//! | `replaypace` | replay answers coalesced and paced (pure) |
 //! | `seqguard` | whether a retained `seq` may be continued from (pure) |
 //! | `link` | the MQTT connection task |
 //! | `discovery` | Home Assistant MQTT discovery configs (pure) |
@@ -42,6 +43,7 @@ mod outbox;
 pub mod policy;
 pub mod reader;
 mod recent;
+mod replaypace;
 pub mod sensor;
 mod seqguard;
 

@@ -110,6 +110,10 @@ struct Link {
     /// Our own `online` came back on the availability topic since the last connect: an
     /// `offline` after it is someone else's.
     own_online_seen: bool,
+    /// Replay answers coalesced and paced (`crate::replaypace`).
+    pace: crate::replaypace::ReplayPace,
+    /// When the pace lets the next replayed reading go.
+    replay_wake: Option<tokio::time::Instant>,
 }
 
 /// Runs until `shutdown`, publishing what arrives on `updates`; `sensor` is the sensor's
@@ -169,6 +173,8 @@ pub async fn run(
         early: VecDeque::new(),
         seq_deadline: None,
         own_online_seen: false,
+        pace: crate::replaypace::ReplayPace::new(std::time::Instant::now()),
+        replay_wake: None,
     };
     tracing::info!(broker = %mqtt.broker, sensor_id = %link.id, "connecting to the MQTT broker");
     let (mut events, pump) = k3sense_protocol::pump(events, WINDOW);
@@ -176,6 +182,10 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = until(link.seq_deadline) => link.resolve_seq(0),
+            () = until(link.replay_wake) => {
+                link.replay_wake = None;
+                link.pump();
+            }
             update = updates.recv() => match update {
                 Some(Update::Reading(reading)) => link.push(reading),
                 Some(Update::Sensor(a)) => link.sensor_changed(a),
@@ -309,11 +319,16 @@ impl Link {
         let capacity = self.recent.kept();
         let wanted: Vec<Reading> = self.recent.wanted(&request).cloned().collect();
         tracing::debug!(?request, readings = wanted.len(), "replaying");
+        let now = std::time::Instant::now();
         for reading in wanted {
             if self.replays.len() >= capacity.max(1) {
                 break;
             }
-            self.replays.push_back(reading);
+            if self.pace.admit(reading.seq, now) {
+                self.replays.push_back(reading);
+            } else {
+                self.metrics.replays_coalesced.inc();
+            }
         }
         self.pump();
     }
@@ -452,6 +467,10 @@ impl Link {
             }
         }
         while let Some(reading) = self.replays.front() {
+            if let Err(at) = self.pace.take(std::time::Instant::now()) {
+                self.replay_wake = Some(tokio::time::Instant::from_std(at));
+                break;
+            }
             let Ok(payload) = reading.to_json() else {
                 self.replays.pop_front();
                 continue;

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub replay_requests: Counter,
     /// Readings sent again on the replay topic.
     pub replayed_readings: Counter,
+    /// Readings a replay request asked for that had been replayed within the last 2 s (not
+    /// sent again: one answer serves every gateway).
+    pub replays_coalesced: Counter,
     /// Signs of another client impersonating this sensor, by reason
     /// (`retained_seq_refused`, `foreign_offline`).
     pub anomalies: Family<Vec<(&'static str, &'static str)>, Counter>,
@@ -89,6 +92,7 @@ impl Metrics {
             ha_announcements: Counter::default(),
             replay_requests: Counter::default(),
             replayed_readings: Counter::default(),
+            replays_coalesced: Counter::default(),
             anomalies: Family::default(),
             latest: Arc::new(Mutex::new(None)),
         };
@@ -141,6 +145,11 @@ impl Metrics {
             "replayed_readings",
             "Readings sent again on the replay topic",
             metrics.replayed_readings.clone(),
+        );
+        registry.register(
+            "replays_coalesced",
+            "Readings asked for again within 2 s of being replayed, not sent again",
+            metrics.replays_coalesced.clone(),
         );
         // Both reasons exist from the start, at 0, so a dashboard can alert on any increase.
         for reason in ["retained_seq_refused", "foreign_offline"] {
