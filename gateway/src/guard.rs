@@ -6,8 +6,8 @@
 //! - **Future:** a reading stamped more than `--max-clock-skew` (default 2 min) after the
 //!   gateway's clock is refused and counted (`reason="future"`): sorted by time it would stay
 //!   `latest` until that date (a forged 2099 reading, for ever).
-//! - **Seq jump:** a reading whose `seq` is more than [`MAX_SEQ_JUMP`] above the newest held is
-//!   *unconfirmed*: held aside (one per sensor, the newest replacing the older), not shown, and
+//! - **Seq jump:** a reading that would become the newest (a later `read_at` than the newest
+//!   held) with a `seq` more than [`MAX_SEQ_JUMP`] above the newest's is *unconfirmed*: held aside (one per sensor, the newest replacing the older), not shown, and
 //!   counted (`reason="unconfirmed_jump"`). The next reading that continues from it (`seq` one
 //!   higher, later `read_at`) confirms it: both go in. A real publisher confirms within one
 //!   interval (it reads on from the new number); a forger must keep forging, and a single forged
@@ -55,20 +55,22 @@ impl Guard {
         }
     }
 
-    /// Judges `reading`, given the newest `seq` held for its sensor and the time now.
+    /// Judges `reading`, given the `(seq, read_at)` of its sensor's newest reading held and the
+    /// time now. A reading older than the newest cannot become `latest`: it goes in at its place
+    /// (a late replay, the readings of an earlier publisher run).
     pub fn check(
         &mut self,
         reading: Reading,
-        newest_seq: Option<u64>,
+        newest: Option<(u64, DateTime<Utc>)>,
         now: DateTime<Utc>,
     ) -> Verdict {
         if reading.read_at > now + self.max_skew {
             return Verdict::Future;
         }
-        let Some(newest) = newest_seq else {
+        let Some((newest, newest_at)) = newest else {
             return Verdict::Accept(vec![reading]);
         };
-        if reading.seq <= newest.saturating_add(MAX_SEQ_JUMP) {
+        if reading.read_at <= newest_at || reading.seq <= newest.saturating_add(MAX_SEQ_JUMP) {
             return Verdict::Accept(vec![reading]);
         }
         let confirms = self.held.get(&reading.sensor_id).is_some_and(|held| {
@@ -127,36 +129,47 @@ mod tests {
             1_000_000_000_000_000,
         )
         .unwrap();
-        assert_eq!(g.check(forged, Some(42), now()), Verdict::Future);
+        assert_eq!(g.check(forged, Some((42, now())), now()), Verdict::Future);
     }
 
     #[test]
     fn a_jump_waits_for_a_reading_that_continues_it() {
         let mut g = Guard::new(Duration::from_secs(120));
-        assert_eq!(seqs(g.check(reading(10_042, 1), Some(42), now())), [10_042]);
+        assert_eq!(
+            seqs(g.check(reading(10_042, 1), Some((42, now())), now())),
+            [10_042]
+        );
         let far = 1_000_000_000_000_000;
         assert_eq!(
-            g.check(reading(far, 1), Some(42), now()),
+            g.check(reading(far, 1), Some((42, now())), now()),
             Verdict::Unconfirmed
         );
         // The real publisher reads on from its own number: accepted, the forgery stays held.
-        assert_eq!(seqs(g.check(reading(43, 2), Some(42), now())), [43]);
+        assert_eq!(
+            seqs(g.check(reading(43, 2), Some((42, now())), now())),
+            [43]
+        );
         // A reading continuing from the held one confirms it: both go in.
         assert_eq!(
-            seqs(g.check(reading(far + 1, 3), Some(43), now())),
+            seqs(g.check(reading(far + 1, 3), Some((43, now())), now())),
             [far, far + 1]
+        );
+        // Older than the newest held: it cannot become latest, it goes in at its place.
+        assert_eq!(
+            seqs(g.check(reading(far + 7, -5), Some((43, now())), now())),
+            [far + 7]
         );
         // Not continuing (same time, or a different number) confirms nothing.
         assert_eq!(
-            g.check(reading(far, 5), Some(43), now()),
+            g.check(reading(far, 5), Some((43, now())), now()),
             Verdict::Unconfirmed
         );
         assert_eq!(
-            g.check(reading(far + 1, 5), Some(43), now()),
+            g.check(reading(far + 1, 5), Some((43, now())), now()),
             Verdict::Unconfirmed
         );
         assert_eq!(
-            g.check(reading(far + 3, 6), Some(43), now()),
+            g.check(reading(far + 3, 6), Some((43, now())), now()),
             Verdict::Unconfirmed
         );
     }

@@ -79,6 +79,11 @@ impl Hub {
         (self.send(inner, message), gap)
     }
 
+    /// The `(seq, read_at)` of a sensor's newest reading.
+    pub fn newest(&self, id: &SensorId) -> Option<(u64, DateTime<Utc>)> {
+        self.lock().registry.latest(id).map(|r| (r.seq, r.read_at))
+    }
+
     /// The held reading a `reading` conflicts with (same `seq` and `read_at`, other values).
     pub fn conflicting(&self, reading: &Reading) -> Option<Reading> {
         self.lock().registry.conflicting(reading)

@@ -340,7 +340,7 @@ fn judge(
     guard: &mut Guard,
     reading: Reading,
 ) -> Vec<Reading> {
-    let newest = link.hub.newest_seq(&reading.sensor_id);
+    let newest = link.hub.newest(&reading.sensor_id);
     let (id, seq, read_at) = (reading.sensor_id.clone(), reading.seq, reading.read_at);
     match guard.check(reading, newest, Utc::now()) {
         Verdict::Accept(readings) => readings,
@@ -354,7 +354,7 @@ fn judge(
         Verdict::Unconfirmed => {
             link.metrics.invalid("unconfirmed_jump");
             complaints.say("unconfirmed_jump", || {
-                format!("holding a reading of {id}: seq {seq} jumps more than {} above the newest held ({newest:?}); it is shown once the next reading continues from it", crate::guard::MAX_SEQ_JUMP)
+                format!("holding a reading of {id}: seq {seq} jumps more than {} above the newest held ({:?}); it is shown once the next reading continues from it", crate::guard::MAX_SEQ_JUMP, newest.map(|n| n.0))
             });
             Vec::new()
         }

@@ -223,6 +223,11 @@ impl Registry {
             .then_some(ServerMessage::Reading(reading))
     }
 
+    /// The newest reading of a sensor, if any.
+    pub fn latest(&self, id: &SensorId) -> Option<&Reading> {
+        self.sensors.get(id).and_then(|s| s.history.latest())
+    }
+
     /// Every sensor's gaps in `seq` (at most `limit` each), to ask for again.
     pub fn holes(&self, limit: usize) -> Vec<(SensorId, ReplayRequest)> {
         self.sensors
