@@ -239,12 +239,26 @@ async fn payloads_at_the_broker_limit_never_disconnect_the_gateway() {
         (first..=last).collect::<Vec<_>>(),
         "a real reading is missing from history"
     );
+    // A 60 KB topic level the gateway's filters match: dropped, and logged clipped.
+    let long_topic = format!("k3sense/{}/state", "a".repeat(60_000));
+    evil.publish(long_topic, QoS::AtLeastOnce, false, "{}")
+        .await
+        .unwrap();
+    wait_metric(
+        http,
+        r#"k3sense_gateway_invalid_messages_total{reason="unknown_topic"}"#,
+        |n| n >= 1.0,
+    )
+    .await;
+    assert_eq!(metric(http, disconnects).await, 0.0);
     // The log says so in a few rate-limited lines, not one per message.
     let (_, _, log) = g.stop("TERM");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2_000, "a log line of {longest} bytes");
     let lines = log.lines().filter(|l| l.contains("dropping")).count();
     assert!(lines <= 6, "{lines} log lines for {sent} messages:\n{log}");
     println!(
-        "row 4: {sent} messages of 64 KiB in {:.1} s on replay/state/availability: broker_disconnects 0, readings {first}..={last} all held, {lines} log lines",
+        "row 4: {sent} messages of 64 KiB in {:.1} s on replay/state/availability: broker_disconnects 0, readings {first}..={last} all held, {lines} log lines; a 60 KB topic logged in a line of ≤ {longest} bytes",
         flood.as_secs_f64()
     );
 }

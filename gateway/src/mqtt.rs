@@ -246,7 +246,13 @@ fn handle(
     let Some((id, kind)) = topics.parse(topic) else {
         link.metrics.invalid("unknown_topic");
         complaints.say("unknown_topic", || {
-            format!("ignoring a message on unexpected topic {topic:?}")
+            // The topic is the sender's: at most its first 120 characters go in the log.
+            let shown: String = topic.chars().take(120).collect();
+            let cut = if shown.len() < topic.len() { "…" } else { "" };
+            format!(
+                "ignoring a message on unexpected topic {shown:?}{cut} ({} bytes)",
+                topic.len()
+            )
         });
         return;
     };
