@@ -271,6 +271,10 @@ async fn history_api_limits_since_and_errors() {
     assert_eq!(history(body), [5, 6]);
     let (_, body) = http_get(gw.addr, "/api/sensors/pi-1/history?limit=1000").await;
     assert_eq!(history(body), [3, 4, 5, 6]);
+    // Clamped to --history, as README documents (issue 14 row 11).
+    let (status, body) = http_get(gw.addr, "/api/sensors/pi-1/history?limit=999999999").await;
+    assert_eq!(status, 200);
+    assert_eq!(history(body), [3, 4, 5, 6]);
     let since = third[1]["read_at"].as_str().unwrap();
     let (status, body) = http_get(
         gw.addr,
@@ -285,6 +289,7 @@ async fn history_api_limits_since_and_errors() {
         "limit=-1",
         "limit=abc",
         "limit=",
+        "limit=99999999999999999999999",
         "since=yesterday",
     ] {
         let (status, body) = http_get(gw.addr, &format!("/api/sensors/pi-1/history?{bad}")).await;

@@ -8,7 +8,7 @@
 //! | `admin`, no role | anything but `$…` | anything but `$…` |
 //! | `reader` | nothing | `<prefix>/#`, `homeassistant/#` |
 //! | `gateway` | `<prefix>/<id>/replay/request[/…]` | `<prefix>/#`, `homeassistant/#` |
-//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/replay[/…]`, `homeassistant/<component>/k3sense_<s>/…` (its own discovery configs) | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `<prefix>/<s>/availability` (to answer a foreign `offline`), `homeassistant/status` |
+//! | `publisher` (sensors S) | `<prefix>/<s>/state`, `<prefix>/<s>/availability`, `<prefix>/<s>/sensor`, `<prefix>/<s>/replay[/…]`, `homeassistant/<component>/k3sense_<s>/…` (its own discovery configs) | `<prefix>/<s>/replay/#`, `<prefix>/<s>/state` (its own retained reading, to continue `seq`), `<prefix>/<s>/availability` (to answer a foreign `offline`), `homeassistant/status` |
 //!
 //! An *empty* payload to `<prefix>/<id>/state` or `…/availability` is dropped unless it is
 //! retained: rumqttd erases a retained message on any empty publish (even with retain=0), while

@@ -71,6 +71,12 @@ pub struct Options {
     /// listener stays open meanwhile, with /readyz answering 503 and /ws refusing (503).
     #[arg(long, env = "K3SENSE_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// How far in the future a reading's `read_at` may lie (the publisher's clock ahead of the
+    /// gateway's); later ones are refused and counted (`reason="future"`), so a forged reading
+    /// stamped 2099 cannot stay `latest` for ever.
+    #[arg(long, env = "K3SENSE_MAX_CLOCK_SKEW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub max_clock_skew: Duration,
 }
 
 impl Default for Options {
@@ -86,6 +92,7 @@ impl Default for Options {
             max_connections: 12_000,
             header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            max_clock_skew: Duration::from_secs(120),
         }
     }
 }

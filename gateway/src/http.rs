@@ -115,6 +115,8 @@ async fn history(
     Path(id): Path<String>,
     Query(query): Query<HistoryQuery>,
 ) -> Response {
+    // The documented rule (README, contract): a whole number of at least 1; above --history it
+    // is clamped, since no more is held (the page asks for an hour whatever --history is).
     let capacity = app.options.history;
     let limit = match query.limit.as_deref() {
         None => capacity,
@@ -123,7 +125,9 @@ async fn history(
             _ => {
                 return json_error(
                     StatusCode::BAD_REQUEST,
-                    &format!("limit must be a whole number from 1 to {capacity}"),
+                    &format!(
+                        "limit must be a whole number of at least 1 (above {capacity}, the readings kept per sensor, it returns all of them)"
+                    ),
                 );
             }
         },

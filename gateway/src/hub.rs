@@ -79,6 +79,23 @@ impl Hub {
         (self.send(inner, message), gap)
     }
 
+    /// The `(seq, read_at)` of a sensor's newest reading.
+    pub fn newest(&self, id: &SensorId) -> Option<(u64, DateTime<Utc>)> {
+        self.lock().registry.latest(id).map(|r| (r.seq, r.read_at))
+    }
+
+    /// The held reading a `reading` conflicts with (same `seq` and `read_at`, other values).
+    pub fn conflicting(&self, reading: &Reading) -> Option<Reading> {
+        self.lock().registry.conflicting(reading)
+    }
+
+    /// Replaces a conflicting duplicate with `reading` and sends it to every client.
+    pub fn replace_reading(&self, reading: Reading) -> Sent {
+        let mut inner = self.lock();
+        let message = inner.registry.replace_reading(reading);
+        self.send(inner, message)
+    }
+
     /// Every sensor's gaps in `seq` (at most `limit` each).
     pub fn holes(&self, limit: usize) -> Vec<(SensorId, ReplayRequest)> {
         self.lock().registry.holes(limit)

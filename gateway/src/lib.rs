@@ -18,6 +18,7 @@
 //! | `hub` | [`Hub`]: state under one lock plus the clients every update goes to |
 //! | `link` | the broker link (connected or unreachable, since when) and what readiness makes of it (pure) |
 //! | `fanout` | each client's write side: one framed buffer written straight to every socket, queued only for a full one |
+//! | `guard` | what a reading's fields may do: future stamps, `seq` jumps (pure) |
 //! | `mqtt` | the subscription loop |
 //! | `ws` | one WebSocket session per browser |
 //! | `connections` | accepting TCP connections: `--max-connections`, `--header-timeout`, accept errors |
@@ -30,6 +31,7 @@ mod config;
 mod connections;
 mod error;
 mod fanout;
+mod guard;
 mod http;
 mod hub;
 mod link;
@@ -86,6 +88,7 @@ pub async fn serve(
     let link = mqtt::Link {
         hub: Arc::clone(&state.hub),
         metrics: Arc::clone(&state.metrics),
+        max_clock_skew: config.options.max_clock_skew,
     };
     let mqtt_task = tasks.spawn(mqtt::run(config.mqtt.clone(), link, shutdown.clone()));
     tasks.close();

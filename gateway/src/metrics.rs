@@ -38,6 +38,8 @@ pub struct Metrics {
     pub sensors: Gauge,
     /// Replay requests sent to publishers (missing readings asked for again).
     pub replay_requests: Counter,
+    /// Replay requests dropped because the MQTT client's queue was full (asked again later).
+    pub replay_requests_unsent: Counter,
     /// TCP connections open now: HTTP requests, idle keep-alives and WebSockets.
     pub connections: Gauge,
     /// TCP connections accepted since start.
@@ -66,6 +68,7 @@ impl Metrics {
         let broker_disconnects = Counter::default();
         let sensors = Gauge::default();
         let replay_requests = Counter::default();
+        let replay_requests_unsent = Counter::default();
         let connections = Gauge::default();
         let connections_accepted = Counter::default();
         let connections_refused = Family::<Labels, Counter>::default();
@@ -123,6 +126,11 @@ impl Metrics {
             replay_requests.clone(),
         );
         registry.register(
+            "replay_requests_unsent",
+            "Replay requests dropped because the MQTT client's queue was full (asked again later)",
+            replay_requests_unsent.clone(),
+        );
+        registry.register(
             "connections",
             "TCP connections open now (HTTP and WebSocket)",
             connections.clone(),
@@ -160,6 +168,7 @@ impl Metrics {
             broker_disconnects,
             sensors,
             replay_requests,
+            replay_requests_unsent,
             connections,
             connections_accepted,
             connections_refused,

@@ -22,12 +22,19 @@ use k3sense_protocol::{
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Result, hub::Hub, metrics::Metrics};
+use crate::{
+    Result,
+    guard::{Guard, Verdict},
+    hub::Hub,
+    metrics::Metrics,
+};
 
 /// Shared between the MQTT task and the HTTP handlers.
 pub(crate) struct Link {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    /// `--max-clock-skew`: how far in the future a reading may be stamped.
+    pub max_clock_skew: Duration,
 }
 
 impl Link {
@@ -64,6 +71,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     hole_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked: HashMap<(SensorId, u64), u32> = HashMap::new();
     let mut complaints = Complaints::default();
+    let mut guard = Guard::new(link.max_clock_skew);
     // Connected and subscribed.
     let mut subscribed = false;
     tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
@@ -82,7 +90,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                         let attempts = asked.entry((id.clone(), request.after_seq)).or_insert(0);
                         if *attempts < HOLE_ATTEMPTS {
                             *attempts += 1;
-                            ask_replay(&client, &topics, &link, &id, request);
+                            ask_replay(&client, &topics, &link, &mut complaints, &id, request);
                         }
                     }
                 }
@@ -121,7 +129,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                                 after_seq: seq,
                                 until_seq: None,
                             };
-                            ask_replay(&client, &topics, &link, &id, request);
+                            ask_replay(&client, &topics, &link, &mut complaints, &id, request);
                         }
                     }
                 }
@@ -132,6 +140,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                     &topics,
                     &link,
                     &mut complaints,
+                    &mut guard,
                     &publish.topic,
                     &publish.payload,
                 );
@@ -164,11 +173,14 @@ const HOLE_CHECK: Duration = Duration::from_secs(3);
 /// no longer keep those readings).
 const HOLE_ATTEMPTS: u32 = 3;
 
-/// Asks the publisher of `id` to send readings again.
+/// Asks the publisher of `id` to send readings again. A request that cannot be queued (the
+/// client's queue of 64 is full, e.g. while the connection is down) is dropped and counted, and
+/// logged once per 10 s with the count: the hole check asks again once the link is back.
 fn ask_replay(
     client: &AsyncClient,
     topics: &Topics,
     link: &Link,
+    complaints: &mut Complaints,
     id: &SensorId,
     request: ReplayRequest,
 ) {
@@ -182,7 +194,12 @@ fn ask_replay(
         Ok(()) => {
             link.metrics.replay_requests.inc();
         }
-        Err(e) => tracing::warn!(sensor_id = %id, error = %e, "cannot queue a replay request"),
+        Err(e) => {
+            link.metrics.replay_requests_unsent.inc();
+            complaints.say("replay_unsent", || {
+                format!("cannot queue a replay request for {id}: {e}; it is asked for again later")
+            });
+        }
     }
 }
 
@@ -192,6 +209,7 @@ fn handle(
     topics: &Topics,
     link: &Link,
     complaints: &mut Complaints,
+    guard: &mut Guard,
     topic: &str,
     payload: &[u8],
 ) {
@@ -199,7 +217,21 @@ fn handle(
         link.metrics.received("replay");
         match Reading::from_json(payload) {
             Ok(reading) if reading.sensor_id == id => {
-                link.sent(link.hub.reading(reading));
+                if let Some(held) = link.hub.conflicting(&reading) {
+                    // The publisher's answer on its replay topic replaces the copy held.
+                    conflict(
+                        link,
+                        complaints,
+                        &held,
+                        &reading,
+                        "replaced by the replayed copy",
+                    );
+                    link.sent(link.hub.replace_reading(reading));
+                    return;
+                }
+                for reading in judge(link, complaints, guard, reading) {
+                    link.sent(link.hub.reading(reading));
+                }
             }
             Ok(_) => link.metrics.invalid("id_mismatch"),
             Err(e) => {
@@ -215,7 +247,13 @@ fn handle(
     let Some((id, kind)) = topics.parse(topic) else {
         link.metrics.invalid("unknown_topic");
         complaints.say("unknown_topic", || {
-            format!("ignoring a message on unexpected topic {topic:?}")
+            // The topic is the sender's: at most its first 120 characters go in the log.
+            let shown: String = topic.chars().take(120).collect();
+            let cut = if shown.len() < topic.len() { "…" } else { "" };
+            format!(
+                "ignoring a message on unexpected topic {shown:?}{cut} ({} bytes)",
+                topic.len()
+            )
         });
         return;
     };
@@ -235,11 +273,28 @@ fn handle(
                     });
                 }
                 Ok(reading) => {
-                    let (sent, gap) = link.hub.live_reading(reading);
-                    link.sent(sent);
-                    link.metrics.sensors.set(link.hub.sensor_count() as i64);
-                    if let Some(request) = gap {
-                        ask_replay(client, topics, link, &id, request);
+                    if let Some(held) = link.hub.conflicting(&reading) {
+                        conflict(
+                            link,
+                            complaints,
+                            &held,
+                            &reading,
+                            "kept the first copy; asking the publisher to replay it",
+                        );
+                        let request = ReplayRequest {
+                            after_seq: reading.seq.saturating_sub(1),
+                            until_seq: Some(reading.seq.saturating_add(1)),
+                        };
+                        ask_replay(client, topics, link, complaints, &id, request);
+                        return;
+                    }
+                    for reading in judge(link, complaints, guard, reading) {
+                        let (sent, gap) = link.hub.live_reading(reading);
+                        link.sent(sent);
+                        link.metrics.sensors.set(link.hub.sensor_count() as i64);
+                        if let Some(request) = gap {
+                            ask_replay(client, topics, link, complaints, &id, request);
+                        }
                     }
                 }
                 Err(e) => {
@@ -290,7 +345,7 @@ fn handle(
                                 after_seq: seq,
                                 until_seq: None,
                             };
-                            ask_replay(client, topics, link, &id, request);
+                            ask_replay(client, topics, link, complaints, &id, request);
                         }
                     }
                     link.metrics.sensors.set(link.hub.sensor_count() as i64);
@@ -310,6 +365,58 @@ fn handle(
     }
 }
 
+/// Applies the reading rules of `crate::guard`: the readings to take, in order (none when
+/// refused or held; the refusal is counted and logged).
+fn judge(
+    link: &Link,
+    complaints: &mut Complaints,
+    guard: &mut Guard,
+    reading: Reading,
+) -> Vec<Reading> {
+    let newest = link.hub.newest(&reading.sensor_id);
+    let (id, seq, read_at) = (reading.sensor_id.clone(), reading.seq, reading.read_at);
+    match guard.check(reading, newest, Utc::now()) {
+        Verdict::Accept(readings) => readings,
+        Verdict::Future => {
+            link.metrics.invalid("future");
+            complaints.say("future", || {
+                format!("dropping a reading of {id} (seq {seq}) stamped {read_at}, further in the future than --max-clock-skew allows")
+            });
+            Vec::new()
+        }
+        Verdict::Unconfirmed => {
+            link.metrics.invalid("unconfirmed_jump");
+            complaints.say("unconfirmed_jump", || {
+                format!("holding a reading of {id}: seq {seq} jumps more than {} above the newest held ({:?}); it is shown once the next reading continues from it", crate::guard::MAX_SEQ_JUMP, newest.map(|n| n.0))
+            });
+            Vec::new()
+        }
+    }
+}
+
+/// Counts and logs a conflicting duplicate.
+fn conflict(
+    link: &Link,
+    complaints: &mut Complaints,
+    held: &Reading,
+    other: &Reading,
+    outcome: &str,
+) {
+    link.metrics.invalid("conflict");
+    complaints.say("conflict", || {
+        format!(
+            "two different readings of {} with seq {} and read_at {}: held {} °C / {} %, got {} °C / {} %; {outcome}",
+            held.sensor_id,
+            held.seq,
+            k3sense_protocol::format_read_at(&held.read_at),
+            held.temperature_c,
+            held.humidity_pct,
+            other.temperature_c,
+            other.humidity_pct
+        )
+    });
+}
+
 fn reason_of(e: &k3sense_protocol::Error) -> &'static str {
     use k3sense_protocol::Error as E;
     match e {
@@ -319,6 +426,7 @@ fn reason_of(e: &k3sense_protocol::Error) -> &'static str {
         E::BadSensorId(_) => "bad_sensor_id",
         E::UnknownModel(_) => "unknown_model",
         E::BadTimestamp(_) => "bad_timestamp",
+        E::SeqTooLarge(_) => "seq_too_large",
         _ => "malformed",
     }
 }

@@ -98,6 +98,29 @@ impl History {
             .collect()
     }
 
+    /// The reading held with this `(read_at, seq)`, if any.
+    pub fn get(&self, read_at: DateTime<Utc>, seq: u64) -> Option<&Reading> {
+        let key = |r: &Reading| (r.read_at, r.seq);
+        let position = self.readings.partition_point(|r| key(r) < (read_at, seq));
+        self.readings
+            .get(position)
+            .filter(|r| key(r) == (read_at, seq))
+    }
+
+    /// Puts `reading` in place of the one held with the same `(read_at, seq)`; `false` if
+    /// there is none.
+    pub fn replace(&mut self, reading: Reading) -> bool {
+        let key = |r: &Reading| (r.read_at, r.seq);
+        let position = self.readings.partition_point(|r| key(r) < key(&reading));
+        match self.readings.get_mut(position) {
+            Some(held) if key(held) == key(&reading) => {
+                *held = reading;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The newest reading.
     pub fn latest(&self) -> Option<&Reading> {
         self.readings.back()
@@ -182,6 +205,30 @@ impl Registry {
             }
             Some(_) => None,
         }
+    }
+
+    /// The reading held with the `(read_at, seq)` of `reading` when its values differ: a
+    /// conflicting duplicate (see `crate::guard`).
+    pub fn conflicting(&self, reading: &Reading) -> Option<Reading> {
+        self.sensors
+            .get(&reading.sensor_id)
+            .and_then(|s| s.history.get(reading.read_at, reading.seq))
+            .filter(|held| *held != reading)
+            .cloned()
+    }
+
+    /// Replaces a conflicting duplicate with `reading`; the message for clients if it did.
+    pub fn replace_reading(&mut self, reading: Reading) -> Option<ServerMessage> {
+        let sensor = self.sensors.get_mut(&reading.sensor_id)?;
+        sensor
+            .history
+            .replace(reading.clone())
+            .then_some(ServerMessage::Reading(reading))
+    }
+
+    /// The newest reading of a sensor, if any.
+    pub fn latest(&self, id: &SensorId) -> Option<&Reading> {
+        self.sensors.get(id).and_then(|s| s.history.latest())
     }
 
     /// Every sensor's gaps in `seq` (at most `limit` each), to ask for again.
@@ -420,6 +467,31 @@ mod tests {
         assert_eq!(reg.gap_before(&reading("a", 42, 10)), None);
         assert_eq!(reg.gap_before(&reading("a", 1, 20)), None);
         assert_eq!(reg.newest_seqs(), [(SensorId::new("a").unwrap(), 42)]);
+    }
+
+    #[test]
+    fn a_conflicting_duplicate_is_found_and_can_be_replaced() {
+        let mut reg = Registry::new(10);
+        let real = reading("a", 5, 5);
+        reg.apply_reading(real.clone());
+        assert_eq!(
+            reg.conflicting(&real),
+            None,
+            "the same reading is no conflict"
+        );
+        let mut fake = real.clone();
+        fake.temperature_c = -19.0;
+        assert_eq!(reg.conflicting(&fake), Some(real.clone()));
+        assert!(
+            reg.apply_reading(fake.clone()).is_none(),
+            "first seen stays"
+        );
+        assert!(reg.replace_reading(fake.clone()).is_some());
+        assert_eq!(reg.conflicting(&real), Some(fake));
+        assert!(
+            reg.replace_reading(reading("a", 6, 6)).is_none(),
+            "nothing to replace"
+        );
     }
 
     #[test]

@@ -11,6 +11,13 @@ use rumqttc::MqttOptions;
 
 use crate::{Error, Result, Topics};
 
+/// The largest MQTT packet (remaining length) a k3sense client reads: 1 MiB, far above the
+/// k3sense broker's default `--max-payload` (64 KiB) plus its 1 KiB of topic and header room,
+/// so no message the broker forwards can make rumqttc drop the connection. Memory cost: at most
+/// one such packet per client at a time. A broker allowing larger payloads than this (mosquitto's
+/// default is 256 MB) must be given `max_packet_size` ≤ this, or clients will reconnect over it.
+pub const MAX_INCOMING_PACKET: usize = 1024 * 1024;
+
 /// Connection settings shared by every MQTT client of k3sense.
 #[derive(Clone, clap::Args)]
 pub struct MqttConfig {
@@ -90,7 +97,10 @@ impl MqttConfig {
         let (host, port) = self.host_port()?;
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(self.keepalive.max(Duration::from_secs(1)));
-        options.set_max_packet_size(64 * 1024, 64 * 1024);
+        // Incoming: whatever the broker may forward must be read and dropped by our own
+        // validation, never refused by rumqttc, which drops the whole connection over one
+        // oversized packet (a 64 KiB payload on a topic we subscribe to did exactly that).
+        options.set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024);
         match (&self.username, self.password()?) {
             (Some(user), Some(password)) => {
                 options.set_credentials(user.clone(), password);

@@ -43,9 +43,15 @@ pub enum Error {
     /// The sensor model is not one k3sense knows.
     #[error("model `{0}` is unknown (expected dht11 or dht22)")]
     UnknownModel(String),
-    /// `read_at` is not an RFC 3339 timestamp.
-    #[error("field `read_at` is `{0}`, not an RFC 3339 timestamp such as 2026-11-27T04:00:00.123Z")]
+    /// `read_at` is not the contract's form: RFC 3339 in UTC with exactly milliseconds and `Z`,
+    /// no leap second.
+    #[error(
+        "field `read_at` is `{0}`, not a UTC timestamp with milliseconds such as 2026-11-27T04:00:00.123Z"
+    )]
     BadTimestamp(String),
+    /// `seq` is above [`crate::MAX_SEQ`].
+    #[error("field `seq` is {0}, above the largest allowed ({max})", max = crate::MAX_SEQ)]
+    SeqTooLarge(u64),
     /// A sensor id breaks the DNS-label rule.
     #[error(
         "sensor id `{0}` is not a DNS label: use 1-63 characters a-z, 0-9 and '-', starting and ending with a letter or digit"

@@ -38,10 +38,10 @@ mod topic;
 pub mod ws;
 
 pub use availability::Availability;
-pub use client::{Backoff, MqttConfig, MqttEvents, pump};
+pub use client::{Backoff, MAX_INCOMING_PACKET, MqttConfig, MqttEvents, pump};
 pub use error::{Error, Result};
 pub use health::{FailureKind, HealthStatus, SensorHealth};
-pub use reading::{MAX_PAYLOAD_BYTES, Model, Reading, format_read_at};
+pub use reading::{MAX_PAYLOAD_BYTES, MAX_SEQ, Model, Reading, format_read_at, parse_read_at};
 pub use replay::ReplayRequest;
 pub use sensor_id::SensorId;
 pub use topic::{DEFAULT_PREFIX, TopicKind, Topics};

@@ -20,6 +20,11 @@ use crate::{Error, Result, SensorId};
 /// extra fields from newer publishers while refusing floods.
 pub const MAX_PAYLOAD_BYTES: usize = 1024;
 
+/// The largest `seq` accepted: 2^53 − 1, the largest integer a JavaScript number (the page,
+/// any JSON consumer) holds exactly. A publisher never gets near it (one reading a second for
+/// 285 million years); a larger one is a forgery, and refusing it means `seq` can never wrap.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
 /// The sensor models k3sense reads. The model decides the range a value may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,6 +100,34 @@ pub fn format_read_at(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// Parses `read_at` exactly as the contract writes it: `YYYY-MM-DDTHH:MM:SS.mmmZ` — UTC (`Z`,
+/// no offset), exactly three fraction digits, no leap second. Anything else (an offset such as
+/// `+02:00`, no or more fraction digits, `:60`) is refused: every consumer, the page's
+/// `Date.parse` included, must read the same instant from it.
+pub fn parse_read_at(text: &str) -> Result<DateTime<Utc>> {
+    let bad = || Error::BadTimestamp(text.chars().take(40).collect());
+    let b = text.as_bytes();
+    let shape_ok = b.len() == 24
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b'-',
+            10 => c == b'T',
+            13 | 16 => c == b':',
+            19 => c == b'.',
+            23 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        });
+    if !shape_ok || &b[17..19] >= b"60".as_slice() {
+        return Err(bad());
+    }
+    let at = DateTime::parse_from_rfc3339(text)
+        .map_err(|_| bad())?
+        .with_timezone(&Utc);
+    if at.timestamp_subsec_nanos() >= 1_000_000_000 {
+        return Err(bad());
+    }
+    Ok(at)
+}
+
 fn serialize_read_at<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_read_at(at))
 }
@@ -134,8 +167,15 @@ impl Reading {
         Ok(reading)
     }
 
-    /// Checks the values against the model's ranges.
+    /// Checks the values against the model's ranges, `seq` against [`MAX_SEQ`] and `read_at`
+    /// against the contract (no leap second: `…:60` is not a time a browser can parse).
     pub fn validate(&self) -> Result<()> {
+        if self.seq > MAX_SEQ {
+            return Err(Error::SeqTooLarge(self.seq));
+        }
+        if self.read_at.timestamp_subsec_nanos() >= 1_000_000_000 {
+            return Err(Error::BadTimestamp(format_read_at(&self.read_at)));
+        }
         let model = self.model;
         check_value(
             "temperature_c",
@@ -188,9 +228,7 @@ impl TryFrom<WireReading> for Reading {
             .humidity_pct
             .ok_or(Error::MissingField("humidity_pct"))?;
         let read_at = wire.read_at.ok_or(Error::MissingField("read_at"))?;
-        let read_at = DateTime::parse_from_rfc3339(&read_at)
-            .map_err(|_| Error::BadTimestamp(read_at.chars().take(40).collect()))?
-            .with_timezone(&Utc);
+        let read_at = parse_read_at(&read_at)?;
         let seq = wire.seq.ok_or(Error::MissingField("seq"))?;
         Self::new(sensor_id, model, temperature_c, humidity_pct, read_at, seq)
     }
@@ -251,6 +289,47 @@ mod tests {
     }
 
     #[test]
+    fn read_at_must_be_utc_with_milliseconds() {
+        for bad in [
+            "2026-11-27T04:00:00Z",
+            "2026-11-27T04:00:00.1Z",
+            "2026-11-27T04:00:00.123456Z",
+            "2026-11-27T06:00:00.123+02:00",
+            "2026-11-27T04:00:00.123+00:00",
+            "2026-11-27T23:59:60.000Z",
+            "2026-11-27 04:00:00.123Z",
+            "2026-11-27T04:00:00.123z",
+            "2026-02-30T04:00:00.123Z",
+        ] {
+            assert!(
+                matches!(
+                    Reading::from_json(&with("read_at", bad.into())),
+                    Err(Error::BadTimestamp(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(Reading::from_json(&with("read_at", "2026-11-27T23:59:59.999Z".into())).is_ok());
+    }
+
+    #[test]
+    fn seq_is_capped_so_it_never_wraps_and_stays_exact_in_javascript() {
+        assert_eq!(MAX_SEQ, 9_007_199_254_740_991);
+        assert!(Reading::from_json(&with("seq", MAX_SEQ.into())).is_ok());
+        assert_eq!(
+            Reading::from_json(&with("seq", (MAX_SEQ + 1).into())),
+            Err(Error::SeqTooLarge(MAX_SEQ + 1))
+        );
+        assert!(matches!(
+            Reading::from_json(&with("seq", u64::MAX.into())),
+            Err(Error::SeqTooLarge(_))
+        ));
+        let mut r = example();
+        r.seq = u64::MAX;
+        assert!(r.to_json().is_err(), "nothing invalid is ever sent");
+    }
+
+    #[test]
     fn encodes_exactly_the_documented_example() {
         assert_eq!(example().to_json().unwrap(), EXAMPLE);
     }
@@ -271,12 +350,13 @@ mod tests {
             "{json}"
         );
         assert_eq!(Reading::from_json(json.as_bytes()).unwrap(), r);
-        // Other offsets are accepted and normalised to UTC.
+        // The contract says UTC with `Z`: another offset is refused (issue 14, row 11), not
+        // normalised, so every consumer reads the very string the publisher wrote.
         let shifted = with("read_at", "2026-11-27T05:00:00.123+01:00".into());
-        assert_eq!(
-            Reading::from_json(&shifted).unwrap().read_at,
-            example().read_at
-        );
+        assert!(matches!(
+            Reading::from_json(&shifted),
+            Err(Error::BadTimestamp(_))
+        ));
     }
 
     #[test]

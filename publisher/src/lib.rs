@@ -24,6 +24,8 @@
 //! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings, keeps the sensor's health |
 //! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
 //! | `recent` | the recent readings kept to answer gateways' replay requests (pure) |
+//! | `replaypace` | replay answers coalesced and paced (pure) |
+//! | `seqguard` | whether a retained `seq` may be continued from (pure) |
 //! | `link` | the MQTT connection task |
 //! | `discovery` | Home Assistant MQTT discovery configs (pure) |
 //! | `metrics` | [`Metrics`]: the Prometheus metrics (docs/metrics.md) |
@@ -41,7 +43,9 @@ mod outbox;
 pub mod policy;
 pub mod reader;
 mod recent;
+mod replaypace;
 pub mod sensor;
+mod seqguard;
 
 use std::time::Duration;
 

@@ -112,6 +112,13 @@ struct Link {
     early: VecDeque<Reading>,
     /// When to stop waiting for the retained state.
     seq_deadline: Option<tokio::time::Instant>,
+    /// Our own `online` came back on the availability topic since the last connect: an
+    /// `offline` after it is someone else's.
+    own_online_seen: bool,
+    /// Replay answers coalesced and paced (`crate::replaypace`).
+    pace: crate::replaypace::ReplayPace,
+    /// When the pace lets the next replayed reading go.
+    replay_wake: Option<tokio::time::Instant>,
 }
 
 /// Runs until `shutdown`, publishing what arrives on `updates`; `sensor` is the sensor's
@@ -171,6 +178,9 @@ pub async fn run(
         seq_offset: None,
         early: VecDeque::new(),
         seq_deadline: None,
+        own_online_seen: false,
+        pace: crate::replaypace::ReplayPace::new(std::time::Instant::now()),
+        replay_wake: None,
     };
     tracing::info!(broker = %mqtt.broker, sensor_id = %link.id, "connecting to the MQTT broker");
     let (mut events, pump) = k3sense_protocol::pump(events, WINDOW);
@@ -178,6 +188,10 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = until(link.seq_deadline) => link.resolve_seq(0),
+            () = until(link.replay_wake) => {
+                link.replay_wake = None;
+                link.pump();
+            }
             update = updates.recv() => match update {
                 Some(Update::Reading(reading)) => link.push(reading),
                 Some(Update::Sensor(a)) => link.sensor_changed(a),
@@ -227,7 +241,8 @@ impl Link {
             self.count_buffered();
             return;
         };
-        reading.seq += offset;
+        // Saturating: `seq` never wraps (the protocol refuses anything above MAX_SEQ).
+        reading.seq = reading.seq.saturating_add(offset);
         self.recent.push(reading.clone());
         self.metrics.observe(&reading);
         if let Some(lost) = self.outbox.push(reading) {
@@ -258,6 +273,46 @@ impl Link {
         }
     }
 
+    /// Where to continue `seq` from a retained reading: its `seq` if a real publisher could
+    /// have written it, else 0 (see `crate::seqguard`).
+    fn trusted_seq(&self, retained: &Reading) -> u64 {
+        match crate::seqguard::continue_from(retained, chrono::Utc::now()) {
+            Ok(seq) => seq,
+            Err(why) => {
+                self.metrics.anomaly("retained_seq_refused");
+                tracing::warn!(
+                    seq = retained.seq,
+                    read_at = %k3sense_protocol::format_read_at(&retained.read_at),
+                    ?why,
+                    "not continuing seq from the retained reading: no real publisher could have written it; numbering from 1"
+                );
+                0
+            }
+        }
+    }
+
+    /// Our availability topic carried `payload`. Another client saying `offline` for us while
+    /// we are connected and the sensor is readable would leave us shown offline until we
+    /// reconnect: say `online` again at once (retained) and count it. The broker's retained
+    /// copy, which arrives before our own `online` after each connect, is older than it and
+    /// ignored.
+    fn availability_seen(&mut self, payload: &[u8]) {
+        let Ok(seen) = Availability::from_payload(payload) else {
+            return;
+        };
+        if seen == Availability::Online {
+            self.own_online_seen = true;
+            return;
+        }
+        if self.connected && self.own_online_seen && self.sensor == Availability::Online {
+            self.metrics.anomaly("foreign_offline");
+            tracing::warn!(
+                "another client published offline for this sensor; saying online again (give each publisher node its own account)"
+            );
+            self.publish_availability(Availability::Online);
+        }
+    }
+
     /// A gateway asks for readings again.
     fn replay(&mut self, payload: &[u8]) {
         let request = match ReplayRequest::from_json(payload) {
@@ -271,11 +326,16 @@ impl Link {
         let capacity = self.recent.kept();
         let wanted: Vec<Reading> = self.recent.wanted(&request).cloned().collect();
         tracing::debug!(?request, readings = wanted.len(), "replaying");
+        let now = std::time::Instant::now();
         for reading in wanted {
             if self.replays.len() >= capacity.max(1) {
                 break;
             }
-            self.replays.push_back(reading);
+            if self.pace.admit(reading.seq, now) {
+                self.replays.push_back(reading);
+            } else {
+                self.metrics.replays_coalesced.inc();
+            }
         }
         self.pump();
     }
@@ -388,8 +448,12 @@ impl Link {
             let last = Reading::from_json(&publish.payload)
                 .ok()
                 .filter(|r| r.sensor_id == self.id)
-                .map_or(0, |r| r.seq);
+                .map_or(0, |r| self.trusted_seq(&r));
             self.resolve_seq(last);
+            return;
+        }
+        if publish.topic == self.topics.availability(&self.id) {
+            self.availability_seen(&publish.payload);
             return;
         }
         let Some(announcement) = &self.discovery else {
@@ -436,6 +500,10 @@ impl Link {
             }
         }
         while let Some(reading) = self.replays.front() {
+            if let Err(at) = self.pace.take(std::time::Instant::now()) {
+                self.replay_wake = Some(tokio::time::Instant::from_std(at));
+                break;
+            }
             let Ok(payload) = reading.to_json() else {
                 self.replays.pop_front();
                 continue;
@@ -496,6 +564,11 @@ impl Link {
                 {
                     tracing::warn!(error = %e, "cannot subscribe to replay requests");
                 }
+                // Our own availability, to answer a foreign `offline` (issue 14, row 6).
+                self.own_online_seen = false;
+                let _ = self
+                    .client
+                    .try_subscribe(self.topics.availability(&self.id), QoS::AtLeastOnce);
                 self.publish_availability(self.sensor);
                 self.publish_health();
                 if self.seq_offset.is_none() {

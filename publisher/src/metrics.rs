@@ -20,6 +20,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
     },
     registry::Registry,
@@ -54,6 +55,12 @@ pub struct Metrics {
     pub replay_requests: Counter,
     /// Readings sent again on the replay topic.
     pub replayed_readings: Counter,
+    /// Readings a replay request asked for that had been replayed within the last 2 s (not
+    /// sent again: one answer serves every gateway).
+    pub replays_coalesced: Counter,
+    /// Signs of another client impersonating this sensor, by reason
+    /// (`retained_seq_refused`, `foreign_offline`).
+    pub anomalies: Family<Vec<(&'static str, &'static str)>, Counter>,
     latest: Arc<Mutex<Option<Latest>>>,
 }
 
@@ -88,6 +95,8 @@ impl Metrics {
             ha_announcements: Counter::default(),
             replay_requests: Counter::default(),
             replayed_readings: Counter::default(),
+            replays_coalesced: Counter::default(),
+            anomalies: Family::default(),
             latest: Arc::new(Mutex::new(None)),
         };
         registry.register(
@@ -145,6 +154,20 @@ impl Metrics {
             "Readings sent again on the replay topic",
             metrics.replayed_readings.clone(),
         );
+        registry.register(
+            "replays_coalesced",
+            "Readings asked for again within 2 s of being replayed, not sent again",
+            metrics.replays_coalesced.clone(),
+        );
+        // Both reasons exist from the start, at 0, so a dashboard can alert on any increase.
+        for reason in ["retained_seq_refused", "foreign_offline"] {
+            let _ = metrics.anomalies.get_or_create(&vec![("reason", reason)]);
+        }
+        registry.register(
+            "anomalies",
+            "Signs of another client impersonating this sensor, by reason",
+            metrics.anomalies.clone(),
+        );
         registry.register_collector(Box::new(ReadCollector {
             counters,
             latest: Arc::clone(&metrics.latest),
@@ -153,6 +176,13 @@ impl Metrics {
             registry: Arc::new(registry),
             ..metrics
         }
+    }
+
+    /// Counts one anomaly of kind `reason`.
+    pub fn anomaly(&self, reason: &'static str) {
+        self.anomalies
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// Records the newest reading for the value gauges.
