@@ -300,6 +300,20 @@ impl Sensor for IioSensor {
                 reason: CLONE_FIX.to_owned(),
             });
         }
+        // The driver checks only the checksum, so the all-zero frame (a line that answers the
+        // start pulse, then sends only short highs) reaches us as 0 °C / 0.0 %RH. No DHT11 or
+        // DHT22 reads 0.0 %RH in air (DHT11: 20–90 %, newer 5–95 %); the GPIO decoder refuses
+        // the same frame (crate::dht, `Implausible`).
+        if humidity_pct == 0.0 {
+            return Err(ReadError::Driver {
+                timed_out: false,
+                reason: format!(
+                    "{} holds 0.0 %RH: the all-zero frame, which passes the checksum but is no \
+                     reading (a loose data wire or a missing pull-up); refused",
+                    self.device.join(HUMIDITY).display()
+                ),
+            });
+        }
         Ok(Measurement {
             temperature_c,
             humidity_pct,
@@ -618,6 +632,21 @@ mod tests {
         }
         assert!(s.sampled_at_end());
         assert_eq!(s.pacing().min_spacing, CACHE_WAIT);
+    }
+
+    #[test]
+    fn the_all_zero_frame_is_a_failed_read() {
+        let sys = PiSysfs::new();
+        let dir = sys.dht11(0, 4, "0", "0");
+        let mut s = IioSensor::open(Model::Dht11, dir).unwrap();
+        match s.read() {
+            Err(e @ ReadError::Driver { .. }) => assert!(e.to_string().contains("all-zero"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // 0 °C with a real humidity is a reading.
+        let dir = sys.dht11(1, 17, "0", "55000");
+        let mut s = IioSensor::open(Model::Dht11, dir).unwrap();
+        assert!(s.read().is_ok());
     }
 
     #[test]
