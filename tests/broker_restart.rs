@@ -26,13 +26,8 @@ use std::{
 use serde_json::Value;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_k3sense");
 const SENSOR: &str = "pi-r";
 const DOWN: Duration = Duration::from_secs(10);
-
-fn broker(addr: SocketAddr) -> Proc {
-    Proc::start(BIN, &["broker", "--listen", &addr.to_string()])
-}
 
 /// Every WebSocket message read goes through here, so no reading is overlooked while the test
 /// waits for something else.
@@ -123,39 +118,9 @@ async fn produced(metrics: SocketAddr) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_ten_seconds_keeps_the_gateway_ready_and_the_socket_whole() {
     let (mqtt, http, metrics) = (free_addr(), free_addr(), free_addr());
-    let mut b = broker(mqtt);
-    let _p = Proc::start(
-        BIN,
-        &[
-            "publisher",
-            "--broker",
-            &mqtt.to_string(),
-            "--sensor",
-            "sim",
-            "--sensor-id",
-            SENSOR,
-            "--interval",
-            "200ms",
-            "--keepalive",
-            "2s",
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--ha-discovery",
-            "false",
-        ],
-    );
-    let _g = Proc::start(
-        BIN,
-        &[
-            "gateway",
-            "--broker",
-            &mqtt.to_string(),
-            "--listen",
-            &http.to_string(),
-            "--keepalive",
-            "2s",
-        ],
-    );
+    let mut b = broker_proc(mqtt);
+    let _p = sim_publisher_proc(mqtt, SENSOR, metrics);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let mut socket = Socket {
         ws: ws_connect(http).await,
@@ -207,7 +172,7 @@ async fn broker_down_ten_seconds_keeps_the_gateway_ready_and_the_socket_whole() 
     let while_down = socket.read_until(killed + DOWN).await;
     let kept = produced(metrics).await;
     let restarted = Instant::now();
-    b = broker(mqtt);
+    b = broker_proc(mqtt);
 
     let up = socket
         .until(Duration::from_secs(15), |m| m["type"] == "broker")

@@ -25,51 +25,7 @@ use k3sense_protocol::Reading;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_k3sense");
 const SENSOR: &str = "pi-f";
-const INTERVAL: &str = "200ms";
-
-fn broker(addr: SocketAddr) -> Proc {
-    Proc::start(BIN, &["broker", "--listen", &addr.to_string()])
-}
-
-fn publisher(broker: SocketAddr, metrics: SocketAddr) -> Proc {
-    Proc::start(
-        BIN,
-        &[
-            "publisher",
-            "--broker",
-            &broker.to_string(),
-            "--sensor",
-            "sim",
-            "--sensor-id",
-            SENSOR,
-            "--interval",
-            INTERVAL,
-            "--keepalive",
-            "2s",
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--ha-discovery",
-            "false",
-        ],
-    )
-}
-
-fn gateway(broker: SocketAddr, listen: SocketAddr) -> Proc {
-    Proc::start(
-        BIN,
-        &[
-            "gateway",
-            "--broker",
-            &broker.to_string(),
-            "--listen",
-            &listen.to_string(),
-            "--keepalive",
-            "2s",
-        ],
-    )
-}
 
 async fn history(gateway: SocketAddr) -> Vec<Reading> {
     match http_get(gateway, &format!("/api/sensors/{SENSOR}/history")).await {
@@ -183,9 +139,9 @@ fn report(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_three_times() {
     let (mqtt, http, metrics) = (free_addr(), free_addr(), free_addr());
-    let mut b = broker(mqtt);
-    let p = publisher(mqtt, metrics);
-    let _g = gateway(mqtt, http);
+    let mut b = broker_proc(mqtt);
+    let p = sim_publisher_proc(mqtt, SENSOR, metrics);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     wait_http(metrics, "/healthz").await;
     let mut ws = ws_connect(http).await;
@@ -199,7 +155,7 @@ async fn broker_killed_and_restarted_three_times() {
         // Readings go on while the broker is down: the publisher keeps them.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let last_seen = history(http).await.last().map_or(0, |r| r.seq);
-        b = broker(mqtt);
+        b = broker_proc(mqtt);
         recovery.push(next_live(&mut ws, last_seen).await);
     }
     let (total, held) = settle(http, metrics, p, 0).await;
@@ -217,9 +173,9 @@ async fn broker_killed_and_restarted_three_times() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_and_restarted_with_a_browser_connected() {
     let (mqtt, http, metrics) = (free_addr(), free_addr(), free_addr());
-    let _b = broker(mqtt);
-    let p = publisher(mqtt, metrics);
-    let g = gateway(mqtt, http);
+    let _b = broker_proc(mqtt);
+    let p = sim_publisher_proc(mqtt, SENSOR, metrics);
+    let g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let mut ws = ws_connect(http).await;
     next_live(&mut ws, 0).await;
@@ -247,7 +203,7 @@ async fn gateway_killed_and_restarted_with_a_browser_connected() {
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let restarted = Instant::now();
-    let _g = gateway(mqtt, http);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let mut ws = ws_connect(http).await;
     let snapshot = ws_next(&mut ws, Duration::from_secs(2)).await;
@@ -273,9 +229,9 @@ async fn gateway_killed_and_restarted_with_a_browser_connected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_killed_its_will_fires_then_it_comes_back() {
     let (mqtt, http, metrics) = (free_addr(), free_addr(), free_addr());
-    let _b = broker(mqtt);
-    let p = publisher(mqtt, metrics);
-    let _g = gateway(mqtt, http);
+    let _b = broker_proc(mqtt);
+    let p = sim_publisher_proc(mqtt, SENSOR, metrics);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let mut ws = ws_connect(http).await;
     next_live(&mut ws, 0).await;
@@ -292,7 +248,7 @@ async fn publisher_killed_its_will_fires_then_it_comes_back() {
     let last_before = history(http).await.last().map_or(0, |r| r.seq);
 
     let restarted = Instant::now();
-    let p = publisher(mqtt, metrics);
+    let p = sim_publisher_proc(mqtt, SENSOR, metrics);
     ws_until(&mut ws, Duration::from_secs(10), |m| {
         m["type"] == "availability" && m["status"] == "online"
     })
@@ -360,11 +316,11 @@ async fn pipe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_cut_silently_between_publisher_and_broker() {
     let (mqtt, http, metrics) = (free_addr(), free_addr(), free_addr());
-    let _b = broker(mqtt);
+    let _b = broker_proc(mqtt);
     let cut = Arc::new(AtomicBool::new(false));
     let proxy = silent_proxy(mqtt, Arc::clone(&cut)).await;
-    let p = publisher(proxy, metrics);
-    let _g = gateway(mqtt, http);
+    let p = sim_publisher_proc(proxy, SENSOR, metrics);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let mut ws = ws_connect(http).await;
     next_live(&mut ws, 0).await;

@@ -19,50 +19,6 @@ use k3sense_protocol::{Model, Reading, SensorId, format_read_at};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_k3sense");
-
-fn broker(addr: SocketAddr) -> Proc {
-    Proc::start(BIN, &["broker", "--listen", &addr.to_string()])
-}
-
-fn publisher(broker: SocketAddr, id: &str, metrics: SocketAddr) -> Proc {
-    Proc::start(
-        BIN,
-        &[
-            "publisher",
-            "--broker",
-            &broker.to_string(),
-            "--sensor",
-            "sim",
-            "--sensor-id",
-            id,
-            "--interval",
-            "200ms",
-            "--keepalive",
-            "2s",
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--ha-discovery",
-            "false",
-        ],
-    )
-}
-
-fn gateway(broker: SocketAddr, listen: SocketAddr) -> Proc {
-    Proc::start(
-        BIN,
-        &[
-            "gateway",
-            "--broker",
-            &broker.to_string(),
-            "--listen",
-            &listen.to_string(),
-            "--keepalive",
-            "2s",
-        ],
-    )
-}
-
 /// The attacker: a plain rumqttc client that may send packets up to 1 MiB, and hands over
 /// whatever it receives.
 async fn attacker(
@@ -178,7 +134,7 @@ fn forged(id: &str, temperature_c: f64, read_at: chrono::DateTime<Utc>, seq: u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_at_the_broker_limit_never_disconnect_the_gateway() {
     let mqtt = free_addr();
-    let _b = broker(mqtt);
+    let _b = broker_proc(mqtt);
     flood_the_gateways_topics(mqtt, "pi-h4", true).await;
 }
 
@@ -194,8 +150,8 @@ async fn payloads_at_the_broker_limit_through_mosquitto_never_disconnect_the_gat
 
 async fn flood_the_gateways_topics(mqtt: SocketAddr, id: &str, broker_caps: bool) {
     let (http, metrics) = (free_addr(), free_addr());
-    let _p = publisher(mqtt, id, metrics);
-    let g = gateway(mqtt, http);
+    let _p = sim_publisher_proc(mqtt, id, metrics);
+    let g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let first = history_reaching(http, id, 2).await.last().unwrap().seq;
     let disconnects = "k3sense_gateway_broker_disconnects_total";
@@ -302,9 +258,9 @@ async fn flood_the_gateways_topics(mqtt: SocketAddr, id: &str, broker_caps: bool
 async fn a_forged_seq_or_future_reading_never_becomes_latest() {
     let id = "pi-h3";
     let (mqtt, http, metrics) = (free_addr(), free_addr(), free_addr());
-    let _b = broker(mqtt);
-    let p = publisher(mqtt, id, metrics);
-    let _g = gateway(mqtt, http);
+    let _b = broker_proc(mqtt);
+    let p = sim_publisher_proc(mqtt, id, metrics);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     wait_http(metrics, "/healthz").await;
     let before = history_reaching(http, id, 3).await.last().unwrap().seq;
@@ -371,7 +327,7 @@ async fn a_forged_seq_or_future_reading_never_becomes_latest() {
     let mut ws = ws_connect(http).await;
 
     // The real publisher comes back: it refuses the retained seq and numbers from 1.
-    let p = publisher(mqtt, id, metrics);
+    let p = sim_publisher_proc(mqtt, id, metrics);
     wait_http(metrics, "/healthz").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -433,8 +389,8 @@ async fn a_forged_seq_or_future_reading_never_becomes_latest() {
 async fn a_conflicting_duplicate_is_counted_and_the_replayed_copy_wins() {
     let id = "pi-h3b";
     let (mqtt, http) = (free_addr(), free_addr());
-    let _b = broker(mqtt);
-    let _g = gateway(mqtt, http);
+    let _b = broker_proc(mqtt);
+    let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     let (real, mut requests) = attacker(mqtt).await;
     real.subscribe(format!("k3sense/{id}/replay/request"), QoS::AtLeastOnce)
@@ -501,10 +457,10 @@ async fn a_conflicting_duplicate_is_counted_and_the_replayed_copy_wins() {
 async fn a_foreign_offline_is_answered_with_online() {
     let id = "pi-h6";
     let (mqtt, metrics) = (free_addr(), free_addr());
-    let _b = broker(mqtt);
+    let _b = broker_proc(mqtt);
     wait_http_tcp(mqtt).await;
     let mut watch = mqtt_subscriber(mqtt, &format!("k3sense/{id}/availability")).await;
-    let _p = publisher(mqtt, id, metrics);
+    let _p = sim_publisher_proc(mqtt, id, metrics);
     wait_http(metrics, "/healthz").await;
     let topic = format!("k3sense/{id}/availability");
     loop {
@@ -554,10 +510,10 @@ async fn wait_http_tcp(addr: SocketAddr) {
 async fn a_replay_flood_is_coalesced_and_live_readings_all_arrive() {
     let id = "pi-h5";
     let (mqtt, metrics) = (free_addr(), free_addr());
-    let _b = broker(mqtt);
+    let _b = broker_proc(mqtt);
     wait_http_tcp(mqtt).await;
     let mut all = mqtt_subscriber(mqtt, &format!("k3sense/{id}/#")).await;
-    let _p = publisher(mqtt, id, metrics);
+    let _p = sim_publisher_proc(mqtt, id, metrics);
     wait_http(metrics, "/healthz").await;
     let state = format!("k3sense/{id}/state");
     let replay = format!("k3sense/{id}/replay");

@@ -335,6 +335,56 @@ impl Drop for Mosquitto {
     }
 }
 
+/// The real `k3sense` binary of this package, for tests that run the components as processes.
+pub const K3SENSE: &str = env!("CARGO_BIN_EXE_k3sense");
+
+/// `k3sense broker` as a process of its own on `addr`, anonymous.
+pub fn broker_proc(addr: SocketAddr) -> Proc {
+    Proc::start(K3SENSE, &["broker", "--listen", &addr.to_string()])
+}
+
+/// `k3sense publisher` as a process of its own: the simulated sensor `id` read every 200 ms,
+/// a 2 s keepalive (so a lost broker is noticed quickly), metrics on `metrics`, no Home
+/// Assistant discovery.
+pub fn sim_publisher_proc(broker: SocketAddr, id: &str, metrics: SocketAddr) -> Proc {
+    Proc::start(
+        K3SENSE,
+        &[
+            "publisher",
+            "--broker",
+            &broker.to_string(),
+            "--sensor",
+            "sim",
+            "--sensor-id",
+            id,
+            "--interval",
+            "200ms",
+            "--keepalive",
+            "2s",
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--ha-discovery",
+            "false",
+        ],
+    )
+}
+
+/// `k3sense gateway` as a process of its own on `listen`, with a 2 s keepalive.
+pub fn gateway_proc(broker: SocketAddr, listen: SocketAddr) -> Proc {
+    Proc::start(
+        K3SENSE,
+        &[
+            "gateway",
+            "--broker",
+            &broker.to_string(),
+            "--listen",
+            &listen.to_string(),
+            "--keepalive",
+            "2s",
+        ],
+    )
+}
+
 /// A child process of the real binary, killed if the test ends before stopping it. Its stderr
 /// goes to a file (a pipe nobody reads would fill up and stall a long-running process).
 pub struct Proc(pub std::process::Child, std::path::PathBuf);
