@@ -274,61 +274,6 @@ async fn client(addr: SocketAddr, login: (&str, &str)) -> (AsyncClient, EventLoo
     (client, events)
 }
 
-/// Polls until an incoming packet satisfies `pick`; panics on a connection error.
-async fn until<T>(
-    events: &mut EventLoop,
-    within: Duration,
-    mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .expect("nothing in time")
-            .expect("connection error");
-        if let Event::Incoming(packet) = event {
-            if let Some(found) = pick(&packet) {
-                return found;
-            }
-        }
-    }
-}
-
-/// Publishes at QoS 1 and waits for the PUBACK (sent for dropped ones too).
-async fn publish_acked(
-    client: &AsyncClient,
-    events: &mut EventLoop,
-    topic: &str,
-    payload: impl Into<Vec<u8>>,
-    retain: bool,
-) {
-    client
-        .publish(topic, QoS::AtLeastOnce, retain, payload.into())
-        .await
-        .unwrap();
-    until(events, 2 * SECOND, |p| {
-        matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
-    })
-    .await;
-}
-
-async fn subscribe(
-    client: &AsyncClient,
-    events: &mut EventLoop,
-    filters: &[String],
-) -> Vec<SubscribeReasonCode> {
-    let filters: Vec<_> = filters
-        .iter()
-        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
-        .collect();
-    client.subscribe_many(filters).await.unwrap();
-    until(events, 2 * SECOND, |p| match p {
-        rumqttc::Packet::SubAck(ack) => Some(ack.return_codes.clone()),
-        _ => None,
-    })
-    .await
-}
-
 /// Every PUBLISH that arrives within `within`: (topic, payload).
 async fn publishes_within(events: &mut EventLoop, within: Duration) -> Vec<(String, Vec<u8>)> {
     let deadline = Instant::now() + within;
@@ -693,12 +638,12 @@ async fn an_admin_clears_a_sensor_and_a_reader_cannot() {
         ("k3sense/pi-1/availability", "online"),
         (discovery, "{\"name\":\"t\"}"),
     ] {
-        publish_acked(&publisher, &mut pub_events, topic, payload, true).await;
+        mqtt_publish_acked(&publisher, &mut pub_events, topic, payload, true).await;
     }
     let all = ["k3sense/#".to_owned(), "homeassistant/#".to_owned()];
     let retained = async |login| {
         let (c, mut events) = client(broker.addr, login).await;
-        subscribe(&c, &mut events, &all).await;
+        mqtt_subscribe_codes(&c, &mut events, &all).await;
         let mut got = publishes_within(&mut events, SECOND / 2).await;
         got.sort();
         got.into_iter().map(|(t, _)| t).collect::<Vec<_>>()
@@ -713,13 +658,13 @@ async fn an_admin_clears_a_sensor_and_a_reader_cannot() {
     let (reader, mut reader_events) = client(broker.addr, ("reader", "reader-pw")).await;
     let (admin, mut admin_events) = client(broker.addr, ("admin", "admin-pw")).await;
     for topic in &everything {
-        publish_acked(&reader, &mut reader_events, topic, "", true).await;
-        publish_acked(&admin, &mut admin_events, topic, "", false).await;
+        mqtt_publish_acked(&reader, &mut reader_events, topic, "", true).await;
+        mqtt_publish_acked(&admin, &mut admin_events, topic, "", false).await;
     }
     assert_eq!(retained(("reader", "reader-pw")).await, everything);
 
     // The publisher clears its own availability; admin clears the rest with mosquitto_pub.
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/availability",
@@ -756,7 +701,7 @@ async fn an_admin_clears_a_sensor_and_a_reader_cannot() {
 async fn a_publisher_writes_only_its_own_discovery_configs() {
     let broker = start(|_| {}).await;
     let (admin, mut watch) = client(broker.addr, ("admin", "admin-pw")).await;
-    subscribe(&admin, &mut watch, &["homeassistant/#".to_owned()]).await;
+    mqtt_subscribe_codes(&admin, &mut watch, &["homeassistant/#".to_owned()]).await;
     let (publisher, mut events) = client(broker.addr, ("pub", "pub-pw")).await;
     for topic in [
         "homeassistant/sensor/k3sense_pi-2/temperature/config",
@@ -764,7 +709,7 @@ async fn a_publisher_writes_only_its_own_discovery_configs() {
         "homeassistant/status",
         "homeassistant/sensor/k3sense_pi-1/temperature/config",
     ] {
-        publish_acked(&publisher, &mut events, topic, "{\"forged\":1}", true).await;
+        mqtt_publish_acked(&publisher, &mut events, topic, "{\"forged\":1}", true).await;
     }
     let got = publishes_within(&mut watch, SECOND / 2).await;
     let topics: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
@@ -789,14 +734,15 @@ async fn shared_subscriptions_are_refused_so_nothing_arrives_twice() {
         .collect::<Vec<_>>()
         .chunks(50)
     {
-        codes.extend(subscribe(&reader, &mut events, chunk).await);
+        codes.extend(mqtt_subscribe_codes(&reader, &mut events, chunk).await);
     }
     assert!(codes.iter().all(|c| *c == SubscribeReasonCode::Failure));
-    let plain = subscribe(&reader, &mut events, &["k3sense/pi-1/state".to_owned()]).await;
+    let plain =
+        mqtt_subscribe_codes(&reader, &mut events, &["k3sense/pi-1/state".to_owned()]).await;
     assert_eq!(plain, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
 
     let (publisher, mut pub_events) = client(broker.addr, ("pub", "pub-pw")).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/state",
@@ -826,11 +772,11 @@ async fn oversized_readings_replays_and_availability_are_dropped_not_disconnecte
         "k3sense/+/availability".to_owned(),
         "k3sense/+/replay".to_owned(),
     ];
-    subscribe(&gateway, &mut gw_events, &filters).await;
+    mqtt_subscribe_codes(&gateway, &mut gw_events, &filters).await;
     let (publisher, mut pub_events) = client(broker.addr, ("pub", "pub-pw")).await;
     let (admin, mut admin_events) = client(broker.addr, ("admin", "admin-pw")).await;
     let big = vec![b'x'; 64 * 1024 - 64];
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/replay",
@@ -838,7 +784,7 @@ async fn oversized_readings_replays_and_availability_are_dropped_not_disconnecte
         false,
     )
     .await;
-    publish_acked(
+    mqtt_publish_acked(
         &admin,
         &mut admin_events,
         "k3sense/pi-1/state",
@@ -846,7 +792,7 @@ async fn oversized_readings_replays_and_availability_are_dropped_not_disconnecte
         true,
     )
     .await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/state",
@@ -854,7 +800,7 @@ async fn oversized_readings_replays_and_availability_are_dropped_not_disconnecte
         true,
     )
     .await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/availability",
@@ -863,7 +809,7 @@ async fn oversized_readings_replays_and_availability_are_dropped_not_disconnecte
     )
     .await;
     // The senders are still connected: their next publishes go through.
-    publish_acked(
+    mqtt_publish_acked(
         &admin,
         &mut admin_events,
         "k3sense/pi-1/replay",
@@ -871,7 +817,7 @@ async fn oversized_readings_replays_and_availability_are_dropped_not_disconnecte
         false,
     )
     .await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/state",

@@ -114,65 +114,9 @@ async fn client(addr: SocketAddr, login: Option<(&str, &str)>) -> (AsyncClient, 
     (client, events)
 }
 
-/// Polls until an incoming packet satisfies `pick`.
-async fn until<T>(
-    events: &mut EventLoop,
-    within: Duration,
-    mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .expect("nothing in time")
-            .expect("connection error");
-        if let Event::Incoming(packet) = event {
-            if let Some(found) = pick(&packet) {
-                return found;
-            }
-        }
-    }
-}
-
-/// Publishes at QoS 1 and waits for the PUBACK (which the broker sends for dropped ones too).
-async fn publish_acked(
-    client: &AsyncClient,
-    events: &mut EventLoop,
-    topic: &str,
-    payload: &str,
-    retain: bool,
-) {
-    client
-        .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
-        .await
-        .unwrap();
-    until(events, 2 * SECOND, |p| {
-        matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
-    })
-    .await;
-}
-
-/// Subscribes and returns the SUBACK's codes.
-async fn subscribe(
-    client: &AsyncClient,
-    events: &mut EventLoop,
-    filters: &[&str],
-) -> Vec<SubscribeReasonCode> {
-    let filters: Vec<_> = filters
-        .iter()
-        .map(|f| rumqttc::SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce))
-        .collect();
-    client.subscribe_many(filters).await.unwrap();
-    until(events, 2 * SECOND, |p| match p {
-        rumqttc::Packet::SubAck(ack) => Some(ack.return_codes.clone()),
-        _ => None,
-    })
-    .await
-}
-
 /// The next PUBLISH: (topic, payload).
 async fn next_publish(events: &mut EventLoop, within: Duration) -> (String, String) {
-    until(events, within, |p| match p {
+    mqtt_until(events, within, |p| match p {
         rumqttc::Packet::Publish(p) => Some((
             p.topic.clone(),
             String::from_utf8_lossy(&p.payload).into_owned(),
@@ -258,7 +202,7 @@ async fn a_reader_can_neither_publish_a_reading_nor_erase_the_retained_one() {
     let broker = start(false, 5 * SECOND).await;
     let reading = r#"{"sensor_id":"pi-1","model":"dht11","temperature_c":21.0,"humidity_pct":40.0,"read_at":"2026-11-27T04:00:00.000Z","seq":1}"#;
     let (publisher, mut pub_events) = client(broker.addr, Some(("pub", "pub-pw"))).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/state",
@@ -270,10 +214,17 @@ async fn a_reader_can_neither_publish_a_reading_nor_erase_the_retained_one() {
     let (reader, mut events) = client(broker.addr, Some(("reader", "reader-pw"))).await;
     let fake = reading.replace("21.0", "99.0");
     // Each is acknowledged (MQTT 3.1.1 has no negative PUBACK) and dropped.
-    publish_acked(&reader, &mut events, "k3sense/pi-1/state", &fake, true).await;
-    publish_acked(&reader, &mut events, "k3sense/pi-1/state", "", true).await;
-    publish_acked(&reader, &mut events, "k3sense/pi-1/state", "", false).await;
-    publish_acked(
+    mqtt_publish_acked(
+        &reader,
+        &mut events,
+        "k3sense/pi-1/state",
+        fake.as_str(),
+        true,
+    )
+    .await;
+    mqtt_publish_acked(&reader, &mut events, "k3sense/pi-1/state", "", true).await;
+    mqtt_publish_acked(&reader, &mut events, "k3sense/pi-1/state", "", false).await;
+    mqtt_publish_acked(
         &reader,
         &mut events,
         "k3sense/pi-1/availability",
@@ -285,11 +236,11 @@ async fn a_reader_can_neither_publish_a_reading_nor_erase_the_retained_one() {
     // it even with retain=0); only a retained empty one clears it, as MQTT says
     // (tests/broker_hostile.rs, `an_admin_clears_a_retained_reading_and_a_reader_cannot`).
     let (admin, mut admin_events) = client(broker.addr, Some(("admin", "admin-pw"))).await;
-    publish_acked(&admin, &mut admin_events, "k3sense/pi-1/state", "", false).await;
+    mqtt_publish_acked(&admin, &mut admin_events, "k3sense/pi-1/state", "", false).await;
 
     // A new subscriber still gets the publisher's reading, unchanged, at once.
     let (late, mut late_events) = client(broker.addr, Some(("reader", "reader-pw"))).await;
-    let codes = subscribe(&late, &mut late_events, &["k3sense/#"]).await;
+    let codes = mqtt_subscribe_codes(&late, &mut late_events, &["k3sense/#"]).await;
     assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
     let (topic, payload) = next_publish(&mut late_events, 2 * SECOND).await;
     assert_eq!(
@@ -304,7 +255,7 @@ async fn a_reader_can_neither_publish_a_reading_nor_erase_the_retained_one() {
     );
 
     // The reader's connection is still up after its refusals.
-    let codes = subscribe(&reader, &mut events, &["k3sense/+/state"]).await;
+    let codes = mqtt_subscribe_codes(&reader, &mut events, &["k3sense/+/state"]).await;
     assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
     let m = broker.metrics.snapshot();
     assert_eq!(m.publishes_forbidden, 4);
@@ -315,10 +266,10 @@ async fn a_reader_can_neither_publish_a_reading_nor_erase_the_retained_one() {
 async fn a_publisher_cannot_publish_another_sensors_topics_or_read_readings() {
     let broker = start(false, 5 * SECOND).await;
     let (admin, mut watch) = client(broker.addr, Some(("admin", "admin-pw"))).await;
-    subscribe(&admin, &mut watch, &["k3sense/#"]).await;
+    mqtt_subscribe_codes(&admin, &mut watch, &["k3sense/#"]).await;
 
     let (publisher, mut events) = client(broker.addr, Some(("pub", "pub-pw"))).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut events,
         "k3sense/pi-2/state",
@@ -326,7 +277,7 @@ async fn a_publisher_cannot_publish_another_sensors_topics_or_read_readings() {
         true,
     )
     .await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut events,
         "k3sense/pi-2/availability",
@@ -334,7 +285,7 @@ async fn a_publisher_cannot_publish_another_sensors_topics_or_read_readings() {
         true,
     )
     .await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut events,
         "k3sense/pi-1/state",
@@ -349,7 +300,7 @@ async fn a_publisher_cannot_publish_another_sensors_topics_or_read_readings() {
         ("k3sense/pi-1/state".to_owned(), "{\"own\":1}".to_owned())
     );
 
-    let codes = subscribe(
+    let codes = mqtt_subscribe_codes(
         &publisher,
         &mut events,
         &["k3sense/#", "k3sense/pi-1/replay/#", "homeassistant/status"],
@@ -371,9 +322,9 @@ async fn a_publisher_cannot_publish_another_sensors_topics_or_read_readings() {
 async fn sys_subscriptions_get_suback_0x80_and_the_connection_stays() {
     let broker = start(false, 5 * SECOND).await;
     let (reader, mut events) = client(broker.addr, Some(("reader", "reader-pw"))).await;
-    let codes = subscribe(&reader, &mut events, &["$SYS/#"]).await;
+    let codes = mqtt_subscribe_codes(&reader, &mut events, &["$SYS/#"]).await;
     assert_eq!(codes, [SubscribeReasonCode::Failure]);
-    let codes = subscribe(
+    let codes = mqtt_subscribe_codes(
         &reader,
         &mut events,
         &["#", "$SYS/broker/uptime", "k3sense/#"],
@@ -389,7 +340,7 @@ async fn sys_subscriptions_get_suback_0x80_and_the_connection_stays() {
     );
     // Still connected and subscribed: a reading published now arrives.
     let (publisher, mut pub_events) = client(broker.addr, Some(("pub", "pub-pw"))).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/state",
@@ -405,7 +356,7 @@ async fn sys_subscriptions_get_suback_0x80_and_the_connection_stays() {
 
     // An admin too gets 0x80 for $SYS, not a disconnect.
     let (admin, mut admin_events) = client(broker.addr, Some(("admin", "admin-pw"))).await;
-    let codes = subscribe(&admin, &mut admin_events, &["$SYS/#", "#"]).await;
+    let codes = mqtt_subscribe_codes(&admin, &mut admin_events, &["$SYS/#", "#"]).await;
     assert_eq!(
         codes,
         [
@@ -543,7 +494,7 @@ async fn a_silent_client_does_not_delay_another_clients_connect() {
         Some(Raw::SubAck(_))
     ));
     let (publisher, mut pub_events) = client(broker.addr, Some(("pub", "pub-pw"))).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut pub_events,
         "k3sense/pi-1/state",
@@ -572,7 +523,7 @@ async fn a_silent_client_does_not_delay_another_clients_connect() {
 async fn garbage_truncated_and_absurd_packets_close_only_their_connection() {
     let broker = start(false, 5 * SECOND).await;
     let (watcher, mut watch) = client(broker.addr, Some(("reader", "reader-pw"))).await;
-    subscribe(&watcher, &mut watch, &["k3sense/#"]).await;
+    mqtt_subscribe_codes(&watcher, &mut watch, &["k3sense/#"]).await;
     let (publisher, mut pub_events) = client(broker.addr, Some(("pub", "pub-pw"))).await;
 
     let login = connect_bytes(30, Some(("pub", "pub-pw")));
@@ -658,11 +609,11 @@ async fn garbage_truncated_and_absurd_packets_close_only_their_connection() {
 
         // Everyone else is still served.
         let payload = format!("{{\"seq\":{seq}}}");
-        publish_acked(
+        mqtt_publish_acked(
             &publisher,
             &mut pub_events,
             "k3sense/pi-1/state",
-            &payload,
+            payload.as_str(),
             false,
         )
         .await;
@@ -681,7 +632,7 @@ async fn mosquitto_sub_reads_the_retained_reading_with_reader_credentials() {
     }
     let broker = start(false, 5 * SECOND).await;
     let (publisher, mut events) = client(broker.addr, Some(("pub", "pub-pw"))).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut events,
         "k3sense/pi-1/state",
@@ -737,16 +688,16 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
 
     // The gateway reads every sensor and the replays; it publishes nothing but replay requests.
     let (gateway, mut gw_events) = client(addr, Some(("gateway", &gateway_pw))).await;
-    let codes = subscribe(
+    let codes = mqtt_subscribe_codes(
         &gateway,
         &mut gw_events,
         &["k3sense/+/state", "k3sense/+/replay"],
     )
     .await;
     assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce); 2]);
-    publish_acked(&gateway, &mut gw_events, "k3sense/node-1/state", "{}", true).await;
+    mqtt_publish_acked(&gateway, &mut gw_events, "k3sense/node-1/state", "{}", true).await;
     assert_eq!(metrics.snapshot().publishes_forbidden, 1);
-    publish_acked(
+    mqtt_publish_acked(
         &gateway,
         &mut gw_events,
         "k3sense/node-7/replay/request",
@@ -761,7 +712,7 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
     );
     // The publisher (any node name as sensor id) publishes its readings.
     let (publisher, mut events) = client(addr, Some(("publisher", &publisher_pw))).await;
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut events,
         "k3sense/node-7/state",
@@ -775,9 +726,10 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
         ("k3sense/node-7/state", "{\"seq\":1}")
     );
     // ... and answers replay requests.
-    let codes = subscribe(&publisher, &mut events, &["k3sense/node-7/replay/request"]).await;
+    let codes =
+        mqtt_subscribe_codes(&publisher, &mut events, &["k3sense/node-7/replay/request"]).await;
     assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
-    publish_acked(
+    mqtt_publish_acked(
         &publisher,
         &mut events,
         "k3sense/node-7/replay",
@@ -805,7 +757,7 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
 async fn the_same_client_id_takes_over_without_a_false_will_and_only_within_one_account() {
     let broker = start(false, 5 * SECOND).await;
     let (watcher, mut watch) = client(broker.addr, Some(("reader", "reader-pw"))).await;
-    subscribe(&watcher, &mut watch, &["k3sense/+/availability"]).await;
+    mqtt_subscribe_codes(&watcher, &mut watch, &["k3sense/+/availability"]).await;
     let connect_as = |user: &'static str, password: &'static str| async move {
         let mut c = Connect::new("k3sense-publisher-pi-1");
         c.keep_alive = 30;

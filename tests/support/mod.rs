@@ -632,3 +632,60 @@ pub async fn read_raw<S: tokio::io::AsyncRead + Unpin>(
     .await
     .expect("the broker neither answered nor closed the connection in 10 s")
 }
+
+/// Polls a rumqttc event loop until an incoming packet satisfies `pick`; panics when nothing
+/// does within `within` or on a connection error.
+pub async fn mqtt_until<T>(
+    events: &mut rumqttc::EventLoop,
+    within: Duration,
+    mut pick: impl FnMut(&rumqttc::Packet) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("nothing in time")
+            .expect("connection error");
+        if let rumqttc::Event::Incoming(packet) = event {
+            if let Some(found) = pick(&packet) {
+                return found;
+            }
+        }
+    }
+}
+
+/// Publishes at QoS 1 and waits for the PUBACK (which our broker sends for dropped ones too).
+pub async fn mqtt_publish_acked(
+    client: &rumqttc::AsyncClient,
+    events: &mut rumqttc::EventLoop,
+    topic: &str,
+    payload: impl Into<Vec<u8>>,
+    retain: bool,
+) {
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.into())
+        .await
+        .unwrap();
+    mqtt_until(events, Duration::from_secs(2), |p| {
+        matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
+    })
+    .await;
+}
+
+/// Subscribes to `filters` at QoS 1 and returns the SUBACK's codes.
+pub async fn mqtt_subscribe_codes(
+    client: &rumqttc::AsyncClient,
+    events: &mut rumqttc::EventLoop,
+    filters: &[impl AsRef<str>],
+) -> Vec<rumqttc::SubscribeReasonCode> {
+    let filters: Vec<_> = filters
+        .iter()
+        .map(|f| rumqttc::SubscribeFilter::new(f.as_ref().to_owned(), rumqttc::QoS::AtLeastOnce))
+        .collect();
+    client.subscribe_many(filters).await.unwrap();
+    mqtt_until(events, Duration::from_secs(2), |p| match p {
+        rumqttc::Packet::SubAck(ack) => Some(ack.return_codes.clone()),
+        _ => None,
+    })
+    .await
+}
