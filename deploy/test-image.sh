@@ -371,7 +371,12 @@ done
 if [[ -n $archive ]]; then
   # Last, so that NAME:TAG in the store is the archive's image for this machine's CPU.
   host_platform=$(podman info --format '{{.Host.OS}}/{{.Host.Arch}}')
-  if loaded=$(podman load -i "$archive" 2>&1) && grep -q "Loaded image.*$image" <<<"$loaded"; then
+  if [[ ${#platforms[@]} -gt 1 && " ${platforms[*]} " != *" $host_platform "* ]]; then
+    # From an index podman loads this machine's platform only; an index without it (arm64 + arm/v7
+    # tested on an x86_64 machine) has nothing for it to load. Each platform's import was checked
+    # with ctr above.
+    echo "SKIP archive: podman load takes only this machine's platform ($host_platform) from a multi-platform archive, and $archive has none"
+  elif loaded=$(podman load -i "$archive" 2>&1) && grep -q "Loaded image.*$image" <<<"$loaded"; then
     # From an index podman loads this machine's platform; from a one-platform archive, that platform.
     want_platform=$host_platform
     if [[ " ${platforms[*]} " != *" $host_platform "* && ${#platforms[@]} == 1 ]]; then
