@@ -19,16 +19,14 @@
 //! pass, unless the `CI` environment variable is set: then they fail. They run one at a time
 //! (two Chromiums at once are too much for a small CI machine).
 
+mod support;
+
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
-use fantoccini::{Client, ClientBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
 use k3sense_gateway::Options;
 use k3sense_protocol::{Model, Reading, SensorId};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
@@ -36,122 +34,16 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::Mutex, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use support::{
+    broker_proc,
+    browser::{Browser, tools},
+    free_port,
+};
+
 /// One Chromium at a time.
 static BROWSER: Mutex<()> = Mutex::const_new(());
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn find_program(names: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
-        .find(|candidate| candidate.is_file())
-}
-
-/// Chromium and chromedriver, or `None` (with a notice) when they are missing outside CI.
-fn tools() -> Option<(PathBuf, PathBuf)> {
-    let chromium = find_program(&["chromium", "chromium-browser", "google-chrome"]);
-    let driver = find_program(&["chromedriver"]);
-    match (chromium, driver) {
-        (Some(chromium), Some(driver)) => Some((chromium, driver)),
-        (chromium, driver) => {
-            let missing = format!(
-                "chromium: {}, chromedriver: {} (Debian: apt-get install chromium chromium-driver)",
-                chromium.map_or("missing".into(), |p| p.display().to_string()),
-                driver.map_or("missing".into(), |p| p.display().to_string()),
-            );
-            if std::env::var_os("CI").is_some() {
-                panic!("CI must run the browser tests: {missing}");
-            }
-            eprintln!("SKIPPED: browser test needs Chromium and chromedriver; {missing}");
-            None
-        }
-    }
-}
-
-/// Kills a child process when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Headless Chromium behind its own chromedriver, with a fresh profile.
-struct Browser {
-    client: Client,
-    _driver: Child,
-    profile: PathBuf,
-}
-
 impl Browser {
-    async fn start(chromium: &Path, driver: &Path, dark: bool) -> Self {
-        let port = free_port();
-        let driver = Child(
-            Command::new(driver)
-                .arg(format!("--port={port}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let profile =
-            std::env::temp_dir().join(format!("k3sense-chromium-{}-{port}", std::process::id()));
-        let mut args = vec![
-            "--headless".to_owned(),
-            "--no-sandbox".to_owned(),
-            "--disable-gpu".to_owned(),
-            "--disable-background-networking".to_owned(),
-            "--disable-component-update".to_owned(),
-            "--disable-sync".to_owned(),
-            "--disable-dev-shm-usage".to_owned(),
-            "--hide-scrollbars".to_owned(),
-            "--window-size=1280,860".to_owned(),
-            format!("--user-data-dir={}", profile.display()),
-        ];
-        if dark {
-            args.push("--force-dark-mode".to_owned());
-            args.push("--blink-settings=preferredColorScheme=0".to_owned());
-        }
-        let mut capabilities = serde_json::Map::new();
-        capabilities.insert(
-            "goog:chromeOptions".to_owned(),
-            json!({ "binary": chromium, "args": args }),
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let client = loop {
-            let attempt = ClientBuilder::new(HttpConnector::new())
-                .capabilities(capabilities.clone())
-                .connect(&url)
-                .await;
-            match attempt {
-                Ok(client) => break client,
-                Err(e) if Instant::now() > deadline => panic!("cannot start Chromium: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        Self {
-            client,
-            _driver: driver,
-            profile,
-        }
-    }
-
-    async fn close(self) {
-        let _ = self.client.clone().close().await;
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-
     /// What a sensor's card shows, or `null` while there is no card.
     async fn card(&self, id: &str) -> Value {
         self.client
@@ -198,15 +90,6 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-    }
-
-    async fn screenshot(&self, name: &str) -> PathBuf {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{name}.png"));
-        std::fs::write(&path, self.client.screenshot().await.unwrap()).unwrap();
-        eprintln!("screenshot: {}", path.display());
-        path
     }
 }
 
@@ -501,20 +384,6 @@ async fn wait_banner(browser: &Browser, what: &str, wanted: impl Fn(&Value) -> b
     }
 }
 
-/// `k3sense broker` as its own process, so it can be killed like a crashed pod.
-fn broker_process(addr: SocketAddr) -> Child {
-    Child(
-        Command::new(env!("CARGO_BIN_EXE_k3sense"))
-            .args(["broker", "--listen", &addr.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_a_banner_while_the_broker_is_down() {
     let Some((chromium, driver)) = tools() else {
@@ -522,7 +391,7 @@ async fn the_page_shows_a_banner_while_the_broker_is_down() {
     };
     let _one_at_a_time = BROWSER.lock().await;
     let broker: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut broker_child = broker_process(broker);
+    let mut broker_child = broker_proc(broker);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let gateway = start_gateway(addr, broker).await;
     let publisher = Publisher::connect(broker, "pub-banner", "pi-b").await;
@@ -560,7 +429,7 @@ async fn the_page_shows_a_banner_while_the_broker_is_down() {
     browser.screenshot("broker-unreachable-desktop-light").await;
 
     // Back on the same port: the banner goes, the page never reloaded.
-    broker_child = broker_process(broker);
+    broker_child = broker_proc(broker);
     wait_banner(&browser, "the banner gone", |b| b["hidden"] == true).await;
     let card = browser.card("pi-b").await;
     assert_eq!(card["connection"], "connected", "{card}");

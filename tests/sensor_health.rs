@@ -18,15 +18,17 @@
 mod support;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use fantoccini::{Client, ClientBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
-use support::{Proc, free_addr, free_port, http_get, mqtt_subscriber, next_on};
+use support::{
+    Proc,
+    browser::{Browser, Child, tools},
+    free_addr, free_port, http_get, mqtt_subscriber, next_on,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_k3sense");
 const ID: &str = "pi-h";
@@ -37,91 +39,7 @@ const UNHEALTHY_AFTER: u64 = 3;
 /// Generous: the promise is N intervals; the bound only keeps a broken build from hanging.
 const WITHIN: Duration = Duration::from_secs(UNHEALTHY_AFTER * INTERVAL_S + 10);
 
-fn find_program(names: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
-        .find(|candidate| candidate.is_file())
-}
-
-/// Kills a child process when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Headless Chromium behind its own chromedriver (the shape of tests/browser.rs, kept apart so
-/// each test file stands alone).
-struct Browser {
-    client: Client,
-    _driver: Child,
-    profile: PathBuf,
-}
-
 impl Browser {
-    /// `None` (with a notice) when Chromium or chromedriver is missing outside CI.
-    async fn start() -> Option<Self> {
-        let chromium = find_program(&["chromium", "chromium-browser", "google-chrome"]);
-        let driver = find_program(&["chromedriver"]);
-        let (Some(chromium), Some(driver)) = (chromium, driver) else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the browser part: install chromium and chromium-driver"
-            );
-            eprintln!("SKIPPED the page part: needs chromium and chromedriver");
-            return None;
-        };
-        let port = free_port();
-        let driver = Child(
-            Command::new(driver)
-                .arg(format!("--port={port}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let profile = std::env::temp_dir().join(format!(
-            "k3sense-health-chromium-{}-{port}",
-            std::process::id()
-        ));
-        let args = [
-            "--headless".to_owned(),
-            "--no-sandbox".to_owned(),
-            "--disable-gpu".to_owned(),
-            "--disable-dev-shm-usage".to_owned(),
-            "--window-size=1280,860".to_owned(),
-            format!("--user-data-dir={}", profile.display()),
-        ];
-        let mut capabilities = serde_json::Map::new();
-        capabilities.insert(
-            "goog:chromeOptions".to_owned(),
-            json!({ "binary": chromium, "args": args }),
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let client = loop {
-            match ClientBuilder::new(HttpConnector::new())
-                .capabilities(capabilities.clone())
-                .connect(&url)
-                .await
-            {
-                Ok(client) => break client,
-                Err(e) if Instant::now() > deadline => panic!("cannot start Chromium: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        Some(Self {
-            client,
-            _driver: driver,
-            profile,
-        })
-    }
-
     /// What the sensor's card shows.
     async fn card(&self) -> Value {
         self.client
@@ -155,19 +73,6 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    async fn screenshot(&self, name: &str) {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{name}.png"));
-        std::fs::write(&path, self.client.screenshot().await.unwrap()).unwrap();
-        eprintln!("screenshot: {}", path.display());
-    }
-
-    async fn close(self) {
-        let _ = self.client.clone().close().await;
-        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -311,7 +216,10 @@ async fn a_silent_sensor_is_not_answering_everywhere_and_live_again_on_its_first
         !s["latest"].is_null() && s["sensor_health"]["status"] == "ok" && s["status"] == "online"
     })
     .await;
-    let browser = Browser::start().await;
+    let browser = match tools() {
+        Some((chromium, driver)) => Some(Browser::start(&chromium, &driver, false).await),
+        None => None,
+    };
     if let Some(b) = &browser {
         b.client.goto(&format!("http://{http}/")).await.unwrap();
         b.wait_for("live", |c| c["status"] == "live").await;

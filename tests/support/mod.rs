@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod browser;
+
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use futures_util::StreamExt;
