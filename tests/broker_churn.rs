@@ -51,15 +51,6 @@ const LIVE_TOPIC: &str = "k3sense/live/state";
 const GROWTH_AFTER_WARM_UP_KIB: u64 = 5 * 1024;
 const GROWTH_AFTER_MIDDLE_KIB: u64 = 2 * 1024;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// The broker's counters from `--metrics-listen`: (name with labels, value) per sample line.
 async fn metrics(addr: SocketAddr) -> Vec<(String, u64)> {
     let (status, body) = http_get(addr, "/metrics").await;

@@ -144,15 +144,6 @@ async fn start_process_with(
     (broker, listen, metrics_at)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// One sample from the broker process's `/metrics`.
 async fn process_metric(metrics_at: SocketAddr, sample: &str) -> u64 {
     let (status, body) = http_get(metrics_at, "/metrics").await;

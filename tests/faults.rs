@@ -28,10 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const SENSOR: &str = "pi-f";
 
 async fn history(gateway: SocketAddr) -> Vec<Reading> {
-    match http_get(gateway, &format!("/api/sensors/{SENSOR}/history")).await {
-        (200, body) => serde_json::from_str(&body).unwrap(),
-        _ => Vec::new(),
-    }
+    sensor_history(gateway, SENSOR).await
 }
 
 /// Readings the publisher has produced so far: those the broker acknowledged plus those it still
@@ -48,15 +45,6 @@ async fn produced(metrics: SocketAddr) -> u64 {
     };
     value("k3sense_publisher_acknowledged_readings_total")
         + value("k3sense_publisher_buffered_readings")
-}
-
-async fn wait_http(addr: SocketAddr, path: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() || http_get(addr, path).await.0 != 200
-    {
-        assert!(Instant::now() < deadline, "{addr}{path} never answered 200");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits until the gateway holds `count` readings numbered `first..first+count` with no gap, and

@@ -61,22 +61,6 @@ async fn attacker(
     (client, rx)
 }
 
-async fn wait_http(addr: SocketAddr, path: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() || http_get(addr, path).await.0 != 200
-    {
-        assert!(Instant::now() < deadline, "{addr}{path} never answered 200");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn history(gateway: SocketAddr, id: &str) -> Vec<Reading> {
-    match http_get(gateway, &format!("/api/sensors/{id}/history")).await {
-        (200, body) => serde_json::from_str(&body).unwrap(),
-        _ => Vec::new(),
-    }
-}
-
 /// The `latest` reading of `id` in `/api/sensors`.
 async fn latest(gateway: SocketAddr, id: &str) -> Option<Reading> {
     let (_, body) = http_get(gateway, "/api/sensors").await;
@@ -93,7 +77,7 @@ async fn latest(gateway: SocketAddr, id: &str) -> Option<Reading> {
 async fn history_reaching(gateway: SocketAddr, id: &str, at_least: u64) -> Vec<Reading> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let h = history(gateway, id).await;
+        let h = sensor_history(gateway, id).await;
         if h.iter().any(|r| r.seq >= at_least) {
             return h;
         }
@@ -179,7 +163,7 @@ async fn flood_the_gateways_topics(mqtt: SocketAddr, id: &str, broker_caps: bool
         // Our broker caps each topic family (a reading or replay ≤ 1 KiB, an availability
         // ≤ 16 bytes) and drops the rest, acknowledged: none of them reaches the gateway. A
         // reading published after the flood has reached history, so the flood is behind it.
-        let after = history(http, id).await.last().unwrap().seq + 2;
+        let after = sensor_history(http, id).await.last().unwrap().seq + 2;
         history_reaching(http, id, after).await;
         for reason in ["too_large", "bad_availability"] {
             let sample = format!(r#"k3sense_gateway_invalid_messages_total{{reason="{reason}"}}"#);
@@ -210,7 +194,7 @@ async fn flood_the_gateways_topics(mqtt: SocketAddr, id: &str, broker_caps: bool
     assert_eq!(metric(http, "k3sense_gateway_broker_connected").await, 1.0);
 
     // No real reading went missing: every seq from before the flood to well after it.
-    let last = history(http, id).await.last().unwrap().seq + 5;
+    let last = sensor_history(http, id).await.last().unwrap().seq + 5;
     let h = history_reaching(http, id, last).await;
     let seqs: Vec<u64> = h
         .iter()
@@ -356,7 +340,12 @@ async fn a_forged_seq_or_future_reading_never_becomes_latest() {
     assert!(now.seq < 1_000_000 && now.temperature_c != -19.0, "{now:?}");
     assert!(now.seq >= seen[4], "{now:?} vs {seen:?}");
     // The API never lists the forgery.
-    assert!(history(http, id).await.iter().all(|r| r.seq < 1_000_000));
+    assert!(
+        sensor_history(http, id)
+            .await
+            .iter()
+            .all(|r| r.seq < 1_000_000)
+    );
     // While it runs, a forged 2099 reading changes nothing either.
     evil.publish(
         &state,
@@ -437,7 +426,7 @@ async fn a_conflicting_duplicate_is_counted_and_the_replayed_copy_wins() {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let h = history(http, id).await;
+        let h = sensor_history(http, id).await;
         if h.len() == 1 && h[0].temperature_c == 21.5 {
             break;
         }

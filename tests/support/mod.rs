@@ -691,3 +691,34 @@ pub async fn mqtt_subscribe_codes(
     })
     .await
 }
+
+/// The resident memory of process `pid` in KiB (`VmRSS` of /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Waits until `GET path` on `addr` answers 200 (a process just started listening).
+pub async fn wait_http(addr: SocketAddr, path: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() || http_get(addr, path).await.0 != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr}{path} never answered 200"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The gateway's `GET /api/sensors/{id}/history`, or nothing while it does not know `id`.
+pub async fn sensor_history(gateway: SocketAddr, id: &str) -> Vec<k3sense_protocol::Reading> {
+    match http_get(gateway, &format!("/api/sensors/{id}/history")).await {
+        (200, body) => serde_json::from_str(&body).unwrap(),
+        _ => Vec::new(),
+    }
+}
