@@ -34,8 +34,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # A copy of deploy/ with throwaway credentials: the real ones are git-ignored and may not exist.
 cp -r "$here" "$work/deploy"
-rm -f "$work/deploy/base/secrets/users.txt" "$work/deploy/base/secrets/"*.password
-bash "$here/gen-secrets.sh" "$work/deploy/base/secrets" >/dev/null
+rm -f "$work/deploy/base/secrets/users.txt" "$work/deploy/base/secrets/"*.password \
+  "$work/deploy/base/secrets/"*.env
+bash "$here/gen-secrets.sh" --dir "$work/deploy/base/secrets" pi-1 pi-3 >/dev/null
 
 renders=${K3SENSE_RENDER_DIR:-$work/renders}
 mkdir -p "$renders"

@@ -80,6 +80,7 @@ HERE = Path(__file__).resolve().parent
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 PODMAN = ["podman", "--runtime", "runc"]
 NODE_NAME = "pi-1"  # the fake node the pods are "scheduled" on; spec.nodeName resolves to it
+OTHER_NODE = "pi-3"  # a second sensor node in the generated credentials, whose account is not the fake node's
 NODE_LABELS = {"kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux", "k3sense.io/sensor": "dht11"}
 NODE_IP = "10.244.0.1"  # the node's address on the pod bridge (status.hostIP)
 SUBNET_PREFIX = "10.244.0."
@@ -1120,10 +1121,37 @@ class Cluster:
         self.check(r_bad.get("connack") not in (0,) and "error" not in r_bad, "a wrong password is refused",
                    f"CONNACK {r_bad.get('connack', r_bad)}")
 
+        self.publisher_account(broker, publisher, penv, bport)
+
         # A reading reaches a WebSocket client through the Ingress → Service → pod chain.
         self.websocket(gateway, publisher, sensor_id, penv, expected_values)
 
-    def read_mounted_password(self, pod: Pod, path: str) -> str:
+    def publisher_account(self, broker: Pod, publisher: Pod, penv: dict, bport: int) -> None:
+        """The publisher's own node account (issue 14): `publisher-<node>`, its password the Secret key
+        named after the node, bound in the users file to the node's sensor id; no `publisher:*`."""
+        user = penv.get("K3SENSE_USERNAME", "")
+        path = penv.get("K3SENSE_PASSWORD_FILE", "")
+        self.check(user == f"publisher-{NODE_NAME}" and path.endswith(f"/{NODE_NAME}"),
+                   "the publisher logs in with its node's account and the password file named after its node",
+                   f"K3SENSE_USERNAME={user!r} K3SENSE_PASSWORD_FILE={path!r}")
+        benv = broker.env_for(broker.containers[0]["spec"])
+        users = self.read_mounted_password(broker, benv.get("K3SENSE_USERS_FILE", ""), whole=True)
+        lines = [line for line in users.splitlines() if line and not line.startswith("#")]
+        wildcard = [line.split(":")[0] for line in lines if line.rstrip().endswith(":publisher:*")]
+        own = [line for line in lines if line.startswith(f"{user}:") and line.endswith(f":publisher:{NODE_NAME}")]
+        self.check(not wildcard and len(own) == 1,
+                   "the broker's users file binds the node's account to its sensor id, and has no publisher:*",
+                   f"{user} lines {len(own)}, publisher:* accounts {wildcard or 'none'}")
+        mine = self.read_mounted_password(publisher, path)
+        other = self.read_mounted_password(publisher, path.rsplit("/", 1)[0] + f"/{OTHER_NODE}")
+        r_ok = self.net.client("mqtt", broker.ip, str(bport), user, mine, "5", timeout=5)
+        r_other = self.net.client("mqtt", broker.ip, str(bport), user, other, "5", timeout=5)
+        self.check(r_ok.get("connack") == 0 and r_other.get("connack") not in (0,) and "error" not in r_other,
+                   f"{user} logs in with its node's password, not with {OTHER_NODE}'s",
+                   f"CONNACK {r_ok.get('connack', r_ok)} / {r_other.get('connack', r_other)}")
+
+    def read_mounted_password(self, pod: Pod, path: str, whole: bool = False) -> str:
+        """The content of the Secret file a container sees at `path` (its first line unless `whole`)."""
         for m in pod.containers[0]["spec"].get("volumeMounts") or []:
             if path.startswith(m["mountPath"].rstrip("/") + "/"):
                 vol = next(v for v in pod.spec["volumes"] if v["name"] == m["name"])
@@ -1132,7 +1160,8 @@ class Cluster:
                 for item in src.get("items") or []:
                     if item["path"] == key:
                         key = item["key"]
-                return pod.secret(src["secretName"])[key].decode().splitlines()[0]
+                text = pod.secret(src["secretName"]).get(key, b"").decode()
+                return text if whole else (text.splitlines() or [""])[0]
         return ""
 
     def websocket(self, gateway: Pod, publisher: Pod, sensor_id: str, penv: dict, expected: dict | None) -> None:
@@ -1255,10 +1284,11 @@ def render(work: Path, overlay: str) -> list[dict]:
     if not copy.exists():
         shutil.copytree(HERE, copy, ignore=shutil.ignore_patterns("target", "*.tar"))
         secrets = copy / "base/secrets"
-        for f in ("users.txt", "publisher.password", "gateway.password"):
+        for f in ("users.txt", "publisher.password", "gateway.password", "publisher-passwords.env"):
             with contextlib.suppress(FileNotFoundError):
                 (secrets / f).unlink()
-        run(["bash", str(HERE / "gen-secrets.sh"), str(secrets)])
+        # One account per sensor node: the fake node, and another whose account the pods must not use.
+        run(["bash", str(HERE / "gen-secrets.sh"), "--dir", str(secrets), NODE_NAME, OTHER_NODE])
     out = run(["kubectl", "kustomize", str(copy / "overlays" / overlay)]).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 

@@ -671,14 +671,19 @@ async fn mosquitto_sub_reads_the_retained_reading_with_reader_credentials() {
 async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
     let dir = tempdir::Dir::new();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/gen-secrets.sh");
+    // One account per sensor node, bound to the node's sensor id (deploy/README.md step 5).
     let status = std::process::Command::new("bash")
         .arg(script)
+        .arg("--dir")
         .arg(&dir.0)
+        .arg("node-7")
         .output()
         .unwrap();
     assert!(status.status.success(), "{status:?}");
     let password = |name: &str| std::fs::read_to_string(dir.0.join(name)).unwrap();
-    let (publisher_pw, gateway_pw) = (password("publisher.password"), password("gateway.password"));
+    let gateway_pw = password("gateway.password");
+    let passwords = password("publisher-passwords.env");
+    let publisher_pw = passwords.trim().strip_prefix("node-7=").unwrap().to_owned();
     let mut config = k3sense_broker::Config::new(free_addr());
     config.options.users_file = Some(dir.0.join("users.txt"));
     let started = k3sense_broker::start(&config).await.unwrap();
@@ -710,8 +715,10 @@ async fn gen_secrets_gives_the_publisher_and_the_gateway_their_roles() {
         1,
         "a replay request passes"
     );
-    // The publisher (any node name as sensor id) publishes its readings.
-    let (publisher, mut events) = client(addr, Some(("publisher", &publisher_pw))).await;
+    // The node's publisher publishes its own sensor's readings, and no other sensor's.
+    let (publisher, mut events) = client(addr, Some(("publisher-node-7", &publisher_pw))).await;
+    mqtt_publish_acked(&publisher, &mut events, "k3sense/node-1/state", "{}", true).await;
+    assert_eq!(metrics.snapshot().publishes_forbidden, 2);
     mqtt_publish_acked(
         &publisher,
         &mut events,

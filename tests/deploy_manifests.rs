@@ -21,7 +21,13 @@
 //! - broker and gateway leave a dead node within 30 s of its taint, and the gateway's budget lets a
 //!   drain through even when a gateway is not ready;
 //! - every single-sensor overlay runs its publisher as Deployment `publisher`, and the command
-//!   deploy/README.md gives for switching overlays deletes exactly the publisher workloads.
+//!   deploy/README.md gives for switching overlays deletes exactly the publisher workloads;
+//! - each sensor node's publisher logs in with its own account, `publisher-<node>`, bound to its
+//!   node's sensor id (no `publisher:*`), with the password the Secret holds under its node's name;
+//!   the rendered publisher, run against a real broker with the rendered users file, stays within
+//!   that account; `deploy/gen-secrets.sh` finds the labelled nodes and never changes a password.
+//!
+//! The credentials are made by `deploy/gen-secrets.sh` itself, for nodes `pi-1` and `pi-3.lan`.
 //!
 //! Needs `kubectl` and `python3` with PyYAML. Without them the tests print a notice and pass, unless
 //! the environment variable `CI` is set, where they fail.
@@ -31,8 +37,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
+use k3sense_broker::{Role, Sensors, Users};
+use k3sense_protocol::SensorId;
 use serde_json::Value;
+
+mod support;
 
 const NAMESPACE: &str = "k3sense";
 const IMAGE: &str = "ghcr.io/k3sense/k3sense";
@@ -88,14 +99,37 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// The sensor nodes the test credentials are generated for: a plain name and one with a dot, whose
+/// sensor id differs from the node name (`pi-3.lan` → `pi-3-lan`).
+const SENSOR_NODES: [&str; 2] = ["pi-1", "pi-3.lan"];
+
+/// The files `deploy/gen-secrets.sh` writes, and the one earlier versions wrote (removed from copies).
+const CREDENTIAL_FILES: [&str; 4] = [
+    "users.txt",
+    "gateway.password",
+    "publisher-passwords.env",
+    "publisher.password",
+];
+
+fn gen_secrets() -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(deploy_dir().join("gen-secrets.sh"));
+    cmd
+}
+
+/// Credentials as a user makes them: `deploy/gen-secrets.sh` itself, for [`SENSOR_NODES`].
 fn write_test_credentials(secrets: &Path) {
-    std::fs::write(secrets.join("publisher.password"), "test-publisher-pw").unwrap();
-    std::fs::write(secrets.join("gateway.password"), "test-gateway-pw").unwrap();
-    std::fs::write(
-        secrets.join("users.txt"),
-        "publisher:test-publisher-pw\ngateway:test-gateway-pw\n",
-    )
-    .unwrap();
+    let out = gen_secrets()
+        .arg("--dir")
+        .arg(secrets)
+        .args(SENSOR_NODES)
+        .output()
+        .expect("run deploy/gen-secrets.sh");
+    assert!(
+        out.status.success(),
+        "deploy/gen-secrets.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn kustomize(dir: &Path) -> std::process::Output {
@@ -129,7 +163,7 @@ fn scratch_copy(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     copy_tree(&deploy_dir(), &dir);
     let secrets = dir.join("base/secrets");
-    for file in ["users.txt", "publisher.password", "gateway.password"] {
+    for file in CREDENTIAL_FILES {
         let _ = std::fs::remove_file(secrets.join(file));
     }
     dir
@@ -258,6 +292,50 @@ fn env_value<'a>(container: &'a Value, var: &str) -> Option<&'a str> {
         .iter()
         .find(|e| e["name"] == var)?["value"]
         .as_str()
+}
+
+/// `$(VAR)` in `text` as the kubelet expands it (third_party/forked/golang/expansion): a variable
+/// defined earlier in `env` is replaced, `$$` is a `$`, anything else stays as written.
+fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some((name, after)) = rest
+            .strip_prefix("$(")
+            .and_then(|r| r.split_once(')'))
+            .filter(|(name, _)| env.contains_key(*name))
+        {
+            out.push_str(&env[name]);
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The container's environment as the kubelet builds it in a pod on `node`: values in order, each
+/// expanded with the variables before it; `fieldRef: spec.nodeName` is `node`. Other `valueFrom`
+/// sources are left out (none of k3sense's containers uses them).
+fn pod_env(container: &Value, node: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for e in container["env"].as_array().into_iter().flatten() {
+        let var = e["name"].as_str().unwrap().to_owned();
+        if let Some(value) = e["value"].as_str() {
+            let value = expand(value, &env);
+            env.insert(var, value);
+        } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
+            env.insert(var, node.to_owned());
+        }
+    }
+    env
 }
 
 fn pods(objects: &[Value]) -> Vec<Pod<'_>> {
@@ -547,8 +625,13 @@ fn broker_service_is_where_clients_dial() {
         assert_mounted_from_secret(target, &broker, users_file);
         for client in pods(objects).iter().filter(|p| p.component() != "broker") {
             let c = client.containers().next().unwrap();
-            let file = env_value(c, "K3SENSE_PASSWORD_FILE").expect("password file");
-            assert_mounted_from_secret(target, client, file);
+            // On every sensor node the credentials were generated for (a publisher's file is its node's).
+            for node in SENSOR_NODES {
+                let file = pod_env(c, node)
+                    .remove("K3SENSE_PASSWORD_FILE")
+                    .expect("password file");
+                assert_mounted_from_secret(target, client, &file);
+            }
             assert!(
                 env_value(c, "K3SENSE_PASSWORD").is_none(),
                 "{target}: {} password must come from a file, not an env value",
@@ -558,8 +641,23 @@ fn broker_service_is_where_clients_dial() {
     }
 }
 
-/// `path` lies in a volume mounted from a Secret that the render generates.
+/// `path` lies in a volume mounted from a Secret that the render generates, and that Secret has the
+/// key the file is named after (all keys are mounted: no `items`).
 fn assert_mounted_from_secret(target: &str, pod: &Pod, path: &str) {
+    let (secret, key) = mounted_secret_key(target, pod, path);
+    let renders = renders().unwrap();
+    let generated = renders[target]
+        .iter()
+        .find(|o| kind(o) == "Secret" && name(o) == secret)
+        .unwrap_or_else(|| panic!("{target}: Secret {secret} is not in the render"));
+    assert!(
+        generated["data"].get(&key).is_some(),
+        "{target}: Secret {secret} has no key {key}"
+    );
+}
+
+/// The Secret and key whose content a container reads at `path`.
+fn mounted_secret_key(target: &str, pod: &Pod, path: &str) -> (String, String) {
     let container = pod.containers().next().unwrap();
     let mount = container["volumeMounts"]
         .as_array()
@@ -576,16 +674,48 @@ fn assert_mounted_from_secret(target: &str, pod: &Pod, path: &str) {
     let secret = volume["secret"]["secretName"]
         .as_str()
         .unwrap_or_else(|| panic!("{target}: {} volume for {path} is not a Secret", pod.id()));
-    let renders = renders().unwrap();
-    let key = path.rsplit_once('/').unwrap().1;
-    let generated = renders[target]
-        .iter()
-        .find(|o| kind(o) == "Secret" && name(o) == secret)
-        .unwrap_or_else(|| panic!("{target}: Secret {secret} is not in the render"));
     assert!(
-        generated["data"].get(key).is_some(),
-        "{target}: Secret {secret} has no key {key}"
+        volume["secret"]["items"].is_null(),
+        "{target}: {} mounts only some keys of {secret}; the file names are the keys here",
+        pod.id()
     );
+    let key = path.rsplit_once('/').unwrap().1;
+    (secret.to_owned(), key.to_owned())
+}
+
+/// A generated Secret's value for `key`, decoded.
+fn secret_value(objects: &[Value], secret: &str, key: &str) -> String {
+    let data = of_kind(objects, "Secret")
+        .find(|o| name(o) == secret)
+        .unwrap_or_else(|| panic!("Secret {secret} is not in the render"))["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("Secret {secret} has no key {key}"));
+    String::from_utf8(base64_decode(data)).unwrap()
+}
+
+/// Standard base64 (RFC 4648 section 4, with padding), as Secret `data` holds it (line breaks
+/// skipped: a long value comes wrapped).
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut bits, mut count) = (0u32, 0);
+    for c in text
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+    {
+        let value = ALPHABET
+            .iter()
+            .position(|&a| a == c)
+            .unwrap_or_else(|| panic!("{c:?} is not base64")) as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    out
 }
 
 #[test]
@@ -605,6 +735,309 @@ fn credentials_have_no_default_and_are_required() {
         gitignore.lines().any(|l| l.trim() == "*"),
         "secrets are git-ignored"
     );
+}
+
+/// The sensor id a publisher uses for `given` (K3SENSE_SENSOR_ID): as it is when it is a DNS label,
+/// else mapped like a node name (publisher/src/config.rs, `effective_id`).
+fn effective_sensor_id(given: &str) -> SensorId {
+    SensorId::new(given).unwrap_or_else(|_| SensorId::from_node_name(given).unwrap())
+}
+
+/// The broker's users file as the render generates it.
+fn rendered_users(target: &str, objects: &[Value]) -> String {
+    let broker = the_pod(objects, "broker");
+    let container = broker.containers().next().unwrap();
+    let path = env_value(container, "K3SENSE_USERS_FILE").expect("broker users file");
+    let (secret, key) = mounted_secret_key(target, &broker, path);
+    secret_value(objects, &secret, &key)
+}
+
+/// Issue 14: one MQTT account per sensor node, bound to that node's sensor id, never `publisher:*`.
+/// On each node the credentials were generated for, every publisher pod (the base's Deployment, the
+/// multi-sensor DaemonSets, every overlay's) logs in as `publisher-<node>` with the Secret key named
+/// after its node, and that account may publish the sensor id the pod uses there and no other.
+#[test]
+fn each_sensor_node_publishes_with_its_own_account_bound_to_its_sensor_id() {
+    let Some(renders) = renders() else { return };
+    for (target, objects) in renders {
+        let users_txt = rendered_users(target, objects);
+        let users = Users::parse(&users_txt)
+            .unwrap_or_else(|(line, why)| panic!("{target}: users.txt line {line}: {why}"));
+        assert!(
+            !users_txt
+                .lines()
+                .any(|l| !l.starts_with('#') && l.trim_end().ends_with(":publisher:*")),
+            "{target}: an account that may publish for every sensor:\n{users_txt}"
+        );
+        let publishers = pods_of(objects, "publisher");
+        assert!(!publishers.is_empty(), "{target}: no publisher");
+        for pod in &publishers {
+            let c = pod.containers().next().unwrap();
+            for node in SENSOR_NODES {
+                let env = pod_env(c, node);
+                let id = effective_sensor_id(&env["K3SENSE_SENSOR_ID"]);
+                let username = &env["K3SENSE_USERNAME"];
+                assert_eq!(
+                    username,
+                    &format!("publisher-{node}"),
+                    "{target}: {}",
+                    pod.id()
+                );
+                let (secret, key) = mounted_secret_key(target, pod, &env["K3SENSE_PASSWORD_FILE"]);
+                assert_eq!(key, node, "{target}: {} reads its node's key", pod.id());
+                let password = secret_value(objects, &secret, &key);
+                let role = users.authenticate(username, &password).unwrap_or_else(|| {
+                    panic!(
+                        "{target}: {} on {node} cannot log in as {username}",
+                        pod.id()
+                    )
+                });
+                assert_eq!(
+                    role,
+                    &Role::Publisher(Sensors::Only(vec![id.clone()])),
+                    "{target}: {username} may publish {id} only"
+                );
+                for other in SENSOR_NODES.iter().filter(|n| **n != node) {
+                    let other_id = SensorId::from_node_name(other).unwrap();
+                    let Role::Publisher(sensors) = role else {
+                        unreachable!()
+                    };
+                    assert!(
+                        !sensors.includes(other_id.as_str()),
+                        "{target}: {username} may publish {other}'s sensor"
+                    );
+                    let other_password = secret_value(objects, &secret, other);
+                    assert!(
+                        users.authenticate(username, &other_password).is_none(),
+                        "{target}: {username} logs in with {other}'s password"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The rendered base publisher, run as the kubelet would run it on node `pi-3.lan` (its env
+/// expanded, its password the Secret's `pi-3.lan` key), but with the simulated sensor, against a
+/// real broker holding the rendered users file: its readings, availability and Home Assistant
+/// discovery reach a reader under sensor id `pi-3-lan`, and the broker forbade none of its
+/// publishes or subscriptions — the per-node account covers everything the publisher does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_nodes_publisher_runs_with_its_rendered_account_and_stays_within_it() {
+    let Some(renders) = renders() else { return };
+    let objects = &renders["base"];
+    let node = "pi-3.lan";
+    let dir = scratch_dir("live-account");
+    let users_file = dir.join("users.txt");
+    let users_txt = rendered_users("base", objects) + "viewer:viewer-pw:reader\n";
+    std::fs::write(&users_file, users_txt).unwrap();
+    let mut config = k3sense_broker::Config::new(support::free_addr());
+    config.options.users_file = Some(users_file);
+    let started = k3sense_broker::start(&config).await.unwrap();
+    let addr = started.local_addr();
+    let metrics = started.metrics();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(started.serve(shutdown.clone()));
+
+    let pod = the_pod(objects, "publisher");
+    let c = pod.containers().next().unwrap();
+    let mut env = pod_env(c, node);
+    let (secret, key) = mounted_secret_key("base", &pod, &env["K3SENSE_PASSWORD_FILE"]);
+    let password_file = dir.join(&key);
+    std::fs::write(&password_file, secret_value(objects, &secret, &key)).unwrap();
+    let metrics_addr = support::free_addr().to_string();
+    for (var, value) in [
+        ("K3SENSE_BROKER", addr.to_string()),
+        ("K3SENSE_PASSWORD_FILE", password_file.display().to_string()),
+        ("K3SENSE_SENSOR", "sim".to_owned()),
+        ("K3SENSE_INTERVAL", "200ms".to_owned()),
+        ("K3SENSE_METRICS_LISTEN", metrics_addr),
+    ] {
+        env.insert(var.to_owned(), value);
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // Subscribed before the publisher starts, so every message it sends is seen live.
+    let mut rx = support::mqtt_subscriber_as(
+        addr,
+        &["k3sense/#", "homeassistant/#"],
+        ("viewer", "viewer-pw"),
+    )
+    .await;
+    let mut publisher = support::Proc::start_with_env(support::K3SENSE, &args, "info", &env);
+
+    let within = Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + within;
+    let (mut online, mut discovery, mut state) = (false, false, false);
+    let mut seen = std::collections::BTreeSet::new();
+    while !(online && discovery && state) {
+        let Ok(Some((topic, payload, _))) = tokio::time::timeout_at(deadline, rx.recv()).await
+        else {
+            panic!(
+                "no `online`, reading and discovery config of pi-3-lan; seen {seen:?}, broker {:?}; publisher log:\n{}",
+                metrics.snapshot(),
+                publisher.log()
+            );
+        };
+        online |= topic == "k3sense/pi-3-lan/availability" && payload == b"online";
+        discovery |= topic.starts_with("homeassistant/") && topic.contains("/k3sense_pi-3-lan/");
+        if topic == "k3sense/pi-3-lan/state" {
+            let reading: Value = serde_json::from_slice(&payload).unwrap();
+            assert_eq!(reading["sensor_id"], "pi-3-lan");
+            state = true;
+        }
+        seen.insert(topic);
+    }
+    let snapshot = metrics.snapshot();
+    assert_eq!(
+        (
+            snapshot.publishes_forbidden,
+            snapshot.subscriptions_forbidden
+        ),
+        (0, 0),
+        "the broker forbade part of what publisher-{node} did: {}",
+        publisher.log()
+    );
+    assert!(publisher.running());
+    shutdown.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An empty scratch directory under the target dir.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("deploy-manifests-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `deploy/gen-secrets.sh` without node names asks the cluster for the labelled nodes. kubectl is
+/// replaced by a script that answers as `kubectl get nodes -o name` does (one `node/<name>` line
+/// per node: kubectl's `name` output format, `<resource>/<name>`) and records its arguments.
+/// Run again after another node was labelled, it adds that node's account and keeps every
+/// password; it refuses a users.txt that still holds the `publisher:*` account of earlier versions,
+/// naming the deploy/README.md section that explains the upgrade.
+#[test]
+fn gen_secrets_asks_the_cluster_for_sensor_nodes_and_never_changes_a_password() {
+    if renders().is_none() {
+        return;
+    }
+    let dir = scratch_dir("gen-secrets");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let kubectl = bin.join("kubectl");
+    std::fs::write(
+        &kubectl,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {calls}\ncat {nodes}\n",
+            calls = dir.join("calls").display(),
+            nodes = dir.join("nodes").display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&kubectl)
+        .status()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let secrets = dir.join("secrets");
+    let run = |args: &[&str]| {
+        gen_secrets()
+            .arg("--dir")
+            .arg(&secrets)
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    let read = |file: &str| std::fs::read_to_string(secrets.join(file)).unwrap();
+
+    std::fs::write(dir.join("nodes"), "node/pi-1\nnode/pi-3.lan\n").unwrap();
+    let out = run(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let calls = std::fs::read_to_string(dir.join("calls")).unwrap();
+    assert_eq!(calls.trim(), "get nodes -l k3sense.io/sensor -o name");
+    let users = Users::parse(&read("users.txt")).unwrap();
+    let passwords = read("publisher-passwords.env");
+    let password_of = |passwords: &str, node: &str| -> String {
+        passwords
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{node}=")))
+            .unwrap_or_else(|| panic!("no password for {node} in {passwords}"))
+            .to_owned()
+    };
+    for (node, id) in [("pi-1", "pi-1"), ("pi-3.lan", "pi-3-lan")] {
+        let role = users.authenticate(&format!("publisher-{node}"), &password_of(&passwords, node));
+        let want = Role::Publisher(Sensors::Only(vec![SensorId::new(id).unwrap()]));
+        assert_eq!(role, Some(&want), "{node}");
+    }
+    let gateway = read("gateway.password");
+    assert_eq!(
+        users.authenticate("gateway", &gateway),
+        Some(&Role::Gateway)
+    );
+
+    // Another node labelled: its account is added, every password stays.
+    std::fs::write(dir.join("nodes"), "node/pi-1\nnode/pi-3.lan\nnode/pi-4\n").unwrap();
+    let out = run(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let again = read("publisher-passwords.env");
+    assert!(again.starts_with(&passwords), "{passwords} became {again}");
+    assert_eq!(again.lines().count(), 3);
+    assert_eq!(read("gateway.password"), gateway);
+    let users = Users::parse(&read("users.txt")).unwrap();
+    assert!(
+        users
+            .authenticate("publisher-pi-4", &password_of(&again, "pi-4"))
+            .is_some()
+    );
+    assert_eq!(users.len(), 4);
+
+    // No labelled node: an error that says what to do, and nothing written.
+    std::fs::write(dir.join("nodes"), "").unwrap();
+    let empty = dir.join("empty");
+    let out = gen_secrets()
+        .arg("--dir")
+        .arg(&empty)
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("kubectl label node"),
+        "{out:?}"
+    );
+    assert!(!empty.join("users.txt").exists());
+
+    // A users.txt from before: refused, pointing at the upgrade steps.
+    std::fs::write(
+        secrets.join("users.txt"),
+        read("users.txt") + "publisher:old-pw:publisher:*\n",
+    )
+    .unwrap();
+    let out = run(&["pi-5"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let section = "Upgrading from one shared publisher account";
+    assert!(stderr.contains(section), "{stderr}");
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("### {section}")),
+        "deploy/README.md has no section {section:?}"
+    );
+    assert!(!read("users.txt").contains("publisher-pi-5"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Whether `help` names `var` as a whole word (`K3SENSE_MAX_CLIENT` is not in `K3SENSE_MAX_CLIENTS`).
@@ -632,6 +1065,17 @@ fn port_of(address: &str) -> u16 {
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
         .unwrap_or_else(|| panic!("{address:?} is not host:port"))
+}
+
+/// Whether a value after `var`'s entry in the container's env refers to it as `$(var)`.
+fn expanded_later(container: &Value, var: &str) -> bool {
+    let env = container["env"].as_array().unwrap();
+    let at = env.iter().position(|e| e["name"] == var).unwrap();
+    env[at + 1..].iter().any(|e| {
+        e["value"]
+            .as_str()
+            .is_some_and(|v| v.contains(&format!("$({var})")))
+    })
 }
 
 #[test]
@@ -675,6 +1119,11 @@ fn environment_variables_are_ones_the_binary_reads() {
                 for env in c["env"].as_array().into_iter().flatten() {
                     let var = env["name"].as_str().unwrap();
                     if var == "RUST_LOG" {
+                        continue;
+                    }
+                    // A variable k3sense does not read is allowed only as the kubelet's input:
+                    // a later value of the same container says `$(VAR)` (NODE_NAME, step 5).
+                    if !var.starts_with("K3SENSE_") && expanded_later(c, var) {
                         continue;
                     }
                     assert!(

@@ -400,6 +400,12 @@ impl Proc {
     /// Like [`Proc::start`], with `RUST_LOG` set to `filter` (say `info,rumqttd=warn` where
     /// thousands of connections would each log a line at `info`).
     pub fn start_logging(bin: &str, args: &[&str], filter: &str) -> Self {
+        Self::start_with_env(bin, args, filter, &[])
+    }
+
+    /// Like [`Proc::start_logging`], with these environment variables set as well (say the
+    /// `K3SENSE_*` values of a rendered pod spec); the caller's own `K3SENSE_*` are still removed.
+    pub fn start_with_env(bin: &str, args: &[&str], filter: &str, env: &[(&str, &str)]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "k3sense-test-{}-{}.log",
             std::process::id(),
@@ -414,6 +420,7 @@ impl Proc {
         }
         let child = command
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", filter)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -485,15 +492,43 @@ pub async fn mqtt_subscriber(
     broker: SocketAddr,
     filter: &str,
 ) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
+    subscriber(broker, &[filter], None).await
+}
+
+/// [`mqtt_subscriber`] for a broker with a users file: logs in as `(username, password)` and
+/// subscribes to every filter of `filters` (QoS 1).
+pub async fn mqtt_subscriber_as(
+    broker: SocketAddr,
+    filters: &[&str],
+    login: (&str, &str),
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
+    subscriber(broker, filters, Some(login)).await
+}
+
+async fn subscriber(
+    broker: SocketAddr,
+    filters: &[&str],
+    login: Option<(&str, &str)>,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let mut options = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", broker.port());
     options.set_keep_alive(Duration::from_secs(5));
+    if let Some((username, password)) = login {
+        options.set_credentials(username, password);
+    }
     let (client, mut events) = AsyncClient::new(options, 10);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    for filter in filters {
+        client.subscribe(*filter, QoS::AtLeastOnce).await.unwrap();
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Returns once every SUBACK is in: what is published after that is delivered.
+    let (subscribed, mut acked) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _client = client;
         while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::SubAck(_)) = event {
+                let _ = subscribed.send(());
+            }
             if let Event::Incoming(Packet::Publish(p)) = event {
                 if tx
                     .send((p.topic.clone(), p.payload.to_vec(), p.retain))
@@ -504,6 +539,12 @@ pub async fn mqtt_subscriber(
             }
         }
     });
+    for _ in filters {
+        tokio::time::timeout(Duration::from_secs(10), acked.recv())
+            .await
+            .expect("no SUBACK within 10 s")
+            .expect("the subscriber's connection ended before its SUBACK");
+    }
     rx
 }
 
