@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use support::{
     broker_proc,
     browser::{Browser, tools},
-    free_port,
+    free_addr, http_get, sensor_history, start_broker, wait_ready,
 };
 
 /// One Chromium at a time.
@@ -93,21 +93,14 @@ impl Browser {
     }
 }
 
-async fn start_broker() -> SocketAddr {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let started = k3sense_broker::start(&k3sense_broker::Config::new(addr))
-        .await
-        .unwrap();
-    tokio::spawn(started.serve(CancellationToken::new()));
-    addr
-}
-
+/// A gateway at a fixed address, unlike support's (port 0): the restart test brings it back where
+/// the page looks for it.
 struct Gateway {
     shutdown: CancellationToken,
     task: JoinHandle<k3sense_gateway::Result<()>>,
 }
 
-/// A gateway on `addr` (a fixed port, so it can be restarted where the page looks for it).
+/// A gateway on `addr`, ready and subscribed to `broker`.
 async fn start_gateway(addr: SocketAddr, broker: SocketAddr) -> Gateway {
     let listener = TcpListener::bind(addr).await.unwrap();
     let mut config = k3sense_gateway::Config::new(addr, broker.to_string());
@@ -117,11 +110,7 @@ async fn start_gateway(addr: SocketAddr, broker: SocketAddr) -> Gateway {
     };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(k3sense_gateway::serve(listener, config, shutdown.clone()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "the gateway never got ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_ready(addr).await;
     Gateway { shutdown, task }
 }
 
@@ -130,20 +119,6 @@ impl Gateway {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    response
 }
 
 /// A stand-in publisher: rumqttc with `offline` as its last will, its event loop in a task.
@@ -218,8 +193,7 @@ impl Publisher {
 async fn wait_history(gateway: SocketAddr, sensor: &str, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let response = http_get(gateway, &format!("/api/sensors/{sensor}/history")).await;
-        let held = response.matches("\"seq\"").count();
+        let held = sensor_history(gateway, sensor).await.len();
         if held >= count {
             return;
         }
@@ -238,7 +212,7 @@ async fn the_page_shows_live_stale_offline_and_reconnects() {
     };
     let _one_at_a_time = BROWSER.lock().await;
     let broker = start_broker().await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr = free_addr();
     let gateway = start_gateway(addr, broker).await;
     let publisher = Publisher::connect(broker, "pub-a", "pi-1").await;
     publisher.availability("pi-1", "online").await;
@@ -275,6 +249,7 @@ async fn the_page_shows_live_stale_offline_and_reconnects() {
 
     // 2. Readings every 300 ms, then none: stale after three intervals (floored at 1 s each).
     for _ in 0..5 {
+        // Pacing, not a wait for an event: the page derives the sensor's interval from these gaps.
         tokio::time::sleep(Duration::from_millis(300)).await;
         seq += 1;
         publisher.reading("pi-1", seq, 22.8, 41.0, Utc::now()).await;
@@ -390,9 +365,9 @@ async fn the_page_shows_a_banner_while_the_broker_is_down() {
         return;
     };
     let _one_at_a_time = BROWSER.lock().await;
-    let broker: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let broker = free_addr();
     let mut broker_child = broker_proc(broker);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr = free_addr();
     let gateway = start_gateway(addr, broker).await;
     let publisher = Publisher::connect(broker, "pub-banner", "pi-b").await;
     publisher.availability("pi-b", "online").await;
@@ -425,7 +400,7 @@ async fn the_page_shows_a_banner_while_the_broker_is_down() {
     let card = browser.card("pi-b").await;
     assert_eq!(card["connection"], "connected", "{card}");
     assert_eq!(card["temperature"], "21.5", "{card}");
-    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
     browser.screenshot("broker-unreachable-desktop-light").await;
 
     // Back on the same port: the banner goes, the page never reloaded.
@@ -446,7 +421,7 @@ async fn screenshots_light_and_dark_on_desktop_and_phone() {
     };
     let _one_at_a_time = BROWSER.lock().await;
     let broker = start_broker().await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr = free_addr();
     let gateway = start_gateway(addr, broker).await;
     let now = Utc::now();
     let live = Publisher::connect(broker, "pub-live", "greenhouse").await;

@@ -392,15 +392,24 @@ async fn check_fails_a_ready_gateway_that_lost_its_broker() {
     let broker = Proc::start(BIN, &["broker", "--listen", &mqtt.to_string()]);
     let stop = CancellationToken::new();
     let (gateway, _) = start_gateway(mqtt, stop.clone()).await;
+    let mut ws = ws_connect(gateway).await;
+    assert_eq!(
+        ws_next(&mut ws, Duration::from_secs(5)).await["type"],
+        "snapshot"
+    );
     broker.signal("KILL");
     drop(broker);
-    while !http_get(gateway, "/api/status")
-        .await
-        .1
-        .contains("unreachable")
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The gateway tells its WebSocket clients when it loses the broker.
+    ws_until(&mut ws, Duration::from_secs(20), |m| {
+        m["type"] == "broker" && m["status"] == "unreachable"
+    })
+    .await;
+    assert!(
+        http_get(gateway, "/api/status")
+            .await
+            .1
+            .contains("unreachable")
+    );
     let url = format!("http://{gateway}");
     let (code, stdout, _) = run(k3sense(&[
         "check",

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 mod support;
 use support::{
     Ws, free_port, http_get, metric, spawn_gateway, start_broker, wait_metric, wait_ready,
+    ws_connect,
 };
 
 /// Upper bound for anything that should happen "at once".
@@ -92,10 +93,6 @@ fn reading_json(id: &str, seq: u64, temperature: f64) -> String {
     .unwrap()
 }
 
-async fn ws_connect(addr: SocketAddr) -> Ws {
-    connect_async(format!("ws://{addr}/ws")).await.unwrap().0
-}
-
 /// The next text message as JSON (pings and pongs skipped).
 async fn next_json(ws: &mut Ws) -> Value {
     loop {
@@ -126,17 +123,28 @@ async fn next_close(ws: &mut Ws) -> CloseCode {
     }
 }
 
-/// Polls until the gateway knows `id` (retained messages arrive after the subscription).
-async fn wait_sensor(addr: SocketAddr, id: &str) {
-    let deadline = Instant::now() + SOON;
-    while !http_get(addr, "/api/sensors")
-        .await
-        .1
-        .contains(&format!("\"{id}\""))
-    {
-        assert!(Instant::now() < deadline, "sensor {id} never appeared");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits until the gateway holds `id`'s reading `seq` and `status` (the retained messages arrive
+/// after its subscription, in either order): on a WebSocket of its own, in the snapshot or as
+/// they arrive.
+async fn wait_sensor(addr: SocketAddr, id: &str, seq: u64, status: &str) {
+    let mut ws = ws_connect(addr).await;
+    let snapshot = next_json(&mut ws).await;
+    let known = snapshot["sensors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["sensor_id"] == id);
+    let mut has_seq = known.is_some_and(|s| s["latest"]["seq"] == seq);
+    let mut has_status = known.is_some_and(|s| s["status"] == status);
+    while !(has_seq && has_status) {
+        let message = next_json(&mut ws).await;
+        if message["sensor_id"] == id {
+            has_seq |= message["type"] == "reading" && message["seq"] == seq;
+            has_status |= message["type"] == "availability" && message["status"] == status;
+        }
     }
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +154,7 @@ async fn snapshot_then_live_readings_and_availability() {
     mqtt.publish("k3sense/pi-1/availability", "online").await;
     mqtt.reading("pi-1", 1, 21.5).await;
     let mut gw = spawn_gateway(broker, Options::default()).await;
-    wait_sensor(gw.addr, "pi-1").await;
+    wait_sensor(gw.addr, "pi-1", 1, "online").await;
 
     let mut ws = ws_connect(gw.addr).await;
     let snapshot = next_json(&mut ws).await;
@@ -181,7 +189,8 @@ async fn snapshot_then_live_readings_and_availability() {
         metric(gw.addr, "k3sense_gateway_broker_connected").await,
         1.0
     );
-    assert_eq!(metric(gw.addr, "k3sense_gateway_ws_clients").await, 1.0);
+    // One client: wait_sensor's has closed (the gateway counts it out once its handler ends).
+    wait_metric(gw.addr, "k3sense_gateway_ws_clients", |v| v == 1.0).await;
     gw.shutdown.cancel();
     assert_eq!(next_close(&mut ws).await, CloseCode::Away);
     while let Some(Ok(_)) = ws.next().await {}
