@@ -48,6 +48,7 @@
 //! | `tls` | the TLS acceptor from PEM files |
 //! | `session` | one connection: CONNECT, authentication, authorisation, relaying to rumqttd |
 //! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
+//! | `v5` | MQTT 5 and 3.1 clients on the same port: their packets translated to and from 3.1.1 |
 //! | `retained` | which topics hold a retained message |
 //! | `registry` | live client ids (takeover) and the slot ids rumqttd sees for clean sessions |
 //! | `metrics`, `exporter` | [`Metrics`] and `--metrics-listen` |
@@ -71,6 +72,7 @@ mod session;
 mod throttle;
 mod tls;
 mod users;
+mod v5;
 
 use std::{
     net::SocketAddr,

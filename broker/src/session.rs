@@ -63,6 +63,7 @@ use crate::{
     retained::RetainedTopics,
     throttle::{Throttle, Turn},
     users::Role,
+    v5::{self, Codec, Origin, Version},
 };
 
 /// The keepalive the proxy announces to rumqttd for every client (rumqttd refuses 0), and keeps
@@ -100,12 +101,22 @@ pub(crate) struct Shared {
     pub(crate) max_subscriptions: usize,
 }
 
-/// Who is on the other end, for log lines.
+/// Who is on the other end, for log lines, and how to speak its MQTT version.
 struct Client<'a> {
     peer: SocketAddr,
     id: &'a str,
     user: Option<&'a str>,
     role: &'a Role,
+    codec: &'a Codec,
+}
+
+/// A client's CONNECT, as 3.1.1, with what its own version adds.
+struct Greeting {
+    connect: Connect,
+    /// Any stored session of this client id is discarded first (3.1.1's clean session,
+    /// MQTT 5's Clean Start).
+    clean_start: bool,
+    codec: Codec,
 }
 
 /// How the client side of a connection ended.
@@ -143,7 +154,7 @@ pub(crate) async fn run<S>(
             return;
         }
     };
-    let connect = match read {
+    let greeting = match read {
         Err(_) => {
             metrics.refused(Reason::ConnectTimeout);
             // Debug, not info: a flood of silent sockets would be a flood of lines (counted in
@@ -151,17 +162,31 @@ pub(crate) async fn run<S>(
             tracing::debug!(%peer, "closed: no CONNECT within --connect-timeout");
             return;
         }
-        Ok(Ok(Some(connect))) => connect,
+        Ok(Ok(Some(greeting))) => greeting,
         Ok(Ok(None)) => return,
         Ok(Err(Refusal::Version(level))) => {
             metrics.refused(Reason::ProtocolVersion);
-            tracing::info!(%peer, level, "refused: only MQTT 3.1.1 (protocol level 4) is served");
+            tracing::info!(%peer, level, "refused: only MQTT 3.1, 3.1.1 and 5 (protocol levels 3, 4, 5) are served");
             let _ = refuse(
                 &mut client_wr,
                 ConnectReturnCode::RefusedProtocolVersion,
+                &Codec::new(Version::V311, None),
                 &mut scratch,
             )
             .await;
+            return;
+        }
+        Ok(Err(Refusal::V5(code))) => {
+            metrics.refused(Reason::ProtocolVersion);
+            tracing::info!(%peer, ?code, "refused: an MQTT 5 CONNECT asking for what is not served");
+            if let Ok(bytes) = v5::bytes_of(&v5::refusal(code)) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    use tokio::io::AsyncWriteExt;
+                    client_wr.write_all(&bytes).await?;
+                    client_wr.flush().await
+                })
+                .await;
+            }
             return;
         }
         Ok(Err(Refusal::Frame(e))) => {
@@ -172,7 +197,8 @@ pub(crate) async fn run<S>(
         }
     };
 
-    let role = match login(&shared, peer, &connect, deadline, &pending).await {
+    let connect = &greeting.connect;
+    let role = match login(&shared, peer, connect, deadline, &pending).await {
         Ok(role) => role,
         Err((code, reason)) => {
             if let Some(reason) = reason {
@@ -181,7 +207,7 @@ pub(crate) async fn run<S>(
                 tracing::info!(%peer, client_id = %Clip(&connect.client_id), user = %clip_opt(user), reason = reason.as_str(), "refused");
             }
             if let Some(code) = code {
-                let _ = refuse(&mut client_wr, code, &mut scratch).await;
+                let _ = refuse(&mut client_wr, code, &greeting.codec, &mut scratch).await;
             }
             return;
         }
@@ -191,7 +217,7 @@ pub(crate) async fn run<S>(
     // Boxed: a socket that is still pending (thousands of silent ones, in a flood) then holds
     // only the small login state, not the relay's (measured: a 6 KiB task each before).
     Box::pin(logged_in(
-        client_rd, client_wr, reader, scratch, peer, connect, role, shared, shutdown,
+        client_rd, client_wr, reader, scratch, peer, greeting, role, shared, shutdown,
     ))
     .await;
 }
@@ -205,7 +231,7 @@ async fn logged_in<R, W>(
     mut reader: FrameReader,
     mut scratch: BytesMut,
     peer: SocketAddr,
-    connect: Connect,
+    greeting: Greeting,
     role: Role,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -214,12 +240,18 @@ async fn logged_in<R, W>(
     W: AsyncWrite + Unpin,
 {
     let metrics = &shared.metrics;
+    let Greeting {
+        connect,
+        clean_start,
+        codec,
+    } = greeting;
     let user = connect.login.as_ref().map(|l| l.username.clone());
     let client = Client {
         peer,
         id: &connect.client_id,
         user: user.as_deref(),
         role: &role,
+        codec: &codec,
     };
 
     if let Some(will) = &connect.last_will {
@@ -242,6 +274,7 @@ async fn logged_in<R, W>(
             let _ = refuse(
                 &mut client_wr,
                 ConnectReturnCode::NotAuthorized,
+                &codec,
                 &mut scratch,
             )
             .await;
@@ -255,6 +288,7 @@ async fn logged_in<R, W>(
         let _ = refuse(
             &mut client_wr,
             ConnectReturnCode::ServiceUnavailable,
+            &codec,
             &mut scratch,
         )
         .await;
@@ -268,17 +302,23 @@ async fn logged_in<R, W>(
             connect.client_id
         )
     });
-    let persistent = (!connect.clean_session).then(|| {
-        internal_client_id(
-            shared
-                .users
-                .is_some()
-                .then(|| user.as_deref().unwrap_or_default()),
-            &connect.client_id,
-        )
-    });
-    let registration = shared.registry.register(key, persistent);
+    let session_id = internal_client_id(
+        shared
+            .users
+            .is_some()
+            .then(|| user.as_deref().unwrap_or_default()),
+        &connect.client_id,
+    );
+    let persistent = (!connect.clean_session).then(|| session_id.clone());
+    let discard = (clean_start && !session_id.is_empty()).then_some(session_id);
+    let registration = shared.registry.register(key, persistent, discard);
     metrics.client_id_slots(shared.registry.slots());
+    // A takeover: the old connection ends (publishing its will) before this one is answered,
+    // so its will can never follow this client's own messages.
+    registration.after_previous(UPSTREAM_TIMEOUT * 2).await;
+    if let Some(stored) = &registration.discard {
+        discard_session(&shared.upstream, stored, &shutdown).await;
+    }
     let upstream =
         match connect_upstream(&shared.upstream, &connect, &registration.internal_id).await {
             Ok(upstream) => upstream,
@@ -288,6 +328,7 @@ async fn logged_in<R, W>(
                 let _ = refuse(
                     &mut client_wr,
                     ConnectReturnCode::ServiceUnavailable,
+                    &codec,
                     &mut scratch,
                 )
                 .await;
@@ -295,9 +336,15 @@ async fn logged_in<R, W>(
             }
         };
     let (mut up_rd, mut up_wr, ack, mut up_reader) = upstream;
-    if frame::write(&mut client_wr, &Packet::ConnAck(ack.clone()), &mut scratch)
-        .await
-        .is_err()
+    if frame::write_to_client(
+        &mut client_wr,
+        &Packet::ConnAck(ack.clone()),
+        &codec,
+        Origin::Relay,
+        &mut scratch,
+    )
+    .await
+    .is_err()
         || ack.code != ConnectReturnCode::Success
     {
         return;
@@ -311,10 +358,12 @@ async fn logged_in<R, W>(
     let mut refusals = Refusals::default();
     let end = tokio::select! {
         end = client_to_broker(&shared, &client, connect.keep_alive, &mut reader, &mut client_rd, &mut up_wr, &local_tx, &pending, &mut refusals) => end,
-        () = broker_to_client(metrics, &mut up_reader, &mut up_rd, &mut client_wr, local_rx, &pending) => End::Abrupt,
+        () = broker_to_client(metrics, &mut up_reader, &mut up_rd, &mut client_wr, local_rx, &pending, &codec) => End::Abrupt,
         () = registration.taken_over.cancelled() => {
+            // As Mosquitto does (and MQTT 5 says: the network connection closed without a
+            // DISCONNECT), the old connection's will is published; the new one waits for it.
             tracing::info!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), "closed: a new connection took over this client id");
-            End::Disconnect
+            End::Abrupt
         }
         () = shutdown.cancelled() => End::Shutdown,
     };
@@ -404,25 +453,46 @@ async fn until_upstream_closes<R: AsyncRead + Unpin>(up_rd: &mut R, shutdown: &C
 /// Why a connection got no further than its first packet.
 enum Refusal {
     Version(u8),
+    V5(rumqttc::v5::mqttbytes::v5::ConnectReturnCode),
     Frame(FrameError),
 }
 
+/// Reads the CONNECT of MQTT 3.1.1, 3.1 (rewritten to 3.1.1) or 5 (translated, see `v5`).
 async fn read_connect<R: AsyncRead + Unpin>(
     reader: &mut FrameReader,
     stream: &mut R,
-) -> Result<Option<Connect>, Refusal> {
-    match reader.first(stream).await.map_err(Refusal::Frame)? {
+) -> Result<Option<Greeting>, Refusal> {
+    let version = match reader.first(stream).await.map_err(Refusal::Frame)? {
         First::Closed => return Ok(None),
         First::NotConnect => {
             return Err(Refusal::Frame(FrameError::Malformed(
                 rumqttc::mqttbytes::Error::IncorrectPacketFormat,
             )));
         }
-        First::Connect(4) => {}
+        First::Connect(4) => Version::V311,
+        First::Connect(3) if reader.accept_v31() => Version::V31,
+        First::Connect(5) => {
+            use rumqttc::v5::mqttbytes::v5::Packet as P5;
+            let P5::Connect(connect, will, login) =
+                reader.take_v5_connect().map_err(Refusal::Frame)?
+            else {
+                return Err(Refusal::Frame(FrameError::Truncated));
+            };
+            let hello = v5::connect_from_v5(connect, will, login).map_err(Refusal::V5)?;
+            return Ok(Some(Greeting {
+                connect: hello.connect,
+                clean_start: hello.clean_start,
+                codec: Codec::new(Version::V5, hello.assigned_id),
+            }));
+        }
         First::Connect(level) => return Err(Refusal::Version(level)),
-    }
+    };
     match reader.next(stream).await.map_err(Refusal::Frame)? {
-        Some(Packet::Connect(connect)) => Ok(Some(connect)),
+        Some(Packet::Connect(connect)) => Ok(Some(Greeting {
+            clean_start: connect.clean_session,
+            connect,
+            codec: Codec::new(version, None),
+        })),
         Some(_) | None => Err(Refusal::Frame(FrameError::Truncated)),
     }
 }
@@ -506,12 +576,35 @@ fn authenticate(users: Option<&Users>, login: Option<&Login>) -> Result<Role, Co
 async fn refuse<W: AsyncWrite + Unpin>(
     stream: &mut W,
     code: ConnectReturnCode,
+    codec: &Codec,
     scratch: &mut BytesMut,
 ) -> std::io::Result<()> {
     let ack = Packet::ConnAck(ConnAck::new(code, false));
-    tokio::time::timeout(Duration::from_secs(1), frame::write(stream, &ack, scratch))
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        frame::write_to_client(stream, &ack, codec, Origin::Front, scratch),
+    )
+    .await
+    .unwrap_or(Ok(()))
+}
+
+/// Makes rumqttd drop the stored session `internal_id` (a client starting clean after it had
+/// a persistent session): a clean-session connection under that id, then DISCONNECT. rumqttd
+/// would otherwise keep the old session for the next persistent connect, which would get
+/// messages queued under subscriptions it gave up.
+async fn discard_session(upstream: &Upstream, internal_id: &str, shutdown: &CancellationToken) {
+    let mut connect = Connect::new(internal_id);
+    connect.clean_session = true;
+    let Ok((mut rd, mut wr, _, _)) = connect_upstream(upstream, &connect, internal_id).await else {
+        return;
+    };
+    let mut scratch = BytesMut::new();
+    if frame::write(&mut wr, &Packet::Disconnect, &mut scratch)
         .await
-        .unwrap_or(Ok(()))
+        .is_ok()
+    {
+        until_upstream_closes(&mut rd, shutdown).await;
+    }
 }
 
 type Upstreamed = (UpstreamRead, OwnedWriteHalf, ConnAck, FrameReader);
@@ -822,6 +915,9 @@ where
             }
             Packet::Disconnect => return End::Disconnect,
             Packet::Unsubscribe(unsubscribe) => {
+                client
+                    .codec
+                    .unsubscribing(unsubscribe.pkid, unsubscribe.topics.len());
                 for filter in &unsubscribe.topics {
                     subscriptions.remove(filter);
                 }
@@ -930,30 +1026,31 @@ async fn broker_to_client<R, W>(
     client_wr: &mut W,
     mut local: mpsc::Receiver<Packet>,
     pending: &PendingSubacks,
+    codec: &Codec,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut scratch = BytesMut::new();
     loop {
-        let packet = tokio::select! {
+        let (packet, origin) = tokio::select! {
             packet = reader.next(up_rd) => match packet {
                 Ok(Some(Packet::PingResp)) => continue,
-                Ok(Some(Packet::SubAck(ack))) => Packet::SubAck(pending.merge(ack)),
+                Ok(Some(Packet::SubAck(ack))) => (Packet::SubAck(pending.merge(ack)), Origin::Relay),
                 Ok(Some(packet)) => {
                     if matches!(packet, Packet::Publish(_)) {
                         metrics.publish_delivered();
                     }
-                    packet
+                    (packet, Origin::Relay)
                 }
                 Ok(None) | Err(_) => return,
             },
             reply = local.recv() => match reply {
-                Some(reply) => reply,
+                Some(reply) => (reply, Origin::Front),
                 None => return,
             },
         };
-        if frame::write(client_wr, &packet, &mut scratch)
+        if frame::write_to_client(client_wr, &packet, codec, origin, &mut scratch)
             .await
             .is_err()
         {
@@ -972,7 +1069,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn frame_reason(e: &FrameError) -> Reason {
     match e {
         FrameError::Oversized(_) => Reason::Oversized,
-        FrameError::Truncated | FrameError::Malformed(_) | FrameError::Io(_) => Reason::Malformed,
+        FrameError::Truncated
+        | FrameError::Malformed(_)
+        | FrameError::Protocol(_)
+        | FrameError::Io(_) => Reason::Malformed,
     }
 }
 
