@@ -8,6 +8,8 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4::Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::metrics::Reason;
+
 /// Why a stream stopped yielding packets.
 #[derive(Debug)]
 pub(crate) enum FrameError {
@@ -28,6 +30,37 @@ impl std::fmt::Display for FrameError {
             Self::Oversized(n) => write!(f, "packet of {n} bytes is over the limit"),
             Self::Malformed(e) => write!(f, "malformed packet: {e}"),
             Self::Io(e) => write!(f, "socket error: {e}"),
+        }
+    }
+}
+
+impl FrameError {
+    /// The reason a connection closed for this error is counted under.
+    pub(crate) fn reason(&self) -> Reason {
+        match self {
+            Self::Oversized(_) => Reason::Oversized,
+            Self::Truncated | Self::Malformed(_) | Self::Io(_) => Reason::Malformed,
+        }
+    }
+}
+
+/// One side of a connection: its read and write halves, the reader's buffer, and a buffer for
+/// writing packets, which the handshake and then the relay use in turn.
+pub(crate) struct Framed<R, W> {
+    pub(crate) rd: R,
+    pub(crate) wr: W,
+    pub(crate) reader: FrameReader,
+    pub(crate) scratch: BytesMut,
+}
+
+impl<R, W> Framed<R, W> {
+    /// Reads packets of at most `max` bytes of remaining length from `rd`.
+    pub(crate) fn new(rd: R, wr: W, max: usize) -> Self {
+        Self {
+            rd,
+            wr,
+            reader: FrameReader::new(max),
+            scratch: BytesMut::new(),
         }
     }
 }
