@@ -13,6 +13,8 @@
 
 use std::collections::HashSet;
 
+use tokio::time::Instant;
+
 use rumqttc::mqttbytes::{
     QoS,
     v4::{Packet, PubAck, PubComp, PubRec, Publish, SubAck, Subscribe, SubscribeReasonCode},
@@ -23,6 +25,7 @@ use crate::{
     acl::{Acl, PublishVerdict, SubscribeVerdict},
     filters::{FilterTable, Refused, Subscriptions},
     metrics::Reason,
+    replays::{AccountBuckets, Bucket, PER_CONNECTION},
     retained::RetainedTopics,
     users::Role,
 };
@@ -32,6 +35,8 @@ pub(crate) struct Rules<'a> {
     pub(crate) acl: &'a Acl,
     pub(crate) retained: &'a RetainedTopics,
     pub(crate) filters: &'a FilterTable,
+    /// The accounts' replay-request allowances.
+    pub(crate) replays: &'a AccountBuckets,
     /// `--max-payload`.
     pub(crate) max_payload: usize,
 }
@@ -45,6 +50,8 @@ pub(crate) enum Dropped {
     WouldErase,
     /// The payload is over its topic family's cap.
     TooLarge,
+    /// A replay request over the connection's or the account's rate (see `replays`).
+    RateLimited,
 }
 
 impl Dropped {
@@ -54,6 +61,9 @@ impl Dropped {
             Self::WouldErase => "an empty non-retained payload would erase a retained message",
             Self::TooLarge => {
                 "the payload is over its topic's cap (1 KiB for readings and replays, 16 bytes for availability)"
+            }
+            Self::RateLimited => {
+                "replay requests over 2 a second per connection (after 10 at once) or 4 a second per account (after 20)"
             }
         }
     }
@@ -140,6 +150,8 @@ pub(crate) struct Judge<'a> {
     subscriptions: Subscriptions,
     /// Packet ids of dropped QoS 2 PUBLISHes whose PUBREL the proxy answers itself.
     dropped_qos2: HashSet<u16>,
+    /// This connection's replay-request allowance.
+    replays: Bucket,
 }
 
 impl<'a> Judge<'a> {
@@ -155,13 +167,14 @@ impl<'a> Judge<'a> {
             account,
             subscriptions: Subscriptions::new(max_subscriptions),
             dropped_qos2: HashSet::new(),
+            replays: Bucket::new(PER_CONNECTION, Instant::now()),
         }
     }
 
-    /// Decides what to do with `packet`.
-    pub(crate) fn judge(&mut self, packet: Packet) -> Action {
+    /// Decides what to do with `packet`, which arrived at `now`.
+    pub(crate) fn judge(&mut self, packet: Packet, now: Instant) -> Action {
         match packet {
-            Packet::Publish(publish) => self.publish(publish),
+            Packet::Publish(publish) => self.publish(publish, now),
             Packet::PubRel(rel) if self.dropped_qos2.remove(&rel.pkid) => {
                 Action::Answer(Packet::PubComp(PubComp::new(rel.pkid)))
             }
@@ -185,7 +198,7 @@ impl<'a> Judge<'a> {
         }
     }
 
-    fn publish(&mut self, publish: Publish) -> Action {
+    fn publish(&mut self, publish: Publish, now: Instant) -> Action {
         if publish.topic.is_empty() || !valid_topic(&publish.topic) {
             return Action::Close(
                 Reason::Malformed,
@@ -210,6 +223,9 @@ impl<'a> Judge<'a> {
             Dropped::TooLarge
         } else {
             match self.verdict(&publish) {
+                PublishVerdict::Allow if !self.replay_allowed(&publish.topic, now) => {
+                    Dropped::RateLimited
+                }
                 PublishVerdict::Allow => {
                     if publish.retain {
                         let empty = publish.payload.is_empty();
@@ -240,6 +256,13 @@ impl<'a> Judge<'a> {
             }
             verdict => verdict,
         }
+    }
+
+    /// Whether a publish to `topic` is within the replay-request rates (any other topic is).
+    fn replay_allowed(&mut self, topic: &str, now: Instant) -> bool {
+        !self.rules.acl.is_replay_request(topic)
+            || (self.replays.take(PER_CONNECTION, now)
+                && self.rules.replays.take(self.account, now))
     }
 
     fn drop_publish(&mut self, publish: Publish, why: Dropped) -> Action {
@@ -325,6 +348,7 @@ mod tests {
         acl: Acl,
         retained: RetainedTopics,
         filters: FilterTable,
+        replays: AccountBuckets,
     }
 
     impl Tables {
@@ -333,6 +357,7 @@ mod tests {
                 acl: Acl::new("k3sense"),
                 retained: RetainedTopics::default(),
                 filters: FilterTable::new(100, 10),
+                replays: AccountBuckets::default(),
             }
         }
 
@@ -341,9 +366,16 @@ mod tests {
                 acl: &self.acl,
                 retained: &self.retained,
                 filters: &self.filters,
+                replays: &self.replays,
                 max_payload: 4096,
             };
             Judge::new(rules, role, "acct", 3)
+        }
+    }
+
+    impl Judge<'_> {
+        fn judge_now(&mut self, packet: Packet) -> Action {
+            self.judge(packet, Instant::now())
         }
     }
 
@@ -365,7 +397,7 @@ mod tests {
         let t = Tables::new();
         let role = pi_1();
         let mut judge = t.judge(&role);
-        let action = judge.judge(publish(
+        let action = judge.judge_now(publish(
             "k3sense/pi-1/state",
             b"{}",
             QoS::AtLeastOnce,
@@ -383,7 +415,7 @@ mod tests {
         let mut judge = t.judge(&role);
         let at = |qos, pkid| publish("k3sense/pi-2/state", b"{}", qos, false, pkid);
         assert_eq!(
-            judge.judge(at(QoS::AtLeastOnce, 5)),
+            judge.judge_now(at(QoS::AtLeastOnce, 5)),
             Action::Drop {
                 why: Dropped::Forbidden,
                 topic: "k3sense/pi-2/state".to_owned(),
@@ -392,24 +424,24 @@ mod tests {
             }
         );
         assert!(matches!(
-            judge.judge(at(QoS::AtMostOnce, 0)),
+            judge.judge_now(at(QoS::AtMostOnce, 0)),
             Action::Drop { ack: None, .. }
         ));
         // QoS 2: PUBREC now, and the PUBREL is answered here, not forwarded.
         assert!(matches!(
-            judge.judge(at(QoS::ExactlyOnce, 9)),
+            judge.judge_now(at(QoS::ExactlyOnce, 9)),
             Action::Drop {
                 ack: Some(Packet::PubRec(_)),
                 ..
             }
         ));
         assert_eq!(
-            judge.judge(Packet::PubRel(PubRel::new(9))),
+            judge.judge_now(Packet::PubRel(PubRel::new(9))),
             Action::Answer(Packet::PubComp(PubComp::new(9)))
         );
         // A PUBREL for a forwarded QoS 2 message goes to rumqttd.
         assert_eq!(
-            judge.judge(Packet::PubRel(PubRel::new(9))),
+            judge.judge_now(Packet::PubRel(PubRel::new(9))),
             Action::Forward(Packet::PubRel(PubRel::new(9)))
         );
     }
@@ -419,17 +451,17 @@ mod tests {
         let t = Tables::new();
         let role = Role::Admin;
         let mut judge = t.judge(&role);
-        judge.judge(publish("other/topic", b"x", QoS::AtMostOnce, true, 0));
+        judge.judge_now(publish("other/topic", b"x", QoS::AtMostOnce, true, 0));
         // rumqttd would erase the retained message on this: dropped.
         assert!(matches!(
-            judge.judge(publish("other/topic", b"", QoS::AtMostOnce, false, 0)),
+            judge.judge_now(publish("other/topic", b"", QoS::AtMostOnce, false, 0)),
             Action::Drop {
                 why: Dropped::WouldErase,
                 ..
             }
         ));
         assert!(matches!(
-            judge.judge(publish(
+            judge.judge_now(publish(
                 "k3sense/pi-1/state",
                 b"",
                 QoS::AtMostOnce,
@@ -443,7 +475,7 @@ mod tests {
         ));
         // A retained empty publish clears it, as MQTT says.
         assert!(matches!(
-            judge.judge(publish("other/topic", b"", QoS::AtMostOnce, true, 0)),
+            judge.judge_now(publish("other/topic", b"", QoS::AtMostOnce, true, 0)),
             Action::Publish(_)
         ));
         assert!(!t.retained.holds("other/topic"));
@@ -456,7 +488,7 @@ mod tests {
         let mut judge = t.judge(&role);
         let big = vec![b'x'; 1025];
         assert!(matches!(
-            judge.judge(publish(
+            judge.judge_now(publish(
                 "k3sense/pi-1/state",
                 &big,
                 QoS::AtLeastOnce,
@@ -470,7 +502,7 @@ mod tests {
             }
         ));
         assert!(matches!(
-            judge.judge(publish(
+            judge.judge_now(publish(
                 "k3sense/pi-1/availability",
                 &[b'x'; 17],
                 QoS::AtLeastOnce,
@@ -483,11 +515,11 @@ mod tests {
             }
         ));
         assert!(matches!(
-            judge.judge(publish("free/topic", &big, QoS::AtLeastOnce, false, 3)),
+            judge.judge_now(publish("free/topic", &big, QoS::AtLeastOnce, false, 3)),
             Action::Publish(_)
         ));
         assert!(matches!(
-            judge.judge(publish(
+            judge.judge_now(publish(
                 "free/topic",
                 &[0; 4097],
                 QoS::AtLeastOnce,
@@ -497,7 +529,7 @@ mod tests {
             Action::Close(Reason::Oversized, _)
         ));
         assert!(matches!(
-            judge.judge(publish("a/+/b", b"x", QoS::AtMostOnce, false, 0)),
+            judge.judge_now(publish("a/+/b", b"x", QoS::AtMostOnce, false, 0)),
             Action::Close(Reason::Malformed, _)
         ));
     }
@@ -522,7 +554,7 @@ mod tests {
                 .iter()
                 .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce)),
         );
-        let Action::Subscribe(judged) = judge.judge(Packet::Subscribe(subscribe)) else {
+        let Action::Subscribe(judged) = judge.judge_now(Packet::Subscribe(subscribe)) else {
             panic!("not a subscribe");
         };
         let forwarded: Vec<_> = judged
@@ -554,11 +586,11 @@ mod tests {
         // After an UNSUBSCRIBE there is room again.
         let unsubscribe = Unsubscribe::new("k3sense/#");
         assert!(matches!(
-            judge.judge(Packet::Unsubscribe(unsubscribe)),
+            judge.judge_now(Packet::Unsubscribe(unsubscribe)),
             Action::Forward(_)
         ));
         let again = Subscribe::new("k3sense/pi-1/#", QoS::AtLeastOnce);
-        let Action::Subscribe(judged) = judge.judge(Packet::Subscribe(again)) else {
+        let Action::Subscribe(judged) = judge.judge_now(Packet::Subscribe(again)) else {
             panic!("not a subscribe");
         };
         assert!(judged.refused.is_empty());
@@ -570,7 +602,7 @@ mod tests {
         let role = Role::Reader;
         let mut judge = t.judge(&role);
         let subscribe = Subscribe::new("$SYS/#", QoS::AtLeastOnce);
-        let Action::Subscribe(judged) = judge.judge(Packet::Subscribe(subscribe)) else {
+        let Action::Subscribe(judged) = judge.judge_now(Packet::Subscribe(subscribe)) else {
             panic!("not a subscribe");
         };
         assert!(judged.forward.is_none());
@@ -581,17 +613,71 @@ mod tests {
     }
 
     #[test]
+    fn replay_requests_are_limited_per_connection_and_per_account() {
+        let t = Tables::new();
+        let role = Role::Gateway;
+        let request = |pkid| {
+            publish(
+                "k3sense/pi-1/replay/request",
+                b"{}",
+                QoS::AtLeastOnce,
+                false,
+                pkid,
+            )
+        };
+        let now = Instant::now();
+        let count = |judge: &mut Judge, n: u16, at: Instant| {
+            (0..n)
+                .filter(|i| matches!(judge.judge(request(i + 1), at), Action::Publish(_)))
+                .count()
+        };
+        let mut first = t.judge(&role);
+        assert_eq!(count(&mut first, 30, now), 10, "the connection's burst");
+        assert!(matches!(
+            first.judge(request(99), now),
+            Action::Drop {
+                why: Dropped::RateLimited,
+                ack: Some(Packet::PubAck(_)),
+                ..
+            }
+        ));
+        // Other topics are not limited.
+        assert!(matches!(
+            first.judge(
+                publish(
+                    "k3sense/pi-1/replay/other",
+                    b"{}",
+                    QoS::AtLeastOnce,
+                    false,
+                    1
+                ),
+                now
+            ),
+            Action::Drop {
+                why: Dropped::Forbidden,
+                ..
+            }
+        ));
+        let mut second = t.judge(&role);
+        assert_eq!(count(&mut second, 30, now), 10, "the account's burst is 20");
+        let mut third = t.judge(&role);
+        assert_eq!(count(&mut third, 30, now), 0, "the account has none left");
+        let later = now + std::time::Duration::from_secs(1);
+        assert_eq!(count(&mut third, 30, later), 2, "the connection's rate");
+    }
+
+    #[test]
     fn server_packets_close_and_pings_and_disconnects_are_answered() {
         let t = Tables::new();
         let role = Role::Admin;
         let mut judge = t.judge(&role);
         assert_eq!(
-            judge.judge(Packet::PingReq),
+            judge.judge_now(Packet::PingReq),
             Action::Answer(Packet::PingResp)
         );
-        assert_eq!(judge.judge(Packet::Disconnect), Action::Disconnect);
+        assert_eq!(judge.judge_now(Packet::Disconnect), Action::Disconnect);
         assert!(matches!(
-            judge.judge(Packet::PingResp),
+            judge.judge_now(Packet::PingResp),
             Action::Close(Reason::Malformed, why) if why.contains("PINGRESP")
         ));
     }

@@ -50,6 +50,8 @@
 //! | `handshake` | CONNECT under a deadline, authentication, the will's check, the `--max-connections` permit, the registry, the link to rumqttd |
 //! | `judge` | what to do with each client packet (ACL, empty-publish rule, limits), as a pure decision |
 //! | `relay` | both directions of a logged-in connection: carries out the judge's actions, counts and logs them; the goodbye to rumqttd |
+//! | `replays` | replay requests rate-limited per connection and per account |
+//! | `backlog` | a QoS 1 subscriber too far behind rumqttd's log is disconnected, never silently skipped |
 //! | `shared` | what every connection shares: users, rules, tables, metrics, rumqttd's address |
 //! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
 //! | `retained` | which topics hold a retained message |
@@ -59,6 +61,7 @@
 //! | `error` | [`Error`] |
 
 mod acl;
+mod backlog;
 mod clip;
 mod config;
 mod embedded;
@@ -73,6 +76,7 @@ mod metrics;
 mod pending;
 mod registry;
 mod relay;
+mod replays;
 mod retained;
 mod session;
 mod shared;
@@ -339,6 +343,8 @@ fn new_shared(
         throttle: throttle::Throttle::default(),
         filters: filters::FilterTable::new(options.max_filters, options.max_filters_per_account),
         max_subscriptions: options.max_subscriptions,
+        replays: replays::AccountBuckets::default(),
+        log_bytes: backlog::LogBytes::default(),
     })
 }
 

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Metrics,
+    backlog::{Backlog, CHECK_EVERY, LogBytes, MAX_BACKLOG, log_size},
     clip::{Clip, clip_opt},
     filters::FilterTable,
     frame::{self, FrameError, FrameReader, Framed},
@@ -78,17 +79,22 @@ impl Relay<'_> {
         let client = self.client;
         let pending = PendingSubacks::default();
         let (local_tx, local_rx) = mpsc::channel(LOCAL_REPLIES);
-        let mut side = ClientSide::new(self.shared, client, local_tx, &pending);
+        let backlog = Mutex::new(Backlog::new(self.shared.log_bytes.now(), MAX_BACKLOG));
+        let mut side = ClientSide::new(self.shared, client, (local_tx, &pending), &backlog);
+        let broker_side = BrokerSide {
+            shared: self.shared,
+            client,
+            backlog: &backlog,
+            pending: &pending,
+        };
         let up = &mut upstream.link;
         let end = tokio::select! {
             end = side.run(self.keep_alive, &mut io.reader, &mut io.rd, &mut up.wr, &mut up.scratch) => end,
-            () = broker_to_client(
-                &self.shared.metrics,
+            end = broker_side.run(
                 (&mut up.reader, &mut up.rd),
                 (&mut io.wr, &mut io.scratch),
                 local_rx,
-                &pending,
-            ) => End::Abrupt,
+            ) => end,
             () = self.taken_over.cancelled() => {
                 tracing::info!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), "closed: a new connection took over this client id");
                 End::Disconnect
@@ -123,6 +129,8 @@ struct ClientSide<'a> {
     client: &'a Client<'a>,
     judge: Judge<'a>,
     filters: &'a FilterTable,
+    log_bytes: &'a LogBytes,
+    backlog: &'a Mutex<Backlog>,
     local: mpsc::Sender<Packet>,
     pending: &'a PendingSubacks,
     refusals: Refusals,
@@ -139,13 +147,14 @@ impl<'a> ClientSide<'a> {
     fn new(
         shared: &'a Shared,
         client: &'a Client<'a>,
-        local: mpsc::Sender<Packet>,
-        pending: &'a PendingSubacks,
+        (local, pending): (mpsc::Sender<Packet>, &'a PendingSubacks),
+        backlog: &'a Mutex<Backlog>,
     ) -> Self {
         let rules = Rules {
             acl: &shared.acl,
             retained: &shared.retained,
             filters: &shared.filters,
+            replays: &shared.replays,
             max_payload: shared.max_payload,
         };
         let account = client.user.unwrap_or_default();
@@ -154,6 +163,8 @@ impl<'a> ClientSide<'a> {
             client,
             judge: Judge::new(rules, client.role, account, shared.max_subscriptions),
             filters: &shared.filters,
+            log_bytes: &shared.log_bytes,
+            backlog,
             local,
             pending,
             refusals: Refusals::default(),
@@ -223,10 +234,19 @@ impl<'a> ClientSide<'a> {
     /// Judges `packet` and carries the judgement out: what to forward to rumqttd, or how the
     /// connection ends.
     async fn act(&mut self, packet: Packet) -> Result<Option<Packet>, End> {
-        match self.judge.judge(packet) {
-            Action::Forward(packet) => Ok(Some(packet)),
+        match self.judge.judge(packet, Instant::now()) {
+            Action::Forward(packet) => {
+                if matches!(packet, Packet::PubAck(_) | Packet::PubRec(_)) {
+                    if let Ok(mut backlog) = self.backlog.lock() {
+                        backlog.acknowledged(self.log_bytes.now());
+                    }
+                }
+                Ok(Some(packet))
+            }
             Action::Publish(publish) => {
                 self.metrics.publish_forwarded();
+                self.log_bytes
+                    .add(log_size(&publish.topic, publish.payload.len()));
                 Ok(Some(Packet::Publish(publish)))
             }
             Action::Subscribe(judged) => self.subscribe(judged).await,
@@ -242,6 +262,7 @@ impl<'a> ClientSide<'a> {
                     Dropped::Forbidden => self.metrics.publish_forbidden(),
                     Dropped::WouldErase => self.metrics.publish_would_erase(),
                     Dropped::TooLarge => self.metrics.publish_too_large(),
+                    Dropped::RateLimited => self.metrics.publish_rate_limited(),
                 }
                 if self.refusals.publishes == 1 {
                     let client = self.client;
@@ -330,41 +351,87 @@ impl PendingSubacks {
     }
 }
 
-/// Relays rumqttd's packets to the client, merging SUBACKs, and writes the proxy's own replies.
-async fn broker_to_client<UR, W>(
-    metrics: &Metrics,
-    (up_reader, up_rd): (&mut FrameReader, &mut UR),
-    (client_wr, scratch): (&mut W, &mut BytesMut),
-    mut local: mpsc::Receiver<Packet>,
-    pending: &PendingSubacks,
-) where
-    UR: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        let packet = tokio::select! {
-            packet = up_reader.next(up_rd) => match packet {
-                Ok(Some(Packet::PingResp)) => continue,
-                Ok(Some(Packet::SubAck(ack))) => Packet::SubAck(pending.merge(ack)),
-                Ok(Some(packet)) => {
-                    if matches!(packet, Packet::Publish(_)) {
-                        metrics.publish_delivered();
-                    }
-                    packet
-                }
-                Ok(None) | Err(_) => return,
-            },
-            reply = local.recv() => match reply {
-                Some(reply) => reply,
-                None => return,
-            },
-        };
-        if frame::write(client_wr, &packet, scratch).await.is_err() {
-            return;
-        }
-    }
+/// The broker-to-client direction: rumqttd's packets (SUBACKs merged with the refused
+/// filters' codes) and the proxy's own replies, written to the client; and the watch on how
+/// far the client has fallen behind (see `backlog`).
+struct BrokerSide<'a> {
+    shared: &'a Shared,
+    client: &'a Client<'a>,
+    backlog: &'a Mutex<Backlog>,
+    pending: &'a PendingSubacks,
 }
 
+impl BrokerSide<'_> {
+    async fn run<UR, W>(
+        &self,
+        (up_reader, up_rd): (&mut FrameReader, &mut UR),
+        (client_wr, scratch): (&mut W, &mut BytesMut),
+        mut local: mpsc::Receiver<Packet>,
+    ) -> End
+    where
+        UR: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let window_full = self.backlog.lock().is_ok_and(|b| b.window_full());
+            let packet = tokio::select! {
+                packet = up_reader.next(up_rd) => match packet {
+                    Ok(Some(Packet::PingResp)) => continue,
+                    Ok(Some(Packet::SubAck(ack))) => Packet::SubAck(self.pending.merge(ack)),
+                    Ok(Some(Packet::Publish(publish))) => match self.sent(publish) {
+                        Ok(packet) => packet,
+                        Err(end) => return end,
+                    },
+                    Ok(Some(packet)) => packet,
+                    Ok(None) | Err(_) => return End::Abrupt,
+                },
+                reply = local.recv() => match reply {
+                    Some(reply) => reply,
+                    None => return End::Abrupt,
+                },
+                _ = check.tick(), if window_full => match self.keeping_up() {
+                    Ok(()) => continue,
+                    Err(end) => return end,
+                },
+            };
+            if frame::write(client_wr, &packet, scratch).await.is_err() {
+                return End::Abrupt;
+            }
+        }
+    }
+
+    /// Counts a PUBLISH rumqttd sends the client, unless the client is too far behind.
+    fn sent(&self, publish: Publish) -> Result<Packet, End> {
+        self.shared.metrics.publish_delivered();
+        let written = self.shared.log_bytes.now();
+        if let Ok(mut backlog) = self.backlog.lock() {
+            let size = log_size(&publish.topic, publish.payload.len());
+            backlog.sent(size, publish.qos != QoS::AtMostOnce, written);
+        }
+        self.keeping_up()?;
+        Ok(Packet::Publish(publish))
+    }
+
+    /// Closes the connection (its will is published) if rumqttd may be about to skip messages
+    /// for it; the message in hand is not sent, so rumqttd sends it again on resumption.
+    fn keeping_up(&self) -> Result<(), End> {
+        let written = self.shared.log_bytes.now();
+        let behind = self
+            .backlog
+            .lock()
+            .ok()
+            .and_then(|mut backlog| backlog.too_far_behind(written));
+        let Some(behind) = behind else {
+            return Ok(());
+        };
+        self.shared.metrics.refused(Reason::SlowSubscriber);
+        let client = self.client;
+        tracing::warn!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), reason = Reason::SlowSubscriber.as_str(), behind_bytes = behind, "connection closed: this subscriber fell so far behind that the broker would have had to skip messages for it; reconnect with the same client id and clean session off to get every message from where it stopped, and read faster or subscribe to less (e.g. <prefix>/+/state rather than <prefix>/#)");
+        Err(End::Abrupt)
+    }
+}
 /// Ends the upstream connection cleanly: publishes the client's will first if it has one (the
 /// client went away without DISCONNECT), then DISCONNECT, then waits for rumqttd to close.
 ///

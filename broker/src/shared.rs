@@ -6,8 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::sync::Semaphore;
 
 use crate::{
-    Metrics, Users, acl::Acl, filters::FilterTable, pending::PendingPool, registry::Registry,
-    retained::RetainedTopics, throttle::Throttle, users::Role,
+    Metrics, Users, acl::Acl, backlog::LogBytes, filters::FilterTable, pending::PendingPool,
+    registry::Registry, replays::AccountBuckets, retained::RetainedTopics, throttle::Throttle,
+    users::Role,
 };
 
 /// Room for the topic and headers above `--max-payload` in one packet.
@@ -36,6 +37,10 @@ pub(crate) struct Shared {
     pub(crate) throttle: Throttle,
     pub(crate) filters: FilterTable,
     pub(crate) max_subscriptions: usize,
+    /// Every accounts' replay-request allowance (see `replays`).
+    pub(crate) replays: AccountBuckets,
+    /// What has been written into rumqttd's logs (see `backlog`).
+    pub(crate) log_bytes: LogBytes,
 }
 
 /// Who is on the other end of a logged-in connection, for log lines and per-account rules.
