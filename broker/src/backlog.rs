@@ -19,9 +19,19 @@
 //! could skip anything. rumqttd then keeps the session (clean session off) with its cursor at the
 //! first unacknowledged message, and the subscriber gets everything again from there when it
 //! reconnects, provided it comes back before the other two thirds are written.
+//!
+//! A persistent session's estimate outlives its connection ([`Parked`]): what was not yet
+//! acknowledged is sent again, and everything written while it is away piles up behind its
+//! cursor, so a resumed connection starts that far behind. It may then not fall further behind
+//! than that (or than [`MAX_BACKLOG`], if more): a subscriber coming back slower than the flood is
+//! closed again before rumqttd could skip anything, one that reads faster catches up.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    collections::{HashMap, VecDeque},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -59,23 +69,56 @@ impl LogBytes {
 /// One connection's estimate of how far rumqttd's cursors for it may trail the logs.
 #[derive(Debug)]
 pub(crate) struct Backlog {
-    /// QoS 1/2 messages sent to the client and not yet acknowledged by it.
-    unacked: u32,
+    /// Sizes of the QoS 1/2 messages sent to the client and not yet acknowledged by it, oldest
+    /// first (rumqttd takes acknowledgements only in order).
+    unacked: VecDeque<u64>,
     /// Bytes written to rumqttd while the window was full, less the bytes sent to the client.
     behind: u64,
     /// [`LogBytes`] when last looked at.
     seen: u64,
-    max: u64,
+    /// Over this, the connection is closed.
+    limit: u64,
+}
+
+/// A persistent session's estimate while it has no connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Saved {
+    /// How far behind it was, counting what it had not acknowledged (sent again on resumption).
+    behind: u64,
+    /// [`LogBytes`] when it left.
+    written: u64,
 }
 
 impl Backlog {
     /// A new connection's, with `LogBytes` at `written`.
     pub(crate) fn new(written: u64, max: u64) -> Self {
         Self {
-            unacked: 0,
+            unacked: VecDeque::new(),
             behind: 0,
             seen: written,
-            max,
+            limit: max,
+        }
+    }
+
+    /// A persistent session's, resumed: everything written while it was away is behind it.
+    pub(crate) fn resumed(saved: Saved, written: u64, max: u64) -> Self {
+        let behind = saved
+            .behind
+            .saturating_add(written.saturating_sub(saved.written));
+        Self {
+            unacked: VecDeque::new(),
+            behind,
+            seen: written,
+            limit: max.max(behind),
+        }
+    }
+
+    /// The estimate to keep for the session when its connection ends.
+    pub(crate) fn end(mut self, written: u64) -> Saved {
+        self.catch_up(written);
+        Saved {
+            behind: self.behind.saturating_add(self.unacked.iter().sum()),
+            written,
         }
     }
 
@@ -93,25 +136,49 @@ impl Backlog {
         self.catch_up(written);
         self.behind = self.behind.saturating_sub(size);
         if acknowledged {
-            self.unacked = self.unacked.saturating_add(1);
+            self.unacked.push_back(size);
         }
     }
 
     /// The client acknowledged a message (PUBACK, or PUBREC for QoS 2).
     pub(crate) fn acknowledged(&mut self, written: u64) {
         self.catch_up(written);
-        self.unacked = self.unacked.saturating_sub(1);
+        self.unacked.pop_front();
     }
 
     /// Whether the window is full, so rumqttd may not be reading for this client.
     pub(crate) fn window_full(&self) -> bool {
-        self.unacked >= FULL_FROM
+        self.unacked.len() >= FULL_FROM as usize
     }
 
     /// The estimate now, if it is over the limit.
     pub(crate) fn too_far_behind(&mut self, written: u64) -> Option<u64> {
         self.catch_up(written);
-        (self.behind > self.max).then_some(self.behind)
+        (self.behind > self.limit).then_some(self.behind)
+    }
+}
+
+/// Most persistent sessions whose estimate is kept while they are away; beyond it a session
+/// resumes from zero (rumqttd keeps every persistent session for good anyway).
+const MAX_PARKED: usize = 10_000;
+
+/// The estimates of persistent sessions that have no connection, by the client id rumqttd sees.
+#[derive(Debug, Default)]
+pub(crate) struct Parked(Mutex<HashMap<String, Saved>>);
+
+impl Parked {
+    /// Keeps `saved` for the session `id` until it comes back.
+    pub(crate) fn park(&self, id: &str, saved: Saved) {
+        if let Ok(mut parked) = self.0.lock() {
+            if parked.len() < MAX_PARKED || parked.contains_key(id) {
+                parked.insert(id.to_owned(), saved);
+            }
+        }
+    }
+
+    /// The estimate of session `id`, if it was parked.
+    pub(crate) fn take(&self, id: &str) -> Option<Saved> {
+        self.0.lock().ok()?.remove(id)
     }
 }
 
@@ -181,6 +248,34 @@ mod tests {
             b.sent(READING, false, 10 * MAX_BACKLOG);
         }
         assert!(!b.window_full());
+    }
+
+    #[test]
+    fn a_resumed_session_starts_as_far_behind_as_it_left_plus_what_came_meanwhile() {
+        let mut b = Backlog::new(0, MAX_BACKLOG);
+        let mut written = 0;
+        for _ in 0..WINDOW {
+            written += READING;
+            b.sent(READING, true, written);
+        }
+        // Gone with 100 unacknowledged: those come again, and 1,000 more were written.
+        let saved = b.end(written);
+        assert_eq!(saved.behind, u64::from(WINDOW) * READING);
+        let parked = Parked::default();
+        parked.park("u.sub", saved);
+        written += 1000 * READING;
+        let saved = parked.take("u.sub").unwrap();
+        assert!(parked.take("u.sub").is_none());
+        let mut b = Backlog::resumed(saved, written, 10 * READING);
+        // It may catch up, but not fall further behind than it came back.
+        for _ in 0..WINDOW {
+            b.sent(READING, true, written);
+        }
+        assert_eq!(b.too_far_behind(written), None);
+        written += 100 * READING;
+        assert_eq!(b.too_far_behind(written), None);
+        written += READING;
+        assert!(b.too_far_behind(written).is_some());
     }
 
     #[test]

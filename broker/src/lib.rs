@@ -345,6 +345,7 @@ fn new_shared(
         max_subscriptions: options.max_subscriptions,
         replays: replays::AccountBuckets::default(),
         log_bytes: backlog::LogBytes::default(),
+        parked: backlog::Parked::default(),
     })
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct Relay<'a> {
     /// Cancelled when a newer connection takes over the client id.
     pub(crate) taken_over: &'a CancellationToken,
     pub(crate) shutdown: &'a CancellationToken,
+    /// The id rumqttd knows a persistent session by (`None` for a clean session).
+    pub(crate) session: Option<&'a str>,
 }
 
 impl Relay<'_> {
@@ -79,7 +81,7 @@ impl Relay<'_> {
         let client = self.client;
         let pending = PendingSubacks::default();
         let (local_tx, local_rx) = mpsc::channel(LOCAL_REPLIES);
-        let backlog = Mutex::new(Backlog::new(self.shared.log_bytes.now(), MAX_BACKLOG));
+        let backlog = Mutex::new(self.backlog());
         let mut side = ClientSide::new(self.shared, client, (local_tx, &pending), &backlog);
         let broker_side = BrokerSide {
             shared: self.shared,
@@ -105,7 +107,20 @@ impl Relay<'_> {
         if refusals.total() > 1 {
             tracing::info!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), publishes = refusals.publishes, subscriptions = refusals.subscriptions, "refusals on this connection");
         }
+        if let (Some(session), Ok(backlog)) = (self.session, backlog.into_inner()) {
+            let written = self.shared.log_bytes.now();
+            self.shared.parked.park(session, backlog.end(written));
+        }
         end
+    }
+
+    /// The connection's backlog: a resumed persistent session's from where it left.
+    fn backlog(&self) -> Backlog {
+        let written = self.shared.log_bytes.now();
+        match self.session.and_then(|id| self.shared.parked.take(id)) {
+            Some(saved) => Backlog::resumed(saved, written, MAX_BACKLOG),
+            None => Backlog::new(written, MAX_BACKLOG),
+        }
     }
 }
 

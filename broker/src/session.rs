@@ -91,6 +91,8 @@ async fn logged_in<R, W>(
         keep_alive: connect.keep_alive,
         taken_over: &registration.taken_over,
         shutdown: &shutdown,
+        session: (!connect.clean_session && !registration.internal_id.is_empty())
+            .then_some(registration.internal_id.as_str()),
     };
     let end = relay.run(&mut io, &mut upstream).await;
     tracing::debug!(%peer, client_id = %Clip(client.id), "client gone");

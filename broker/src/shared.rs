@@ -6,8 +6,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::sync::Semaphore;
 
 use crate::{
-    Metrics, Users, acl::Acl, backlog::LogBytes, filters::FilterTable, pending::PendingPool,
-    registry::Registry, replays::AccountBuckets, retained::RetainedTopics, throttle::Throttle,
+    Metrics, Users,
+    acl::Acl,
+    backlog::{LogBytes, Parked},
+    filters::FilterTable,
+    pending::PendingPool,
+    registry::Registry,
+    replays::AccountBuckets,
+    retained::RetainedTopics,
+    throttle::Throttle,
     users::Role,
 };
 
@@ -41,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) replays: AccountBuckets,
     /// What has been written into rumqttd's logs (see `backlog`).
     pub(crate) log_bytes: LogBytes,
+    /// How far behind each persistent session without a connection is (see `backlog`).
+    pub(crate) parked: Parked,
 }
 
 /// Who is on the other end of a logged-in connection, for log lines and per-account rules.
