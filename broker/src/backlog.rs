@@ -22,9 +22,14 @@
 //!
 //! A persistent session's estimate outlives its connection ([`Parked`]): what was not yet
 //! acknowledged is sent again, and everything written while it is away piles up behind its
-//! cursor, so a resumed connection starts that far behind. It may then not fall further behind
-//! than that (or than [`MAX_BACKLOG`], if more): a subscriber coming back slower than the flood is
-//! closed again before rumqttd could skip anything, one that reads faster catches up.
+//! cursor (but never more than a log can hold, [`LOG_MAX`]), so a resumed connection starts that
+//! far behind. Over [`MAX_BACKLOG`] it may catch up but not fall further behind (by more than
+//! [`TOLERANCE`], none at all beyond twice the limit): a subscriber coming back slower than the
+//! traffic is closed again before rumqttd could skip anything; one that reads faster catches up.
+//! A subscriber that stays slower than the traffic for long falls further behind at each
+//! resumption and, once what was written while it was away is more than the log holds, loses the
+//! oldest of it there (rumqttd moves the cursor when the session resumes) — after a disconnect,
+//! not silently within a connection.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -42,6 +47,13 @@ pub(crate) const WINDOW: u32 = 100;
 const FULL_FROM: u32 = WINDOW - 8;
 /// How far (in rumqttd's size units) a subscriber may fall behind before it is disconnected.
 pub(crate) const MAX_BACKLOG: u64 = 256 * 1024;
+/// How much further a subscriber over [`MAX_BACKLOG`] may fall behind the least it has been on
+/// this connection (a live reading arriving while a resumed subscriber catches up is not a reason
+/// to close it).
+pub(crate) const TOLERANCE: u64 = 16 * 1024;
+/// The most a subscriber can really be behind: what rumqttd's log for one filter holds (4
+/// segments of 256 KiB, each overrun by at most one message of `--max-payload` and headers).
+pub(crate) const LOG_MAX: u64 = 4 * (256 + 66) * 1024;
 /// How often a subscriber with a full window is checked while nothing else happens on it (a
 /// subscriber that stops reading altogether sends nothing and is sent nothing).
 pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(50);
@@ -76,8 +88,10 @@ pub(crate) struct Backlog {
     behind: u64,
     /// [`LogBytes`] when last looked at.
     seen: u64,
-    /// Over this, the connection is closed.
-    limit: u64,
+    /// The least `behind` has been on this connection.
+    low: u64,
+    /// [`MAX_BACKLOG`], or less in tests.
+    max: u64,
 }
 
 /// A persistent session's estimate while it has no connection.
@@ -96,7 +110,8 @@ impl Backlog {
             unacked: VecDeque::new(),
             behind: 0,
             seen: written,
-            limit: max,
+            low: 0,
+            max,
         }
     }
 
@@ -104,12 +119,14 @@ impl Backlog {
     pub(crate) fn resumed(saved: Saved, written: u64, max: u64) -> Self {
         let behind = saved
             .behind
-            .saturating_add(written.saturating_sub(saved.written));
+            .saturating_add(written.saturating_sub(saved.written))
+            .min(LOG_MAX);
         Self {
             unacked: VecDeque::new(),
             behind,
             seen: written,
-            limit: max.max(behind),
+            low: behind,
+            max,
         }
     }
 
@@ -135,6 +152,7 @@ impl Backlog {
     pub(crate) fn sent(&mut self, size: u64, acknowledged: bool, written: u64) {
         self.catch_up(written);
         self.behind = self.behind.saturating_sub(size);
+        self.low = self.low.min(self.behind);
         if acknowledged {
             self.unacked.push_back(size);
         }
@@ -151,10 +169,18 @@ impl Backlog {
         self.unacked.len() >= FULL_FROM as usize
     }
 
-    /// The estimate now, if it is over the limit.
+    /// The estimate now, if it is over the limit: over [`MAX_BACKLOG`] and further behind than
+    /// the least it has been on this connection.
     pub(crate) fn too_far_behind(&mut self, written: u64) -> Option<u64> {
         self.catch_up(written);
-        (self.behind > self.limit).then_some(self.behind)
+        let room = if self.low < 2 * self.max {
+            TOLERANCE
+        } else {
+            0
+        };
+        let over = self.behind > self.max && self.behind > self.low.saturating_add(room);
+        self.low = self.low.min(self.behind);
+        over.then_some(self.behind)
     }
 }
 
@@ -258,24 +284,40 @@ mod tests {
             written += READING;
             b.sent(READING, true, written);
         }
-        // Gone with 100 unacknowledged: those come again, and 1,000 more were written.
+        // Gone with 100 unacknowledged: those come again, and 2,000 more were written.
         let saved = b.end(written);
         assert_eq!(saved.behind, u64::from(WINDOW) * READING);
         let parked = Parked::default();
         parked.park("u.sub", saved);
-        written += 1000 * READING;
+        written += 2000 * READING;
         let saved = parked.take("u.sub").unwrap();
         assert!(parked.take("u.sub").is_none());
-        let mut b = Backlog::resumed(saved, written, 10 * READING);
-        // It may catch up, but not fall further behind than it came back.
+        let mut b = Backlog::resumed(saved, written, MAX_BACKLOG);
+        assert_eq!(b.behind, 2100 * READING);
+        // It catches up while a few more arrive...
         for _ in 0..WINDOW {
             b.sent(READING, true, written);
         }
+        written += 50 * READING;
         assert_eq!(b.too_far_behind(written), None);
-        written += 100 * READING;
-        assert_eq!(b.too_far_behind(written), None);
-        written += READING;
+        // ...but may not fall further behind than the least it has been, plus the tolerance.
+        written += TOLERANCE;
         assert!(b.too_far_behind(written).is_some());
+    }
+
+    #[test]
+    fn a_session_away_too_long_counts_at_most_a_log_and_may_not_grow() {
+        let saved = Saved {
+            behind: 0,
+            written: 0,
+        };
+        let mut b = Backlog::resumed(saved, 100 * LOG_MAX, MAX_BACKLOG);
+        assert_eq!(b.behind, LOG_MAX);
+        for _ in 0..WINDOW {
+            b.sent(READING, true, 100 * LOG_MAX);
+        }
+        assert_eq!(b.too_far_behind(100 * LOG_MAX), None);
+        assert!(b.too_far_behind(100 * LOG_MAX + 1).is_some());
     }
 
     #[test]
@@ -292,5 +334,9 @@ mod tests {
         // After dropping its oldest segment the log still holds count − 1 full segments.
         let held = (router.max_segment_size * (router.max_segment_count - 1)) as u64;
         assert!(3 * MAX_BACKLOG <= held, "{held}");
+        // And a log never holds more than LOG_MAX.
+        let largest = config.v4.unwrap()["1"].connections.max_payload_size;
+        let most = (router.max_segment_count * (router.max_segment_size + largest)) as u64;
+        assert!(most <= LOG_MAX, "{most}");
     }
 }
