@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4::Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::metrics::Reason;
 use crate::v5::{self, Codec, Incoming, Origin, Version};
 
 /// Why a stream stopped yielding packets.
@@ -36,6 +37,49 @@ impl std::fmt::Display for FrameError {
             Self::Protocol(e) => write!(f, "MQTT 5: {e}"),
             Self::Io(e) => write!(f, "socket error: {e}"),
         }
+    }
+}
+
+impl FrameError {
+    /// The reason a connection closed for this error is counted under.
+    pub(crate) fn reason(&self) -> Reason {
+        match self {
+            Self::Oversized(_) => Reason::Oversized,
+            Self::Truncated | Self::Malformed(_) | Self::Protocol(_) | Self::Io(_) => {
+                Reason::Malformed
+            }
+        }
+    }
+}
+
+/// One side of a connection: its read and write halves, the reader's buffer, and a buffer for
+/// writing packets, which the handshake and then the relay use in turn.
+pub(crate) struct Framed<R, W> {
+    pub(crate) rd: R,
+    pub(crate) wr: W,
+    pub(crate) reader: FrameReader,
+    pub(crate) scratch: BytesMut,
+    /// How to write for the peer's MQTT version (3.1.1 until a client's CONNECT says otherwise).
+    pub(crate) codec: Codec,
+}
+
+impl<R, W> Framed<R, W> {
+    /// Reads packets of at most `max` bytes of remaining length from `rd`.
+    pub(crate) fn new(rd: R, wr: W, max: usize) -> Self {
+        Self {
+            rd,
+            wr,
+            reader: FrameReader::new(max),
+            scratch: BytesMut::new(),
+            codec: Codec::new(Version::V311, None),
+        }
+    }
+}
+
+impl<R, W: AsyncWrite + Unpin> Framed<R, W> {
+    /// Writes one packet to this client, in its MQTT version.
+    pub(crate) async fn send(&mut self, packet: &Packet, origin: Origin) -> std::io::Result<()> {
+        write_to_client(&mut self.wr, packet, &self.codec, origin, &mut self.scratch).await
     }
 }
 

@@ -226,6 +226,8 @@ pub(crate) enum Origin {
 pub(crate) struct Codec {
     version: Version,
     assigned_id: Option<String>,
+    /// MQTT 5's Clean Start (3.1.1 has only clean session, which is both).
+    clean_start: Option<bool>,
     unsubscribes: Mutex<HashMap<u16, usize>>,
 }
 
@@ -236,8 +238,21 @@ impl Codec {
         Self {
             version,
             assigned_id,
+            clean_start: None,
             unsubscribes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// For an MQTT 5 client: its Clean Start flag.
+    pub(crate) fn with_clean_start(mut self, clean_start: bool) -> Self {
+        self.clean_start = Some(clean_start);
+        self
+    }
+
+    /// Whether any stored session of this client is discarded first: MQTT 5's Clean Start,
+    /// 3.1.1's clean session.
+    pub(crate) fn clean_start(&self, connect: &v4::Connect) -> bool {
+        self.clean_start.unwrap_or(connect.clean_session)
     }
 
     /// Notes a client's UNSUBSCRIBE (for the UNSUBACK's reasons).
