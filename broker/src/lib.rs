@@ -1,6 +1,6 @@
-//! The k3sense MQTT broker: an authorising MQTT proxy (3.1.1, 5 and 3.1 on one port) in front of an embedded [rumqttd],
-//! configured for a Raspberry Pi, that behaves like a service (clear start-up errors, a `run`
-//! that returns on shutdown).
+//! The k3sense MQTT broker: an authorising MQTT proxy (3.1.1, 5 and 3.1 on one port) in front
+//! of an embedded [rumqttd], configured for a Raspberry Pi, that behaves like a service (clear
+//! start-up errors, a `run` that returns on shutdown).
 //!
 //! The publisher sends its readings here (retained, QoS 1) and the gateway, `mosquitto_sub`,
 //! Home Assistant and any other MQTT client subscribe here. In a cluster it is the `broker`
