@@ -43,7 +43,7 @@ use crate::{
     judge::{Action, Dropped, FilterRefused, Judge, Rules, SubscribeJudged},
     metrics::Reason,
     shared::{Client, Shared},
-    v5::{Codec, Origin},
+    v5::{self, Codec, Origin},
 };
 
 /// Replies the proxy makes itself, queued for the client's writer.
@@ -294,7 +294,15 @@ impl<'a> ClientSide<'a> {
                     tracing::warn!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), role = client.role.name(), topic = %Clip(&topic), bytes, why = why.as_str(), "PUBLISH dropped (acknowledged; later ones on this connection are only counted)");
                 }
                 match ack {
-                    Some(ack) => self.answer(ack).await.map(|()| None),
+                    Some(ack) => {
+                        if let (Packet::PubAck(a), Some(codec)) = (&ack, self.codec) {
+                            codec.publish_refused(a.pkid, dropped_reason(why));
+                        }
+                        if let (Packet::PubRec(r), Some(codec)) = (&ack, self.codec) {
+                            codec.publish_refused(r.pkid, dropped_reason(why));
+                        }
+                        self.answer(ack).await.map(|()| None)
+                    }
                     None => Ok(None),
                 }
             }
@@ -314,6 +322,10 @@ impl<'a> ClientSide<'a> {
         }
         for (filter, why) in &judged.refused {
             self.refused_filter(filter, *why);
+        }
+        if let Some(codec) = self.codec {
+            let whys = judged.refused.iter().map(|(_, why)| filter_reason(*why));
+            codec.filters_refused(judged.pkid, whys.collect());
         }
         match judged.forward {
             Some(forward) => {
@@ -345,6 +357,25 @@ impl<'a> ClientSide<'a> {
 
     async fn answer(&self, reply: Packet) -> Result<(), End> {
         self.local.send(reply).await.map_err(|_| End::Abrupt)
+    }
+}
+
+/// What an MQTT 5 client is told about a dropped PUBLISH.
+fn dropped_reason(why: Dropped) -> v5::Refused {
+    match why {
+        Dropped::Forbidden => v5::Refused::NotAuthorized,
+        Dropped::WouldErase => v5::Refused::NotAccepted,
+        Dropped::TooLarge | Dropped::RateLimited => v5::Refused::QuotaExceeded,
+    }
+}
+
+/// What an MQTT 5 client is told about a refused filter.
+fn filter_reason(why: FilterRefused) -> v5::Refused {
+    match why {
+        FilterRefused::Forbidden | FilterRefused::System => v5::Refused::NotAuthorized,
+        FilterRefused::Limit(_) => v5::Refused::QuotaExceeded,
+        FilterRefused::Invalid => v5::Refused::FilterInvalid,
+        FilterRefused::Shared => v5::Refused::SharedNotSupported,
     }
 }
 

@@ -14,9 +14,11 @@
 //!
 //! What MQTT 5 gets beyond 3.1.1: reason codes. CONNACK carries the 5 codes (0x84 unsupported
 //! version, 0x86 bad user name or password, 0x87 not authorised, 0x88 server unavailable); a
-//! refused SUBSCRIBE filter gets 0x87 in the SUBACK; a PUBLISH the front drops (forbidden, over
-//! its topic's cap, or an empty one that would erase a retained reading) gets PUBACK / PUBREC
-//! 0x87 instead of a silent success; DISCONNECT 0x04 ("with will") publishes the will. A client
+//! refused SUBSCRIBE filter gets its reason in the SUBACK (0x87 not authorised, `$` filters
+//! included; 0x8F invalid; 0x9E `$share`; 0x97 over a subscription budget); a PUBLISH the front
+//! drops gets PUBACK / PUBREC with its reason instead of a silent success (0x87 forbidden, 0x97
+//! over its topic's cap or the replay rate, 0x83 an empty one that would erase a retained
+//! reading); DISCONNECT 0x04 ("with will") publishes the will. A client
 //! with an empty client id gets one assigned (CONNACK property). What it does not get: the
 //! properties of PUBLISH (message expiry, user properties, content type, response topic) and
 //! the subscription options (no local, retain as published, retain handling) are not carried
@@ -220,8 +222,24 @@ pub(crate) enum Origin {
     Front,
 }
 
+/// Why the front refused a PUBLISH or a SUBSCRIBE filter, as MQTT 5 can say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// 0x87: the account may not (publish to / read) these topics, `$` filters included.
+    NotAuthorized,
+    /// 0x83: valid, but not accepted (an empty publish that would erase a retained reading).
+    NotAccepted,
+    /// 0x97: a limit (payload cap of the topic, replay rate, subscription budgets).
+    QuotaExceeded,
+    /// 0x8F: not a valid topic filter.
+    FilterInvalid,
+    /// 0x9E: `$share/…`.
+    SharedNotSupported,
+}
+
 /// One connection's translation state, shared by its two directions: how many filters each
-/// UNSUBSCRIBE held (an MQTT 5 UNSUBACK has a reason per filter, 3.1.1's has none).
+/// UNSUBSCRIBE held (an MQTT 5 UNSUBACK has a reason per filter, 3.1.1's has none), and why the
+/// front refused what it answers itself (3.1.1's answers cannot say; MQTT 5's reason codes can).
 #[derive(Debug)]
 pub(crate) struct Codec {
     version: Version,
@@ -229,6 +247,14 @@ pub(crate) struct Codec {
     /// MQTT 5's Clean Start (3.1.1 has only clean session, which is both).
     clean_start: Option<bool>,
     unsubscribes: Mutex<HashMap<u16, usize>>,
+    refusals: Mutex<Refusals>,
+}
+
+/// Dropped PUBLISHes by packet id, and refused filters (in order) by SUBSCRIBE packet id.
+#[derive(Debug, Default)]
+struct Refusals {
+    publishes: HashMap<u16, Refused>,
+    filters: HashMap<u16, Vec<Refused>>,
 }
 
 impl Codec {
@@ -240,7 +266,43 @@ impl Codec {
             assigned_id,
             clean_start: None,
             unsubscribes: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(Refusals::default()),
         }
+    }
+
+    /// Notes why the front dropped the PUBLISH `pkid` (its PUBACK / PUBREC tells an MQTT 5
+    /// client; 0x87 if not noted).
+    pub(crate) fn publish_refused(&self, pkid: u16, why: Refused) {
+        if self.version == Version::V5 {
+            if let Ok(mut refusals) = self.refusals.lock() {
+                refusals.publishes.insert(pkid, why);
+            }
+        }
+    }
+
+    /// Notes why the front refused the filters of SUBACK `pkid`, in the SUBSCRIBE's order.
+    pub(crate) fn filters_refused(&self, pkid: u16, whys: Vec<Refused>) {
+        if self.version == Version::V5 && !whys.is_empty() {
+            if let Ok(mut refusals) = self.refusals.lock() {
+                refusals.filters.insert(pkid, whys);
+            }
+        }
+    }
+
+    fn publish_reason(&self, pkid: u16) -> Refused {
+        self.refusals
+            .lock()
+            .ok()
+            .and_then(|mut refusals| refusals.publishes.remove(&pkid))
+            .unwrap_or(Refused::NotAuthorized)
+    }
+
+    fn filter_reasons(&self, pkid: u16) -> Vec<Refused> {
+        self.refusals
+            .lock()
+            .ok()
+            .and_then(|mut refusals| refusals.filters.remove(&pkid))
+            .unwrap_or_default()
     }
 
     /// For an MQTT 5 client: its Clean Start flag.
@@ -298,33 +360,38 @@ impl Codec {
             P::PubAck(ack) => {
                 let mut out = v5::PubAck::new(ack.pkid, None);
                 if refused {
-                    out.reason = v5::PubAckReason::NotAuthorized;
+                    out.reason = puback_reason(self.publish_reason(ack.pkid));
                 }
                 v5::Packet::PubAck(out)
             }
             P::PubRec(rec) => {
                 let mut out = v5::PubRec::new(rec.pkid, None);
                 if refused {
-                    out.reason = v5::PubRecReason::NotAuthorized;
+                    out.reason = pubrec_reason(self.publish_reason(rec.pkid));
                 }
                 v5::Packet::PubRec(out)
             }
             P::PubRel(rel) => v5::Packet::PubRel(v5::PubRel::new(rel.pkid, None)),
             P::PubComp(comp) => v5::Packet::PubComp(v5::PubComp::new(comp.pkid, None)),
-            P::SubAck(ack) => v5::Packet::SubAck(v5::SubAck {
-                pkid: ack.pkid,
-                return_codes: ack
-                    .return_codes
-                    .iter()
-                    .map(|code| match code {
-                        v4::SubscribeReasonCode::Success(qos) => {
-                            v5::SubscribeReasonCode::Success(qos_to_v5(*qos))
-                        }
-                        v4::SubscribeReasonCode::Failure => v5::SubscribeReasonCode::NotAuthorized,
-                    })
-                    .collect(),
-                properties: None,
-            }),
+            P::SubAck(ack) => {
+                let mut whys = self.filter_reasons(ack.pkid).into_iter();
+                v5::Packet::SubAck(v5::SubAck {
+                    pkid: ack.pkid,
+                    return_codes: ack
+                        .return_codes
+                        .iter()
+                        .map(|code| match code {
+                            v4::SubscribeReasonCode::Success(qos) => {
+                                v5::SubscribeReasonCode::Success(qos_to_v5(*qos))
+                            }
+                            v4::SubscribeReasonCode::Failure => {
+                                suback_reason(whys.next().unwrap_or(Refused::NotAuthorized))
+                            }
+                        })
+                        .collect(),
+                    properties: None,
+                })
+            }
             P::UnsubAck(ack) => {
                 let count = self
                     .unsubscribes
@@ -350,6 +417,36 @@ impl Codec {
                 ))
             }
         }
+    }
+}
+
+fn puback_reason(why: Refused) -> v5::PubAckReason {
+    match why {
+        Refused::NotAuthorized | Refused::FilterInvalid | Refused::SharedNotSupported => {
+            v5::PubAckReason::NotAuthorized
+        }
+        Refused::NotAccepted => v5::PubAckReason::ImplementationSpecificError,
+        Refused::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+    }
+}
+
+fn pubrec_reason(why: Refused) -> v5::PubRecReason {
+    match why {
+        Refused::NotAuthorized | Refused::FilterInvalid | Refused::SharedNotSupported => {
+            v5::PubRecReason::NotAuthorized
+        }
+        Refused::NotAccepted => v5::PubRecReason::ImplementationSpecificError,
+        Refused::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
+    }
+}
+
+fn suback_reason(why: Refused) -> v5::SubscribeReasonCode {
+    match why {
+        Refused::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+        Refused::NotAccepted => v5::SubscribeReasonCode::ImplementationSpecific,
+        Refused::QuotaExceeded => v5::SubscribeReasonCode::QuotaExceeded,
+        Refused::FilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,
+        Refused::SharedNotSupported => v5::SubscribeReasonCode::SharedSubscriptionsNotSupported,
     }
 }
 
@@ -701,6 +798,40 @@ mod tests {
             panic!()
         };
         assert_eq!(unsuback.reasons.len(), 3);
+        // The front says why, where MQTT 5 can.
+        codec.publish_refused(11, Refused::QuotaExceeded);
+        let v5::Packet::PubAck(limited) = encoded(
+            &codec,
+            v4::Packet::PubAck(v4::PubAck::new(11)),
+            Origin::Front,
+        ) else {
+            panic!()
+        };
+        assert_eq!(limited.reason, v5::PubAckReason::QuotaExceeded);
+        codec.filters_refused(
+            12,
+            vec![Refused::SharedNotSupported, Refused::FilterInvalid],
+        );
+        let mixed = v4::SubAck::new(
+            12,
+            vec![
+                v4::SubscribeReasonCode::Failure,
+                v4::SubscribeReasonCode::Success(QoS::AtMostOnce),
+                v4::SubscribeReasonCode::Failure,
+            ],
+        );
+        let v5::Packet::SubAck(mixed) = encoded(&codec, v4::Packet::SubAck(mixed), Origin::Relay)
+        else {
+            panic!()
+        };
+        assert_eq!(
+            mixed.return_codes,
+            [
+                v5::SubscribeReasonCode::SharedSubscriptionsNotSupported,
+                v5::SubscribeReasonCode::Success(m5::QoS::AtMostOnce),
+                v5::SubscribeReasonCode::TopicFilterInvalid
+            ]
+        );
         let mut publish = v4::Publish::new("k3sense/pi-1/state", QoS::AtLeastOnce, "{}");
         publish.pkid = 8;
         publish.dup = true;
