@@ -190,6 +190,14 @@ impl Acl {
     }
 
     /// Splits `<prefix>/<id>/<rest>` into `(id, rest)`.
+    /// Whether `topic` asks a publisher to replay readings (`<prefix>/<id>/replay/request[/…]`),
+    /// which the broker rate-limits per requester (see `replays`).
+    pub(crate) fn is_replay_request(&self, topic: &str) -> bool {
+        self.sensor_subtopic(topic).is_some_and(|(_, rest)| {
+            rest == "replay/request" || rest.starts_with("replay/request/")
+        })
+    }
+
     fn sensor_subtopic<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str)> {
         let after = topic
             .strip_prefix(self.prefix.as_str())?

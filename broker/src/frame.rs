@@ -1,4 +1,6 @@
 //! MQTT 3.1.1 framing on a byte stream, with rumqttc's packet parser (`mqttbytes::v4`).
+//! A client that spoke MQTT 5 or 3.1 in its CONNECT is read and written through `v5`'s
+//! translations, so what leaves this module is always 3.1.1.
 //!
 //! The parser refuses a remaining length over the limit as soon as the fixed header is in, so an
 //! absurd length field costs five bytes, not a buffer of that size. [`FrameReader::next`] is
@@ -7,6 +9,9 @@
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4::Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::metrics::Reason;
+use crate::v5::{self, Codec, Incoming, Origin, Version};
 
 /// Why a stream stopped yielding packets.
 #[derive(Debug)]
@@ -17,6 +22,8 @@ pub(crate) enum FrameError {
     Oversized(usize),
     /// Not MQTT 3.1.1.
     Malformed(mqttbytes::Error),
+    /// Not MQTT 5, or an MQTT 5 packet the broker does not serve (AUTH, a topic alias).
+    Protocol(String),
     /// The socket failed.
     Io(std::io::Error),
 }
@@ -27,8 +34,52 @@ impl std::fmt::Display for FrameError {
             Self::Truncated => f.write_str("connection closed in the middle of a packet"),
             Self::Oversized(n) => write!(f, "packet of {n} bytes is over the limit"),
             Self::Malformed(e) => write!(f, "malformed packet: {e}"),
+            Self::Protocol(e) => write!(f, "MQTT 5: {e}"),
             Self::Io(e) => write!(f, "socket error: {e}"),
         }
+    }
+}
+
+impl FrameError {
+    /// The reason a connection closed for this error is counted under.
+    pub(crate) fn reason(&self) -> Reason {
+        match self {
+            Self::Oversized(_) => Reason::Oversized,
+            Self::Truncated | Self::Malformed(_) | Self::Protocol(_) | Self::Io(_) => {
+                Reason::Malformed
+            }
+        }
+    }
+}
+
+/// One side of a connection: its read and write halves, the reader's buffer, and a buffer for
+/// writing packets, which the handshake and then the relay use in turn.
+pub(crate) struct Framed<R, W> {
+    pub(crate) rd: R,
+    pub(crate) wr: W,
+    pub(crate) reader: FrameReader,
+    pub(crate) scratch: BytesMut,
+    /// How to write for the peer's MQTT version (3.1.1 until a client's CONNECT says otherwise).
+    pub(crate) codec: Codec,
+}
+
+impl<R, W> Framed<R, W> {
+    /// Reads packets of at most `max` bytes of remaining length from `rd`.
+    pub(crate) fn new(rd: R, wr: W, max: usize) -> Self {
+        Self {
+            rd,
+            wr,
+            reader: FrameReader::new(max),
+            scratch: BytesMut::new(),
+            codec: Codec::new(Version::V311, None),
+        }
+    }
+}
+
+impl<R, W: AsyncWrite + Unpin> Framed<R, W> {
+    /// Writes one packet to this client, in its MQTT version.
+    pub(crate) async fn send(&mut self, packet: &Packet, origin: Origin) -> std::io::Result<()> {
+        write_to_client(&mut self.wr, packet, &self.codec, origin, &mut self.scratch).await
     }
 }
 
@@ -36,6 +87,7 @@ impl std::fmt::Display for FrameError {
 pub(crate) struct FrameReader {
     buffer: BytesMut,
     max: usize,
+    version: Version,
 }
 
 impl FrameReader {
@@ -43,22 +95,25 @@ impl FrameReader {
         Self {
             buffer: BytesMut::with_capacity(1024),
             max,
+            version: Version::V311,
         }
     }
 
-    /// The next packet, or `Ok(None)` when the peer closed the stream between packets.
+    /// The next packet (as 3.1.1), or `Ok(None)` when the peer ended without a DISCONNECT that
+    /// drops its will: it closed the stream between packets, or (MQTT 5) sent DISCONNECT 0x04.
     pub(crate) async fn next<R: AsyncRead + Unpin>(
         &mut self,
         stream: &mut R,
     ) -> Result<Option<Packet>, FrameError> {
         loop {
-            match Packet::read(&mut self.buffer, self.max) {
-                Ok(packet) => return Ok(Some(packet)),
-                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
-                    return Err(FrameError::Oversized(n));
+            match self.parse() {
+                Ok(Some(Incoming::Packet(packet))) => return Ok(Some(packet)),
+                Ok(Some(Incoming::DisconnectWithWill)) => return Ok(None),
+                Ok(Some(Incoming::Violation(why))) => {
+                    return Err(FrameError::Protocol(why.to_owned()));
                 }
-                Err(e) => return Err(FrameError::Malformed(e)),
+                Ok(None) => {}
+                Err(e) => return Err(e),
             }
             if self.buffer.capacity() - self.buffer.len() < 512 {
                 self.buffer.reserve(4096);
@@ -74,6 +129,48 @@ impl FrameReader {
                     Err(FrameError::Truncated)
                 };
             }
+        }
+    }
+
+    /// One whole packet from the buffer, if there is one, translated to 3.1.1.
+    fn parse(&mut self) -> Result<Option<Incoming>, FrameError> {
+        if self.version == Version::V5 {
+            return match v5::read(&mut self.buffer, self.max) {
+                Ok(packet) => Ok(Some(v5::incoming(packet))),
+                Err(v5::ReadError::Incomplete) => Ok(None),
+                Err(v5::ReadError::Oversized(n)) => Err(FrameError::Oversized(n)),
+                Err(v5::ReadError::Malformed(e)) => Err(FrameError::Protocol(e)),
+            };
+        }
+        match Packet::read(&mut self.buffer, self.max) {
+            Ok(packet) => Ok(Some(Incoming::Packet(packet))),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::Oversized(n)),
+            Err(e) => Err(FrameError::Malformed(e)),
+        }
+    }
+
+    /// After [`Self::first`] found an MQTT 3.1 CONNECT: rewrites it to 3.1.1 (see
+    /// [`v5::v31_connect_to_v311`]); false if it was not one.
+    pub(crate) fn accept_v31(&mut self) -> bool {
+        let rewritten = v5::v31_connect_to_v311(&mut self.buffer);
+        if rewritten {
+            self.version = Version::V31;
+        }
+        rewritten
+    }
+
+    /// After [`Self::first`] found an MQTT 5 CONNECT: takes it (whole, with its will and
+    /// login), and reads the client's later packets as MQTT 5.
+    pub(crate) fn take_v5_connect(
+        &mut self,
+    ) -> Result<rumqttc::v5::mqttbytes::v5::Packet, FrameError> {
+        self.version = Version::V5;
+        match v5::read(&mut self.buffer, self.max) {
+            Ok(packet) => Ok(packet),
+            Err(v5::ReadError::Incomplete) => Err(FrameError::Truncated),
+            Err(v5::ReadError::Oversized(n)) => Err(FrameError::Oversized(n)),
+            Err(v5::ReadError::Malformed(e)) => Err(FrameError::Protocol(e)),
         }
     }
 
@@ -141,6 +238,22 @@ fn connect_level(frame: &[u8]) -> Option<u8> {
         *frame.get(header + 1)?,
     ]));
     frame.get(header + 2 + name_len).copied()
+}
+
+/// Writes one packet to a client, in the client's MQTT version (see `v5`).
+pub(crate) async fn write_to_client<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    packet: &Packet,
+    codec: &Codec,
+    origin: Origin,
+    scratch: &mut BytesMut,
+) -> std::io::Result<()> {
+    scratch.clear();
+    codec
+        .encode(packet, origin, scratch)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    stream.write_all(scratch).await?;
+    stream.flush().await
 }
 
 /// Writes one packet; `scratch` is reused between calls to avoid an allocation per packet.

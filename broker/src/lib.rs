@@ -1,6 +1,6 @@
-//! The k3sense MQTT broker: an authorising MQTT 3.1.1 proxy in front of an embedded [rumqttd],
-//! configured for a Raspberry Pi, that behaves like a service (clear start-up errors, a `run`
-//! that returns on shutdown).
+//! The k3sense MQTT broker: an authorising MQTT proxy (3.1.1, 5 and 3.1 on one port) in front
+//! of an embedded [rumqttd], configured for a Raspberry Pi, that behaves like a service (clear
+//! start-up errors, a `run` that returns on shutdown).
 //!
 //! The publisher sends its readings here (retained, QoS 1) and the gateway, `mosquitto_sub`,
 //! Home Assistant and any other MQTT client subscribe here. In a cluster it is the `broker`
@@ -46,8 +46,15 @@
 //! | `filters` | subscriptions per connection, and the filters rumqttd keeps (per account, in total) |
 //! | `clip` | client-supplied strings cut short in log lines |
 //! | `tls` | the TLS acceptor from PEM files |
-//! | `session` | one connection: CONNECT, authentication, authorisation, relaying to rumqttd |
+//! | `session` | one connection, start to end: handshake, relay, goodbye |
+//! | `handshake` | CONNECT under a deadline, authentication, the will's check, the `--max-connections` permit, the registry, the link to rumqttd |
+//! | `judge` | what to do with each client packet (ACL, empty-publish rule, limits), as a pure decision |
+//! | `relay` | both directions of a logged-in connection: carries out the judge's actions, counts and logs them; the goodbye to rumqttd |
+//! | `replays` | replay requests rate-limited per connection and per account |
+//! | `backlog` | a QoS 1 subscriber too far behind rumqttd's log is disconnected, never silently skipped |
+//! | `shared` | what every connection shares: users, rules, tables, metrics, rumqttd's address |
 //! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
+//! | `v5` | MQTT 5 and 3.1 clients on the same port: their packets translated to and from 3.1.1 |
 //! | `retained` | which topics hold a retained message |
 //! | `registry` | live client ids (takeover) and the slot ids rumqttd sees for clean sessions |
 //! | `metrics`, `exporter` | [`Metrics`] and `--metrics-listen` |
@@ -55,6 +62,7 @@
 //! | `error` | [`Error`] |
 
 mod acl;
+mod backlog;
 mod clip;
 mod config;
 mod embedded;
@@ -62,15 +70,21 @@ mod error;
 mod exporter;
 mod filters;
 mod frame;
+mod handshake;
+mod judge;
 mod listener;
 mod metrics;
 mod pending;
 mod registry;
+mod relay;
+mod replays;
 mod retained;
 mod session;
+mod shared;
 mod throttle;
 mod tls;
 mod users;
+mod v5;
 
 use std::{
     net::SocketAddr,
@@ -167,47 +181,14 @@ impl Started {
 /// a client gets a CONNACK through the public listener.
 pub async fn start(config: &Config) -> Result<Started> {
     let options = &config.options;
-    let users = match &options.users_file {
-        Some(path) => Some(Users::from_file(path)?),
-        None => None,
-    };
-    match &users {
-        None => tracing::warn!(
-            "no --users-file: the broker accepts anonymous clients with full access; set one in any shared network"
-        ),
-        Some(users) => {
-            for name in users.unscoped() {
-                tracing::warn!(
-                    user = name,
-                    "this account has no role and so full access; add :admin, :reader, :gateway or :publisher:<ids> to its line in the users file"
-                );
-            }
-        }
-    }
+    let users = load_users(options)?;
     let topics = k3sense_protocol::Topics::new(options.topic_prefix.clone())?;
-    let tls = match (
-        &config.tls.tls_listen,
-        &config.tls.tls_cert,
-        &config.tls.tls_key,
-    ) {
-        (Some(addr), Some(cert), Some(key)) => Some((*addr, tls::acceptor(cert, key)?)),
-        _ => None,
-    };
-
-    let plain = bind(config.listen, "--listen").await?;
-    let listen = plain.local_addr().map_err(|source| Error::Bind {
-        addr: config.listen,
-        flag: "--listen",
-        source,
-    })?;
-    let tls = match tls {
-        Some((addr, acceptor)) => Some((bind(addr, "--tls-listen").await?, acceptor)),
-        None => None,
-    };
-    let exporter = match config.metrics_listen {
-        Some(addr) => Some(bind(addr, "--metrics-listen").await?),
-        None => None,
-    };
+    let Bound {
+        plain,
+        listen,
+        tls,
+        exporter,
+    } = bind_all(config).await?;
 
     let upstream = internal_upstream()?;
     let mut stopped = embedded::spawn(embedded::rumqttd_config(config, &upstream))?;
@@ -215,25 +196,7 @@ pub async fn start(config: &Config) -> Result<Started> {
     wait_until_answering(upstream.addr, config.listen, internal_login, &mut stopped).await?;
 
     let metrics = Arc::new(Metrics::default());
-    let shared = Arc::new(session::Shared {
-        acl: acl::Acl::new(topics.prefix()),
-        users: users.clone(),
-        metrics: metrics.clone(),
-        upstream,
-        retained: retained::RetainedTopics::default(),
-        registry: Arc::new(registry::Registry::default()),
-        clients: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),
-        max_payload: options.max_payload,
-        connect_timeout: options.connect_timeout,
-        pending: Arc::new(pending::PendingPool::new(
-            options.max_pending as usize,
-            options.max_pending_per_source as usize,
-            metrics.clone(),
-        )),
-        throttle: throttle::Throttle::default(),
-        filters: filters::FilterTable::new(options.max_filters, options.max_filters_per_account),
-        max_subscriptions: options.max_subscriptions,
-    });
+    let shared = new_shared(options, &topics, users.clone(), upstream, metrics.clone());
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let sessions = CancellationToken::new();
@@ -291,6 +254,100 @@ pub async fn start(config: &Config) -> Result<Started> {
         stop,
         sessions,
         stopped,
+    })
+}
+
+/// The public sockets, bound before rumqttd starts so a taken port is an error at once.
+struct Bound {
+    plain: TcpListener,
+    /// `plain`'s address (its real port when `--listen` asked for port 0).
+    listen: SocketAddr,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    exporter: Option<TcpListener>,
+}
+
+async fn bind_all(config: &Config) -> Result<Bound> {
+    let tls = match (
+        &config.tls.tls_listen,
+        &config.tls.tls_cert,
+        &config.tls.tls_key,
+    ) {
+        (Some(addr), Some(cert), Some(key)) => Some((*addr, tls::acceptor(cert, key)?)),
+        _ => None,
+    };
+    let plain = bind(config.listen, "--listen").await?;
+    let listen = plain.local_addr().map_err(|source| Error::Bind {
+        addr: config.listen,
+        flag: "--listen",
+        source,
+    })?;
+    let tls = match tls {
+        Some((addr, acceptor)) => Some((bind(addr, "--tls-listen").await?, acceptor)),
+        None => None,
+    };
+    let exporter = match config.metrics_listen {
+        Some(addr) => Some(bind(addr, "--metrics-listen").await?),
+        None => None,
+    };
+    Ok(Bound {
+        plain,
+        listen,
+        tls,
+        exporter,
+    })
+}
+
+/// The users file, if one is set, with a warning for each account that has full access.
+fn load_users(options: &Options) -> Result<Option<Users>> {
+    let users = match &options.users_file {
+        Some(path) => Some(Users::from_file(path)?),
+        None => None,
+    };
+    match &users {
+        None => tracing::warn!(
+            "no --users-file: the broker accepts anonymous clients with full access; set one in any shared network"
+        ),
+        Some(users) => {
+            for name in users.unscoped() {
+                tracing::warn!(
+                    user = name,
+                    "this account has no role and so full access; add :admin, :reader, :gateway or :publisher:<ids> to its line in the users file"
+                );
+            }
+        }
+    }
+    Ok(users)
+}
+
+/// What every connection will share, from the options.
+fn new_shared(
+    options: &Options,
+    topics: &k3sense_protocol::Topics,
+    users: Option<Users>,
+    upstream: session::Upstream,
+    metrics: Arc<Metrics>,
+) -> Arc<session::Shared> {
+    Arc::new(session::Shared {
+        acl: acl::Acl::new(topics.prefix()),
+        users,
+        metrics: metrics.clone(),
+        upstream,
+        retained: retained::RetainedTopics::default(),
+        registry: Arc::new(registry::Registry::default()),
+        clients: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),
+        max_payload: options.max_payload,
+        connect_timeout: options.connect_timeout,
+        pending: Arc::new(pending::PendingPool::new(
+            options.max_pending as usize,
+            options.max_pending_per_source as usize,
+            metrics,
+        )),
+        throttle: throttle::Throttle::default(),
+        filters: filters::FilterTable::new(options.max_filters, options.max_filters_per_account),
+        max_subscriptions: options.max_subscriptions,
+        replays: replays::AccountBuckets::default(),
+        log_bytes: backlog::LogBytes::default(),
+        parked: backlog::Parked::default(),
     })
 }
 

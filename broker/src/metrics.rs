@@ -38,10 +38,13 @@ pub enum Reason {
     /// Its address had failed so many logins that its turn to be checked would have come after
     /// its CONNECT deadline (CONNACK 3, unchecked).
     LoginThrottled,
+    /// A QoS 1/2 subscriber so far behind that rumqttd's log would have dropped messages it has
+    /// not received: closed instead, so its persistent session resumes where it stopped.
+    SlowSubscriber,
 }
 
 impl Reason {
-    const ALL: [Reason; 12] = [
+    const ALL: [Reason; 13] = [
         Reason::ConnectTimeout,
         Reason::TlsHandshake,
         Reason::BadCredentials,
@@ -54,6 +57,7 @@ impl Reason {
         Reason::KeepaliveTimeout,
         Reason::PendingEvicted,
         Reason::LoginThrottled,
+        Reason::SlowSubscriber,
     ];
 
     /// The label value in the metrics and the log lines.
@@ -71,6 +75,7 @@ impl Reason {
             Self::KeepaliveTimeout => "keepalive_timeout",
             Self::PendingEvicted => "pending_evicted",
             Self::LoginThrottled => "login_throttled",
+            Self::SlowSubscriber => "slow_subscriber",
         }
     }
 
@@ -90,6 +95,7 @@ pub struct Metrics {
     publishes_forbidden: AtomicU64,
     publishes_would_erase: AtomicU64,
     publishes_too_large: AtomicU64,
+    publishes_rate_limited: AtomicU64,
     subscriptions_forwarded: AtomicU64,
     subscriptions_forbidden: AtomicU64,
     subscriptions_system: AtomicU64,
@@ -121,6 +127,8 @@ pub struct Snapshot {
     pub publishes_would_erase: u64,
     /// PUBLISHes dropped for a payload over their topic family's cap (a reading over 1 KiB).
     pub publishes_too_large: u64,
+    /// Replay requests dropped over the per-connection or per-account rate.
+    pub publishes_rate_limited: u64,
     /// SUBSCRIBE filters passed to rumqttd.
     pub subscriptions_forwarded: u64,
     /// SUBSCRIBE filters refused (0x80) because the role may not read there.
@@ -189,6 +197,9 @@ impl Metrics {
     pub(crate) fn publish_too_large(&self) {
         add(&self.publishes_too_large);
     }
+    pub(crate) fn publish_rate_limited(&self) {
+        add(&self.publishes_rate_limited);
+    }
     pub(crate) fn subscription_shared(&self) {
         add(&self.subscriptions_shared);
     }
@@ -237,6 +248,7 @@ impl Metrics {
             publishes_forbidden: get(&self.publishes_forbidden),
             publishes_would_erase: get(&self.publishes_would_erase),
             publishes_too_large: get(&self.publishes_too_large),
+            publishes_rate_limited: get(&self.publishes_rate_limited),
             subscriptions_forwarded: get(&self.subscriptions_forwarded),
             subscriptions_forbidden: get(&self.subscriptions_forbidden),
             subscriptions_system: get(&self.subscriptions_system),
@@ -294,6 +306,7 @@ impl Metrics {
                 ("{outcome=\"forbidden\"}", s.publishes_forbidden),
                 ("{outcome=\"would_erase\"}", s.publishes_would_erase),
                 ("{outcome=\"too_large\"}", s.publishes_too_large),
+                ("{outcome=\"rate_limited\"}", s.publishes_rate_limited),
             ],
         );
         family(
