@@ -27,6 +27,7 @@
 //! | `metrics` | [`Metrics`] |
 //! | `error` | [`Error`] |
 
+mod app_state;
 mod config;
 mod connections;
 mod error;
@@ -37,6 +38,7 @@ mod hub;
 mod link;
 mod metrics;
 mod mqtt;
+mod origins;
 mod page;
 mod state;
 mod ws;
@@ -46,9 +48,10 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use app_state::AppState;
 pub use config::{Config, Options};
 pub use error::{Error, Result};
-pub use http::{AppState, app};
+pub use http::app;
 pub use hub::Hub;
 pub use metrics::Metrics;
 pub use state::{History, Inserted, Registry};
