@@ -6,7 +6,10 @@ use std::{sync::Arc, time::Instant};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::Options, error::Result, hub::Hub, metrics::Metrics, origins::Origins};
+use crate::{
+    config::Options, dispatch::Dispatcher, error::Result, hub::Hub, metrics::Metrics,
+    origins::Origins,
+};
 
 /// Everything a request handler needs.
 #[derive(Clone)]
@@ -24,10 +27,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub(crate) fn new(options: Options, shutdown: CancellationToken) -> Result<Self> {
+    /// The state, and the fan-out tasks the caller runs (see [`Hub::new`]).
+    pub(crate) fn new(
+        options: Options,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, Vec<Dispatcher>)> {
         let origins = Origins::new(&options.allowed_origins)?;
-        Ok(Self {
-            hub: Arc::new(Hub::new(options.history, options.client_queue)),
+        let (hub, dispatchers) = Hub::new(options.history, options.client_queue);
+        let state = Self {
+            hub: Arc::new(hub),
             metrics: Arc::new(Metrics::new()),
             started: Instant::now(),
             clients: Arc::new(Semaphore::new(options.max_clients)),
@@ -35,6 +43,7 @@ impl AppState {
             options: Arc::new(options),
             shutdown,
             sessions: TaskTracker::new(),
-        })
+        };
+        Ok((state, dispatchers))
     }
 }

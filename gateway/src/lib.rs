@@ -30,6 +30,7 @@
 mod app_state;
 mod config;
 mod connections;
+mod dispatch;
 mod error;
 mod fanout;
 mod guard;
@@ -86,8 +87,11 @@ pub async fn serve(
     // Fail fast on a bad prefix, broker address or password file, before serving anything.
     config.mqtt.topics()?;
     config.mqtt.mqtt_options("probe")?;
-    let state = AppState::new(config.options.clone(), shutdown.clone())?;
+    let (state, dispatchers) = AppState::new(config.options.clone(), shutdown.clone())?;
     let tasks = TaskTracker::new();
+    for dispatcher in dispatchers {
+        tasks.spawn(dispatcher.run(shutdown.clone()));
+    }
     let link = mqtt::Link {
         hub: Arc::clone(&state.hub),
         metrics: Arc::clone(&state.metrics),
