@@ -6,7 +6,10 @@
 //! and then exactly the updates after it: none missed, none twice. The lock is never held while
 //! a socket is written, and whoever applies an update (the MQTT task) never waits for one.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
@@ -69,7 +72,7 @@ impl Hub {
     /// Records a reading and sends it to every client.
     pub fn reading(&self, reading: Reading) -> Sent {
         let mut inner = self.lock();
-        let message = inner.registry.apply_reading(reading);
+        let message = inner.registry.apply_reading(reading, Utc::now());
         self.send(inner, message)
     }
 
@@ -77,8 +80,12 @@ impl Hub {
     /// whether it was new, and the replay request for readings missing before it.
     pub fn live_reading(&self, reading: Reading) -> (Sent, Option<ReplayRequest>) {
         let mut inner = self.lock();
+        if inner.registry.stale(&reading) {
+            // A forgotten sensor's retained reading, sent again: nothing to ask for either.
+            return (None, None);
+        }
         let gap = inner.registry.gap_before(&reading);
-        let message = inner.registry.apply_reading(reading);
+        let message = inner.registry.apply_reading(reading, Utc::now());
         (self.send(inner, message), gap)
     }
 
@@ -121,7 +128,9 @@ impl Hub {
     /// Records an availability and sends it to every client.
     pub fn availability(&self, id: &SensorId, availability: Availability) -> Sent {
         let mut inner = self.lock();
-        let message = inner.registry.apply_availability(id, availability);
+        let message = inner
+            .registry
+            .apply_availability(id, availability, Utc::now());
         self.send(inner, message)
     }
 
@@ -154,8 +163,23 @@ impl Hub {
     /// Records a sensor's own health and sends it to every client.
     pub fn health(&self, health: SensorHealth) -> Sent {
         let mut inner = self.lock();
-        let message = inner.registry.apply_health(health);
+        let message = inner.registry.apply_health(health, Utc::now());
         self.send(inner, message)
+    }
+
+    /// Forgets the sensors gone for `after` (see `crate::state`) and tells every client;
+    /// returns how many were forgotten and how many messages that sent.
+    pub fn forget(&self, after: Duration) -> (usize, usize) {
+        let mut inner = self.lock();
+        let messages = inner.registry.forget(Utc::now(), after);
+        let forgotten = messages.len();
+        let mut sent = 0;
+        for message in messages {
+            // One lock for all: no update slips in between them.
+            let frame = fanout::text_frame(&encode(&message));
+            sent += self.dispatch.queue(&frame, &inner.clients);
+        }
+        (forgotten, sent)
     }
 
     /// Adds a client on `io`: it is sent a snapshot now and every update after it.
@@ -239,7 +263,6 @@ fn encode(message: &ServerMessage) -> String {
 mod tests {
     use chrono::Utc;
     use k3sense_protocol::Model;
-    use std::time::Duration;
 
     use tokio::{io::AsyncReadExt, net::TcpStream};
     use tokio_util::sync::CancellationToken;
@@ -418,5 +441,48 @@ mod tests {
         hub.reading(reading(seq + 1));
         let got: serde_json::Value = serde_json::from_str(&next_text(&mut peer).await).unwrap();
         assert_eq!(got["seq"], seq + 1);
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_sensor_leaves_every_client_and_the_snapshot() {
+        let hub = hub(10, 4);
+        let id = SensorId::new("pi-1").unwrap();
+        let first = reading(1);
+        hub.reading(first.clone());
+        hub.availability(&id, Availability::Offline);
+        let (_client, mut peer) = join(&hub).await;
+        assert!(next_text(&mut peer).await.contains("\"pi-1\""));
+        assert_eq!(
+            hub.forget(Duration::from_secs(3600)),
+            (0, 0),
+            "not gone long enough"
+        );
+        assert_eq!(hub.forget(Duration::ZERO), (1, 1));
+        assert_eq!(
+            next_text(&mut peer).await,
+            r#"{"type":"forgotten","sensor_id":"pi-1"}"#
+        );
+        assert_eq!(hub.sensor_count(), 0);
+        let (_late, mut late) = join(&hub).await;
+        assert_eq!(
+            next_text(&mut late).await,
+            r#"{"type":"snapshot","sensors":[],"broker":{"status":"unreachable","since":"#
+                .to_owned()
+                + &format!(
+                    "{:?}",
+                    k3sense_protocol::format_read_at(&hub.broker().since)
+                )
+                + "}}"
+        );
+        assert_eq!(
+            hub.live_reading(first),
+            (None, None),
+            "the same reading again"
+        );
+        assert_eq!(
+            hub.live_reading(reading(2)).0,
+            Some(2),
+            "a new one brings it back"
+        );
     }
 }

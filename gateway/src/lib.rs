@@ -1,9 +1,10 @@
 //! The k3sense gateway: subscribes to every sensor over MQTT and serves browsers.
 //!
 //! ```text
-//! broker ──MQTT──▶ mqtt (validate) ──▶ Hub (Registry + fan-out) ──frame written once──▶ browsers
-//!                                             │                     ws sessions: pings, reads, slow writes
-//!                                             └──────────────▶ http: /api, /metrics, page
+//! broker ──MQTT──▶ mqtt (validate) ──▶ Hub (Registry + client lists) ──queue──▶ dispatch: 2 fan-out tasks ──frame written once──▶ browsers
+//!                                        │   ▲                                                        ws sessions: pings, reads, slow writes
+//!                                        │   └── forget: sweep for sensors gone for --forget-after
+//!                                        └──────────────▶ http: /api, /metrics, page
 //! ```
 //!
 //! Several gateways can run side by side (the Deployment runs two): each holds the whole state,
@@ -11,21 +12,28 @@
 //!
 //! # Layout
 //!
+//! Modules only import from modules below them in this list (and none imports from one that
+//! imports it): `http` and `ws` share [`AppState`] and the JSON error body, not each other.
+//!
 //! | module | concern |
 //! |---|---|
-//! | `config` | [`Config`], [`Options`]: flags and `K3SENSE_*` variables |
-//! | `state` | [`Registry`], [`History`]: per-sensor status, latest reading, bounded history (pure) |
-//! | `hub` | [`Hub`]: state under one lock plus the clients every update goes to |
-//! | `link` | the broker link (connected or unreachable, since when) and what readiness makes of it (pure) |
-//! | `fanout` | each client's write side: one framed buffer written straight to every socket, queued only for a full one |
-//! | `guard` | what a reading's fields may do: future stamps, `seq` jumps (pure) |
-//! | `mqtt` | the subscription loop |
-//! | `ws` | one WebSocket session per browser |
+//! | `http` | [`app`]: routes, API handlers, security headers |
+//! | `ws` | one WebSocket session per browser: upgrade, Origin check, pings, reads, close codes |
 //! | `connections` | accepting TCP connections: `--max-connections`, `--header-timeout`, accept errors |
-//! | `http` | [`app`]: routes, API handlers, security headers, Origin check |
 //! | `page` | the embedded `web/` files |
+//! | `app_state` | [`AppState`]: what every handler and session shares |
+//! | `mqtt` | the subscription loop: validates each message and feeds the hub |
+//! | `forget` | the sweep that forgets sensors gone for `--forget-after` |
+//! | `hub` | [`Hub`]: state and the client lists under one short lock; queues each update, framed once, for the fan-out |
+//! | `dispatch` | the fan-out tasks: each writes its share of the clients, off the MQTT task, no lock held; queued updates written as one buffer |
+//! | `fanout` | each client's write side: one non-blocking write per update, queued only for a full socket |
+//! | `state` | [`Registry`], [`History`]: per-sensor status, latest reading, bounded history, forgetting (pure) |
+//! | `guard` | what a reading's fields may do: future stamps, `seq` jumps (pure) |
+//! | `link` | the broker link (connected or unreachable, since when) and what readiness makes of it (pure) |
+//! | `origins` | which browser origins may open `/ws` (`--allowed-origins`) |
 //! | `metrics` | [`Metrics`] |
-//! | `error` | [`Error`] |
+//! | `config` | [`Config`], [`Options`]: flags and `K3SENSE_*` variables |
+//! | `error` | [`Error`] and the JSON error body |
 
 mod app_state;
 mod config;
@@ -33,6 +41,7 @@ mod connections;
 mod dispatch;
 mod error;
 mod fanout;
+mod forget;
 mod guard;
 mod http;
 mod hub;
@@ -98,6 +107,12 @@ pub async fn serve(
         max_clock_skew: config.options.max_clock_skew,
     };
     let mqtt_task = tasks.spawn(mqtt::run(config.mqtt.clone(), link, shutdown.clone()));
+    tasks.spawn(forget::run(
+        Arc::clone(&state.hub),
+        Arc::clone(&state.metrics),
+        config.options.forget_after,
+        shutdown.clone(),
+    ));
     tasks.close();
     let addr = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(%addr, "gateway listening: page at http://{addr}/");

@@ -24,7 +24,8 @@ pub struct Metrics {
     /// Clients disconnected by the server, by reason (`slow`, `silent`, `oversized`, `binary`,
     /// `flood`, `shutdown`).
     pub ws_disconnects: Family<Labels, Counter>,
-    /// Messages written to WebSocket clients (one per client per update).
+    /// Messages sent to WebSocket clients (one per client per update, counted as the update is
+    /// queued for the fan-out; a client that lags drops the rest of its queue).
     pub ws_messages_sent: Counter,
     /// MQTT messages received, by kind (`state`, `availability`).
     pub mqtt_messages: Family<Labels, Counter>,
@@ -36,6 +37,8 @@ pub struct Metrics {
     pub broker_disconnects: Counter,
     /// Sensors known.
     pub sensors: Gauge,
+    /// Sensors forgotten after `--forget-after` without news (a newer reading brings one back).
+    pub sensors_forgotten: Counter,
     /// Replay requests sent to publishers (missing readings asked for again).
     pub replay_requests: Counter,
     /// Replay requests dropped because the MQTT client's queue was full (asked again later).
@@ -67,6 +70,7 @@ impl Metrics {
         let broker_connected = Gauge::default();
         let broker_disconnects = Counter::default();
         let sensors = Gauge::default();
+        let sensors_forgotten = Counter::default();
         let replay_requests = Counter::default();
         let replay_requests_unsent = Counter::default();
         let connections = Gauge::default();
@@ -121,6 +125,11 @@ impl Metrics {
         );
         registry.register("sensors", "Sensors known to the gateway", sensors.clone());
         registry.register(
+            "sensors_forgotten",
+            "Sensors forgotten after --forget-after with no reading and not online",
+            sensors_forgotten.clone(),
+        );
+        registry.register(
             "replay_requests",
             "Replay requests sent to publishers for missing readings",
             replay_requests.clone(),
@@ -167,6 +176,7 @@ impl Metrics {
             broker_connected,
             broker_disconnects,
             sensors,
+            sensors_forgotten,
             replay_requests,
             replay_requests_unsent,
             connections,
