@@ -77,6 +77,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     serve(listener, config, shutdown).await
 }
 
+/// Waits for `shutdown`, then closes every WebSocket session (1001) and waits up to `drain`
+/// for them to end.
+async fn drain_sessions(sessions: TaskTracker, drain: Duration, shutdown: CancellationToken) {
+    shutdown.cancelled().await;
+    tracing::info!(clients = sessions.len(), "draining WebSocket clients");
+    sessions.close();
+    if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            clients = sessions.len(),
+            "some WebSocket clients did not close in time"
+        );
+    }
+}
+
+/// The connection limits from `options`; warns when they refuse WebSocket clients before
+/// `--max-clients` does.
+fn limits(options: &Options) -> connections::Limits {
+    if options.max_connections <= options.max_clients {
+        tracing::warn!(
+            max_connections = options.max_connections,
+            max_clients = options.max_clients,
+            "--max-connections is not above --max-clients: connections will be refused before \
+             --max-clients WebSocket clients are reached; raise --max-connections"
+        );
+    }
+    connections::Limits {
+        max_connections: options.max_connections,
+        header_timeout: options.header_timeout,
+        send_timeout: options.send_timeout,
+    }
+}
+
 /// Time the HTTP server gets, after the WebSocket drain, to finish requests in flight.
 const HTTP_GRACE: Duration = Duration::from_secs(2);
 
@@ -118,35 +151,8 @@ pub async fn serve(
     tracing::info!(%addr, "gateway listening: page at http://{addr}/");
 
     let drain = config.options.drain_timeout;
-    let sessions = state.sessions.clone();
-    let drained = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            tracing::info!(clients = sessions.len(), "draining WebSocket clients");
-            sessions.close();
-            if tokio::time::timeout(drain, sessions.wait()).await.is_err() {
-                tracing::warn!(
-                    ?drain,
-                    clients = sessions.len(),
-                    "some WebSocket clients did not close in time"
-                );
-            }
-        }
-    };
-    let limits = connections::Limits {
-        max_connections: config.options.max_connections,
-        header_timeout: config.options.header_timeout,
-        send_timeout: config.options.send_timeout,
-    };
-    if limits.max_connections <= config.options.max_clients {
-        tracing::warn!(
-            max_connections = limits.max_connections,
-            max_clients = config.options.max_clients,
-            "--max-connections is not above --max-clients: connections will be refused before \
-             --max-clients WebSocket clients are reached; raise --max-connections"
-        );
-    }
+    let drained = drain_sessions(state.sessions.clone(), drain, shutdown.clone());
+    let limits = limits(&config.options);
     let metrics = Arc::clone(&state.metrics);
     let server = connections::serve(listener, app(state), metrics, limits, drained);
     tokio::select! {
