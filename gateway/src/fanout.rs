@@ -1,11 +1,12 @@
 //! The write side of every WebSocket client, shared by the fan-out and the client's session.
 //!
 //! An update is framed once, as one [`Bytes`] buffer (a server's frames are not masked, so the
-//! bytes are the same for every client), and the fan-out writes that buffer straight to each
-//! client's socket with one non-blocking `write` — no task wake-up, no copy, no per-client
-//! encoding. Only a client whose socket is full gets the buffer queued (a reference, not a copy)
-//! and its session woken to finish the write when the socket drains; one that falls more than
-//! `--client-queue` frames behind is marked as lagging, and its session disconnects it.
+//! bytes are the same for every client), and the fan-out tasks (`crate::dispatch`) write that
+//! buffer — or several updates joined in one, when they queued up — straight to each client's
+//! socket with one non-blocking `write`: no task wake-up, no copy, no per-client encoding. Only a
+//! client whose socket is full gets the buffer queued (a reference, not a copy) and its session
+//! woken to finish the write when the socket drains; one with `--client-queue` frames or more
+//! waiting is marked as lagging, and its session disconnects it.
 //!
 //! Every write to a client, the session's own pings, pongs and close frames included, goes
 //! through its [`Client::push`] under one small lock, so frames never interleave on the wire.
