@@ -1,5 +1,5 @@
-// k3sense live page: one WebSocket to /ws, a snapshot first, then readings, availability and
-// the gateway's broker link and the sensor's own health.
+// k3sense live page: one WebSocket to /ws, a snapshot first, then readings, availability,
+// the gateway's broker link, the sensor's own health, and sensors the gateway forgot.
 // No build step, no dependencies: what is here is what runs.
 "use strict";
 
@@ -51,6 +51,16 @@ function sensorFor(id) {
   list.insertBefore(card, after || null);
   document.getElementById("empty").hidden = true;
   return s;
+}
+
+// The gateway forgot the sensor (gone longer than its --forget-after): its card goes. A newer
+// reading brings it back as a new card.
+function forget(id) {
+  const s = sensors.get(id);
+  if (!s) return;
+  s.card.remove();
+  sensors.delete(id);
+  document.getElementById("empty").hidden = sensors.size > 0;
 }
 
 function key(r) { return [Date.parse(r.read_at), r.seq]; }
@@ -270,6 +280,9 @@ function onMessage(event) {
   try { m = JSON.parse(event.data); } catch (e) { return; }
   if (m.type === "snapshot") {
     showBroker(m.broker);
+    // Sensors forgotten while this page was away are not in the snapshot.
+    const known = new Set(m.sensors.map((entry) => entry.sensor_id));
+    for (const id of [...sensors.keys()]) if (!known.has(id)) forget(id);
     for (const entry of m.sensors) {
       const s = sensorFor(entry.sensor_id);
       const held = s.history.length ? s.history[s.history.length - 1] : null;
@@ -291,6 +304,8 @@ function onMessage(event) {
     render(s);
   } else if (m.type === "broker") {
     showBroker(m);
+  } else if (m.type === "forgotten") {
+    forget(m.sensor_id);
   } else if (m.type === "sensor") {
     const { type, ...h } = m;
     const s = sensorFor(h.sensor_id);

@@ -77,6 +77,12 @@ pub struct Options {
     /// stamped 2099 cannot stay `latest` for ever.
     #[arg(long, env = "K3SENSE_MAX_CLOCK_SKEW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub max_clock_skew: Duration,
+
+    /// Forget a sensor that is not online (it said offline, or never said) and sent no new
+    /// reading for this long: it leaves the API, the page and /metrics' count. A newer reading
+    /// or an `online` brings it back. 0 never forgets.
+    #[arg(long, env = "K3SENSE_FORGET_AFTER", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub forget_after: Duration,
 }
 
 impl Default for Options {
@@ -93,6 +99,7 @@ impl Default for Options {
             header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             max_clock_skew: Duration::from_secs(120),
+            forget_after: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -1,6 +1,12 @@
-//! The one error type of the gateway crate.
+//! The one error type of the gateway crate, and the JSON body every HTTP error answers with.
 
 use std::net::SocketAddr;
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
 
 /// Why the gateway could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -30,3 +36,8 @@ pub enum Error {
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A JSON error body: `{"error": "..."}`.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}

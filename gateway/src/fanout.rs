@@ -1,11 +1,12 @@
 //! The write side of every WebSocket client, shared by the fan-out and the client's session.
 //!
 //! An update is framed once, as one [`Bytes`] buffer (a server's frames are not masked, so the
-//! bytes are the same for every client), and the fan-out writes that buffer straight to each
-//! client's socket with one non-blocking `write` — no task wake-up, no copy, no per-client
-//! encoding. Only a client whose socket is full gets the buffer queued (a reference, not a copy)
-//! and its session woken to finish the write when the socket drains; one that falls more than
-//! `--client-queue` frames behind is marked as lagging, and its session disconnects it.
+//! bytes are the same for every client), and the fan-out tasks (`crate::dispatch`) write that
+//! buffer — or several updates joined in one, when they queued up — straight to each client's
+//! socket with one non-blocking `write`: no task wake-up, no copy, no per-client encoding. Only a
+//! client whose socket is full gets the buffer queued (a reference, not a copy) and its session
+//! woken to finish the write when the socket drains; one with `--client-queue` frames or more
+//! waiting is marked as lagging, and its session disconnects it.
 //!
 //! Every write to a client, the session's own pings, pongs and close frames included, goes
 //! through its [`Client::push`] under one small lock, so frames never interleave on the wire.
@@ -45,13 +46,22 @@ pub struct Client {
 
 struct Inner {
     io: Box<dyn Socket>,
-    pending: VecDeque<Bytes>,
+    pending: VecDeque<Chunk>,
+    /// Frames in `pending`: what `--client-queue` bounds.
+    queued: usize,
     /// Bytes of `pending[0]` already written.
     written: usize,
     /// Bytes written since the start: what tells progress from a stuck socket.
     total: u64,
     lagged: bool,
     failed: bool,
+}
+
+/// Bytes to write and how many frames they hold (the fan-out writes several updates as one
+/// buffer when it is behind).
+struct Chunk {
+    bytes: Bytes,
+    frames: usize,
 }
 
 /// What the session must do after being woken.
@@ -85,6 +95,7 @@ impl Client {
             inner: Mutex::new(Inner {
                 io: Box::new(io),
                 pending: VecDeque::new(),
+                queued: 0,
                 written: 0,
                 total: 0,
                 lagged: false,
@@ -103,17 +114,23 @@ impl Client {
     /// Sends one data frame: written at once if the socket has room, else queued (by reference)
     /// for the session. Returns whether the client takes it (not lagging or gone).
     pub fn push_data(&self, frame: &Bytes) -> bool {
+        self.push_frames(frame, 1)
+    }
+
+    /// Sends `frames` data frames held in one buffer, as [`Client::push_data`] does one. A client
+    /// with `--client-queue` frames or more waiting takes nothing more: it lags.
+    pub fn push_frames(&self, bytes: &Bytes, frames: usize) -> bool {
         let mut inner = self.inner();
         if inner.lagged || inner.failed {
             return false;
         }
-        if inner.pending.len() >= self.queue_limit {
+        if inner.queued >= self.queue_limit {
             inner.lagged = true;
             drop(inner);
             self.wake.notify_one();
             return false;
         }
-        self.push_locked(&mut inner, frame.clone());
+        self.push_locked(&mut inner, bytes.clone(), frames);
         true
     }
 
@@ -121,12 +138,20 @@ impl Client {
     pub fn push_control(&self, bytes: Bytes) {
         let mut inner = self.inner();
         if !inner.failed {
-            self.push_locked(&mut inner, bytes);
+            self.push_locked(&mut inner, bytes, 1);
         }
     }
 
-    fn push_locked(&self, inner: &mut Inner, bytes: Bytes) {
-        inner.pending.push_back(bytes);
+    /// Marks the client as lagging (the fan-out is further behind than any client may be); its
+    /// session disconnects it.
+    pub fn lag(&self) {
+        self.inner().lagged = true;
+        self.wake.notify_one();
+    }
+
+    fn push_locked(&self, inner: &mut Inner, bytes: Bytes, frames: usize) {
+        inner.queued += frames;
+        inner.pending.push_back(Chunk { bytes, frames });
         if inner.pending.len() == 1 {
             // Nothing was waiting, so nobody waits for room: write now, from this thread, without
             // waking anyone. (The no-op waker is never needed: if the socket is full, the session
@@ -231,7 +256,7 @@ impl Inner {
     /// when it has room).
     fn write(&mut self, cx: &mut Context<'_>) {
         while let Some(front) = self.pending.front() {
-            let rest = &front[self.written..];
+            let rest = &front.bytes[self.written..];
             match Pin::new(&mut self.io).poll_write(cx, rest) {
                 Poll::Ready(Ok(0)) => return self.fail(),
                 Poll::Ready(Ok(n)) => {
@@ -239,7 +264,9 @@ impl Inner {
                     self.written += n;
                     self.total += n as u64;
                     if whole {
+                        let frames = front.frames;
                         self.pending.pop_front();
+                        self.queued -= frames;
                         self.written = 0;
                     }
                 }
@@ -253,6 +280,7 @@ impl Inner {
     fn fail(&mut self) {
         self.failed = true;
         self.pending.clear();
+        self.queued = 0;
         self.written = 0;
     }
 }

@@ -1,52 +1,17 @@
 //! The HTTP surface: the page, `/ws`, the JSON API, health and metrics.
 
-use std::{sync::Arc, time::Instant};
-
 use axum::{
     Json, Router,
     extract::{Path, Query, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
 use chrono::{DateTime, Utc};
 use k3sense_protocol::SensorId;
 use serde::Deserialize;
-use tokio::sync::Semaphore;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{Error, Options, Result, hub::Hub, link, metrics::Metrics, page, ws};
-
-/// Everything a request handler needs.
-#[derive(Clone)]
-pub struct AppState {
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) metrics: Arc<Metrics>,
-    /// When serving began, for the readiness grace before the first subscription.
-    pub(crate) started: Instant,
-    pub(crate) clients: Arc<Semaphore>,
-    pub(crate) origins: Arc<Origins>,
-    pub(crate) options: Arc<Options>,
-    pub(crate) shutdown: CancellationToken,
-    /// Every WebSocket session, so shutdown can wait for them to take their close frame.
-    pub(crate) sessions: TaskTracker,
-}
-
-impl AppState {
-    pub(crate) fn new(options: Options, shutdown: CancellationToken) -> Result<Self> {
-        let origins = Origins::new(&options.allowed_origins)?;
-        Ok(Self {
-            hub: Arc::new(Hub::new(options.history, options.client_queue)),
-            metrics: Arc::new(Metrics::new()),
-            started: Instant::now(),
-            clients: Arc::new(Semaphore::new(options.max_clients)),
-            origins: Arc::new(origins),
-            options: Arc::new(options),
-            shutdown,
-            sessions: TaskTracker::new(),
-        })
-    }
-}
+use crate::{app_state::AppState, error::json_error, link, page, ws};
 
 /// The gateway's routes. Tests serve this on a port-0 listener.
 pub fn app(state: AppState) -> Router {
@@ -86,11 +51,6 @@ async fn security_headers(mut response: Response) -> Response {
         ),
     );
     response
-}
-
-/// A JSON error body: `{"error": "..."}`.
-pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 async fn not_found() -> Response {
@@ -198,85 +158,4 @@ async fn metrics(State(app): State<AppState>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
-}
-
-/// Which browser origins may open `/ws`.
-#[derive(Debug, Default)]
-pub(crate) struct Origins {
-    allowed: Vec<String>,
-}
-
-impl Origins {
-    fn new(allowed: &[String]) -> Result<Self> {
-        let mut list = Vec::new();
-        for origin in allowed.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
-            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-            let valid = ["http://", "https://"].iter().any(|scheme| {
-                origin
-                    .strip_prefix(scheme)
-                    .is_some_and(|host| !host.is_empty() && !host.contains('/'))
-            });
-            if !valid {
-                return Err(Error::BadOrigin(origin));
-            }
-            list.push(origin);
-        }
-        Ok(Self { allowed: list })
-    }
-
-    /// No Origin header (not a browser): allowed. Same host as the request: allowed. Listed: allowed.
-    pub(crate) fn allows(&self, headers: &HeaderMap) -> bool {
-        let Some(origin) = headers.get(header::ORIGIN) else {
-            return true;
-        };
-        let Ok(origin) = origin.to_str() else {
-            return false;
-        };
-        let origin = origin.to_ascii_lowercase();
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_ascii_lowercase);
-        let origin_host = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"));
-        if let (Some(origin_host), Some(host)) = (origin_host, host) {
-            if origin_host == host {
-                return true;
-            }
-        }
-        self.allowed.contains(&origin)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
-        if let Some(o) = origin {
-            h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn same_origin_and_listed_origins_only() {
-        let o = Origins::new(&["https://Sensors.example.org/".to_owned()]).unwrap();
-        assert!(o.allows(&headers(None, "gw:8080")));
-        assert!(o.allows(&headers(Some("http://gw:8080"), "gw:8080")));
-        assert!(o.allows(&headers(Some("https://sensors.example.org"), "gw:8080")));
-        assert!(!o.allows(&headers(Some("http://evil.example"), "gw:8080")));
-        assert!(!o.allows(&headers(Some("http://gw:8081"), "gw:8080")));
-        assert!(!o.allows(&headers(Some("null"), "gw:8080")));
-    }
-
-    #[test]
-    fn rejects_non_origins_in_the_allow_list() {
-        for bad in ["example.org", "https://", "https://a/b", "ftp://x"] {
-            assert!(Origins::new(&[bad.to_owned()]).is_err(), "{bad}");
-        }
-    }
 }

@@ -1,14 +1,15 @@
-//! Fan-out: every update is serialised and framed once, and the same buffer is written to every
-//! WebSocket client (see [`crate::fanout`]).
+//! The gateway's state and its WebSocket clients: every update is applied to the [`Registry`]
+//! and queued, serialised and framed once, for every client (see [`crate::dispatch`]).
 //!
-//! The [`Registry`] and the list of clients sit under one short-held lock, so a client that
-//! joins gets a snapshot and then exactly the updates after it: none missed, none twice. The
-//! writes themselves happen after that lock is released, under a second lock that keeps updates
-//! in order, so a slow fan-out never holds up the API or a joining client for long.
+//! The [`Registry`], the broker link and the lists of clients sit under one short-held lock,
+//! and an update is queued for the fan-out under it too, so a client that joins gets a snapshot
+//! and then exactly the updates after it: none missed, none twice. The lock is never held while
+//! a socket is written, and whoever applies an update (the MQTT task) never waits for one.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-
-use bytes::Bytes;
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
@@ -17,6 +18,7 @@ use k3sense_protocol::{
 };
 
 use crate::{
+    dispatch::{self, Clients, Dispatch, Dispatcher, SHARDS},
     fanout::{self, Client, Socket},
     link::LinkState,
     state::Registry,
@@ -25,8 +27,8 @@ use crate::{
 /// Shared state plus the clients every update goes to.
 pub struct Hub {
     inner: Mutex<Inner>,
-    /// Held while an update is written to the clients, so updates reach each client in order.
-    order: Mutex<()>,
+    /// The fan-out tasks' queues.
+    dispatch: Dispatch,
     /// Frames queued per client before it counts as lagging.
     queue: usize,
 }
@@ -36,25 +38,29 @@ struct Inner {
     /// The broker link, under the same lock as the clients: a joining client's snapshot and the
     /// `broker` messages after it never disagree.
     link: LinkState,
-    /// Copied on write: a fan-out holds the list it started with while clients come and go.
-    clients: Arc<Vec<Arc<Client>>>,
+    /// Each fan-out shard's clients, copied on write: a queued update holds the list it was
+    /// applied for while clients come and go.
+    clients: [Clients; SHARDS],
 }
 
-/// How many clients an update was written or queued to; `None` if the update was not new.
+/// How many clients an update was queued for; `None` if the update was not new.
 pub type Sent = Option<usize>;
 
 impl Hub {
-    /// A hub keeping `history` readings per sensor and `queue` updates per client.
-    pub fn new(history: usize, queue: usize) -> Self {
-        Self {
+    /// A hub keeping `history` readings per sensor and `queue` updates per client, and the
+    /// fan-out tasks that write its updates: run each of them ([`Dispatcher::run`]).
+    pub fn new(history: usize, queue: usize) -> (Self, Vec<Dispatcher>) {
+        let (dispatch, dispatchers) = dispatch::channels();
+        let hub = Self {
             inner: Mutex::new(Inner {
                 registry: Registry::new(history),
                 link: LinkState::new(Utc::now()),
-                clients: Arc::default(),
+                clients: Default::default(),
             }),
-            order: Mutex::new(()),
+            dispatch,
             queue,
-        }
+        };
+        (hub, dispatchers)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -66,7 +72,7 @@ impl Hub {
     /// Records a reading and sends it to every client.
     pub fn reading(&self, reading: Reading) -> Sent {
         let mut inner = self.lock();
-        let message = inner.registry.apply_reading(reading);
+        let message = inner.registry.apply_reading(reading, Utc::now());
         self.send(inner, message)
     }
 
@@ -74,8 +80,12 @@ impl Hub {
     /// whether it was new, and the replay request for readings missing before it.
     pub fn live_reading(&self, reading: Reading) -> (Sent, Option<ReplayRequest>) {
         let mut inner = self.lock();
+        if inner.registry.stale(&reading) {
+            // A forgotten sensor's retained reading, sent again: nothing to ask for either.
+            return (None, None);
+        }
         let gap = inner.registry.gap_before(&reading);
-        let message = inner.registry.apply_reading(reading);
+        let message = inner.registry.apply_reading(reading, Utc::now());
         (self.send(inner, message), gap)
     }
 
@@ -118,7 +128,9 @@ impl Hub {
     /// Records an availability and sends it to every client.
     pub fn availability(&self, id: &SensorId, availability: Availability) -> Sent {
         let mut inner = self.lock();
-        let message = inner.registry.apply_availability(id, availability);
+        let message = inner
+            .registry
+            .apply_availability(id, availability, Utc::now());
         self.send(inner, message)
     }
 
@@ -151,8 +163,23 @@ impl Hub {
     /// Records a sensor's own health and sends it to every client.
     pub fn health(&self, health: SensorHealth) -> Sent {
         let mut inner = self.lock();
-        let message = inner.registry.apply_health(health);
+        let message = inner.registry.apply_health(health, Utc::now());
         self.send(inner, message)
+    }
+
+    /// Forgets the sensors gone for `after` (see `crate::state`) and tells every client;
+    /// returns how many were forgotten and how many messages that sent.
+    pub fn forget(&self, after: Duration) -> (usize, usize) {
+        let mut inner = self.lock();
+        let messages = inner.registry.forget(Utc::now(), after);
+        let forgotten = messages.len();
+        let mut sent = 0;
+        for message in messages {
+            // One lock for all: no update slips in between them.
+            let frame = fanout::text_frame(&encode(&message));
+            sent += self.dispatch.queue(&frame, &inner.clients);
+        }
+        (forgotten, sent)
     }
 
     /// Adds a client on `io`: it is sent a snapshot now and every update after it.
@@ -163,8 +190,15 @@ impl Hub {
             sensors: inner.registry.summaries(),
             broker: Some(inner.link.get()),
         });
-        client.push_data(&fanout::text_frame(&snapshot));
-        Arc::make_mut(&mut inner.clients).push(Arc::clone(&client));
+        // The shard with fewer clients; its task sends the snapshot before any later update.
+        let shard = (0..SHARDS)
+            .min_by_key(|&i| inner.clients[i].len())
+            .unwrap_or(0);
+        self.dispatch
+            .queue_one(shard, &fanout::text_frame(&snapshot), &client);
+        if let Some(list) = inner.clients.get_mut(shard) {
+            Arc::make_mut(list).push(Arc::clone(&client));
+        }
         client
     }
 
@@ -172,24 +206,27 @@ impl Hub {
     pub fn leave(&self, client: &Arc<Client>) {
         client.retire();
         let mut inner = self.lock();
-        Arc::make_mut(&mut inner.clients).retain(|c| !Arc::ptr_eq(c, client));
+        for list in &mut inner.clients {
+            if list.iter().any(|c| Arc::ptr_eq(c, client)) {
+                Arc::make_mut(list).retain(|c| !Arc::ptr_eq(c, client));
+            }
+        }
     }
 
     /// Clients connected.
     pub fn client_count(&self) -> usize {
-        self.lock().clients.len()
+        self.lock().clients.iter().map(|list| list.len()).sum()
     }
 
-    /// Writes `message`, framed once, to every client.
+    /// Queues `message`, framed once, for every client; the lock is let go after queueing, so
+    /// updates are queued in the order they were applied.
     fn send(&self, inner: MutexGuard<'_, Inner>, message: Option<ServerMessage>) -> Sent {
-        let frame = fanout::text_frame(&encode(&message?));
-        let clients = Arc::clone(&inner.clients);
-        // Taken before the state lock is let go: the next update waits for this one's writes.
-        let order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        drop(inner);
-        let sent = fan_out(&clients, &frame, PARALLEL_FROM);
-        drop(order);
-        Some(sent)
+        let message = message?;
+        if inner.clients.iter().all(|list| list.is_empty()) {
+            return Some(0);
+        }
+        let frame = fanout::text_frame(&encode(&message));
+        Some(self.dispatch.queue(&frame, &inner.clients))
     }
 
     /// Every sensor, for `GET /api/sensors`.
@@ -214,32 +251,6 @@ impl Hub {
     }
 }
 
-/// Clients above which a second thread shares the writes: each write is a system call of a few
-/// microseconds (most of it the kernel's TCP send), so at a thousand clients two cores halve
-/// the time until the last one has the update, while below it a thread costs more than it saves.
-const PARALLEL_FROM: usize = 512;
-
-/// Writes `frame` to every client, on two threads from `parallel_from` clients; returns how
-/// many took it.
-fn fan_out(clients: &[Arc<Client>], frame: &Bytes, parallel_from: usize) -> usize {
-    let push = |part: &[Arc<Client>]| part.iter().filter(|c| c.push_data(frame)).count();
-    if clients.len() < parallel_from {
-        return push(clients);
-    }
-    let (first, second) = clients.split_at(clients.len() / 2);
-    // Writes may start timers (a connection's write-stall deadline), which need the runtime.
-    let runtime = tokio::runtime::Handle::try_current().ok();
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(|| {
-            let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
-            push(second)
-        });
-        let mine = push(first);
-        // A panic in the helper cannot happen short of a bug; count its half as not sent.
-        mine + helper.join().unwrap_or(0)
-    })
-}
-
 fn encode(message: &ServerMessage) -> String {
     serde_json::to_string(message).unwrap_or_else(|e| {
         // Readings are validated before they get here, so this means a bug, not bad input.
@@ -252,11 +263,20 @@ fn encode(message: &ServerMessage) -> String {
 mod tests {
     use chrono::Utc;
     use k3sense_protocol::Model;
-    use std::time::Duration;
 
     use tokio::{io::AsyncReadExt, net::TcpStream};
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
+
+    /// A hub with its fan-out tasks running.
+    fn hub(history: usize, queue: usize) -> Hub {
+        let (hub, dispatchers) = Hub::new(history, queue);
+        for dispatcher in dispatchers {
+            tokio::spawn(dispatcher.run(CancellationToken::new()));
+        }
+        hub
+    }
 
     /// A client of `hub` on a real loopback socket, and the far end of it.
     async fn join(hub: &Hub) -> (Arc<Client>, TcpStream) {
@@ -285,7 +305,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshot_then_exactly_the_later_updates() {
-        let hub = Hub::new(10, 4);
+        let hub = hub(10, 4);
         let id = SensorId::new("pi-1").unwrap();
         let first = reading(1);
         assert_eq!(hub.reading(first.clone()), Some(0));
@@ -304,7 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_broker_link_is_in_the_snapshot_and_each_change_goes_to_every_client() {
-        let hub = Hub::new(10, 4);
+        let hub = hub(10, 4);
         let (_early, mut early) = join(&hub).await;
         let snapshot: serde_json::Value =
             serde_json::from_str(&next_text(&mut early).await).unwrap();
@@ -363,27 +383,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fan_out_on_two_threads_reaches_every_client_once() {
-        let hub = Hub::new(10, 4);
+    async fn every_client_of_every_shard_gets_each_update_once_and_in_order() {
+        let hub = hub(10, 4);
         let mut peers = Vec::new();
         for _ in 0..5 {
             let (client, mut peer) = join(&hub).await;
             next_text(&mut peer).await;
             peers.push((client, peer));
         }
-        let clients: Vec<_> = peers.iter().map(|(c, _)| Arc::clone(c)).collect();
-        let frame = fanout::text_frame("{\"n\":1}");
-        assert_eq!(fan_out(&clients, &frame, 2), 5);
-        assert_eq!(fan_out(&clients, &fanout::text_frame("{\"n\":2}"), 2), 5);
+        for seq in 1..=3 {
+            assert_eq!(hub.reading(reading(seq)), Some(5));
+        }
         for (_, peer) in &mut peers {
-            assert_eq!(next_text(peer).await, "{\"n\":1}");
-            assert_eq!(next_text(peer).await, "{\"n\":2}");
+            for seq in 1..=3 {
+                assert!(next_text(peer).await.contains(&format!("\"seq\":{seq}")));
+            }
         }
     }
 
     #[tokio::test]
     async fn a_client_that_left_gets_nothing_and_others_keep_getting_updates() {
-        let hub = Hub::new(10, 4);
+        let hub = hub(10, 4);
         let (gone, _gone_peer) = join(&hub).await;
         let (_stays, mut peer) = join(&hub).await;
         assert_eq!(hub.client_count(), 2);
@@ -396,7 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_reading_lags_without_blocking_the_others() {
-        let hub = Hub::new(10_000, 2);
+        let hub = hub(10_000, 2);
         let (stuck, _stuck_peer) = join(&hub).await;
         let (reader, mut peer) = join(&hub).await;
         // What a session does: finish the writes the socket had no room for.
@@ -416,10 +436,53 @@ mod tests {
             let got: serde_json::Value = serde_json::from_str(&text).unwrap();
             assert_eq!(got["seq"], seq);
         }
+        // The stuck client takes nothing more; the reader still gets every update.
+        assert!(!stuck.push_data(&fanout::text_frame("{}")));
+        hub.reading(reading(seq + 1));
+        let got: serde_json::Value = serde_json::from_str(&next_text(&mut peer).await).unwrap();
+        assert_eq!(got["seq"], seq + 1);
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_sensor_leaves_every_client_and_the_snapshot() {
+        let hub = hub(10, 4);
+        let id = SensorId::new("pi-1").unwrap();
+        let first = reading(1);
+        hub.reading(first.clone());
+        hub.availability(&id, Availability::Offline);
+        let (_client, mut peer) = join(&hub).await;
+        assert!(next_text(&mut peer).await.contains("\"pi-1\""));
         assert_eq!(
-            hub.reading(reading(seq + 1)),
-            Some(1),
-            "only the reader takes it"
+            hub.forget(Duration::from_secs(3600)),
+            (0, 0),
+            "not gone long enough"
+        );
+        assert_eq!(hub.forget(Duration::ZERO), (1, 1));
+        assert_eq!(
+            next_text(&mut peer).await,
+            r#"{"type":"forgotten","sensor_id":"pi-1"}"#
+        );
+        assert_eq!(hub.sensor_count(), 0);
+        let (_late, mut late) = join(&hub).await;
+        assert_eq!(
+            next_text(&mut late).await,
+            r#"{"type":"snapshot","sensors":[],"broker":{"status":"unreachable","since":"#
+                .to_owned()
+                + &format!(
+                    "{:?}",
+                    k3sense_protocol::format_read_at(&hub.broker().since)
+                )
+                + "}}"
+        );
+        assert_eq!(
+            hub.live_reading(first),
+            (None, None),
+            "the same reading again"
+        );
+        assert_eq!(
+            hub.live_reading(reading(2)).0,
+            Some(2),
+            "a new one brings it back"
         );
     }
 }

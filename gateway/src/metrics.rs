@@ -7,7 +7,7 @@
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 type Labels = Vec<(&'static str, &'static str)>;
@@ -24,7 +24,8 @@ pub struct Metrics {
     /// Clients disconnected by the server, by reason (`slow`, `silent`, `oversized`, `binary`,
     /// `flood`, `shutdown`).
     pub ws_disconnects: Family<Labels, Counter>,
-    /// Messages written to WebSocket clients (one per client per update).
+    /// Messages sent to WebSocket clients (one per client per update, counted as the update is
+    /// queued for the fan-out; a client that lags drops the rest of its queue).
     pub ws_messages_sent: Counter,
     /// MQTT messages received, by kind (`state`, `availability`).
     pub mqtt_messages: Family<Labels, Counter>,
@@ -36,6 +37,8 @@ pub struct Metrics {
     pub broker_disconnects: Counter,
     /// Sensors known.
     pub sensors: Gauge,
+    /// Sensors forgotten after `--forget-after` without news (a newer reading brings one back).
+    pub sensors_forgotten: Counter,
     /// Replay requests sent to publishers (missing readings asked for again).
     pub replay_requests: Counter,
     /// Replay requests dropped because the MQTT client's queue was full (asked again later).
@@ -57,123 +60,27 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("k3sense_gateway");
-        let ws_clients = Gauge::default();
-        let ws_connections = Counter::default();
-        let ws_rejected = Family::<Labels, Counter>::default();
-        let ws_disconnects = Family::<Labels, Counter>::default();
-        let ws_messages_sent = Counter::default();
-        let mqtt_messages = Family::<Labels, Counter>::default();
-        let invalid_messages = Family::<Labels, Counter>::default();
-        let broker_connected = Gauge::default();
-        let broker_disconnects = Counter::default();
-        let sensors = Gauge::default();
-        let replay_requests = Counter::default();
-        let replay_requests_unsent = Counter::default();
-        let connections = Gauge::default();
-        let connections_accepted = Counter::default();
-        let connections_refused = Family::<Labels, Counter>::default();
-        let connection_timeouts = Family::<Labels, Counter>::default();
-        let accept_errors = Family::<Labels, Counter>::default();
-        registry.register(
-            "ws_clients",
-            "WebSocket clients connected now",
-            ws_clients.clone(),
-        );
-        registry.register(
-            "ws_connections",
-            "WebSocket connections accepted",
-            ws_connections.clone(),
-        );
-        registry.register(
-            "ws_rejected",
-            "WebSocket upgrades refused, by reason",
-            ws_rejected.clone(),
-        );
-        registry.register(
-            "ws_disconnects",
-            "WebSocket clients disconnected by the gateway, by reason",
-            ws_disconnects.clone(),
-        );
-        registry.register(
-            "ws_messages_sent",
-            "Messages written to WebSocket clients",
-            ws_messages_sent.clone(),
-        );
-        registry.register(
-            "mqtt_messages",
-            "MQTT messages received, by kind",
-            mqtt_messages.clone(),
-        );
-        registry.register(
-            "invalid_messages",
-            "MQTT messages dropped as invalid, by reason",
-            invalid_messages.clone(),
-        );
-        registry.register(
-            "broker_connected",
-            "1 while connected and subscribed to the MQTT broker",
-            broker_connected.clone(),
-        );
-        registry.register(
-            "broker_disconnects",
-            "Subscribed connections to the MQTT broker lost (the gateway keeps serving what it holds)",
-            broker_disconnects.clone(),
-        );
-        registry.register("sensors", "Sensors known to the gateway", sensors.clone());
-        registry.register(
-            "replay_requests",
-            "Replay requests sent to publishers for missing readings",
-            replay_requests.clone(),
-        );
-        registry.register(
-            "replay_requests_unsent",
-            "Replay requests dropped because the MQTT client's queue was full (asked again later)",
-            replay_requests_unsent.clone(),
-        );
-        registry.register(
-            "connections",
-            "TCP connections open now (HTTP and WebSocket)",
-            connections.clone(),
-        );
-        registry.register(
-            "connections_accepted",
-            "TCP connections accepted",
-            connections_accepted.clone(),
-        );
-        registry.register(
-            "connections_refused",
-            "TCP connections closed at once after accept, by reason",
-            connections_refused.clone(),
-        );
-        registry.register(
-            "connection_timeouts",
-            "Connections closed for sending no complete request head in time, by reason",
-            connection_timeouts.clone(),
-        );
-        registry.register(
-            "accept_errors",
-            "Failed accepts on the listener, by reason",
-            accept_errors.clone(),
-        );
+        let mut r = Register(&mut registry);
         Self {
+            ws_clients: r.add("ws_clients", "WebSocket clients connected now"),
+            ws_connections: r.add("ws_connections", "WebSocket connections accepted"),
+            ws_rejected: r.add("ws_rejected", "WebSocket upgrades refused, by reason"),
+            ws_disconnects: r.add("ws_disconnects", "WebSocket clients disconnected by the gateway, by reason"),
+            ws_messages_sent: r.add("ws_messages_sent", "Messages written to WebSocket clients"),
+            mqtt_messages: r.add("mqtt_messages", "MQTT messages received, by kind"),
+            invalid_messages: r.add("invalid_messages", "MQTT messages dropped as invalid, by reason"),
+            broker_connected: r.add("broker_connected", "1 while connected and subscribed to the MQTT broker"),
+            broker_disconnects: r.add("broker_disconnects", "Subscribed connections to the MQTT broker lost (the gateway keeps serving what it holds)"),
+            sensors: r.add("sensors", "Sensors known to the gateway"),
+            sensors_forgotten: r.add("sensors_forgotten", "Sensors forgotten after --forget-after with no reading and not online"),
+            replay_requests: r.add("replay_requests", "Replay requests sent to publishers for missing readings"),
+            replay_requests_unsent: r.add("replay_requests_unsent", "Replay requests dropped because the MQTT client's queue was full (asked again later)"),
+            connections: r.add("connections", "TCP connections open now (HTTP and WebSocket)"),
+            connections_accepted: r.add("connections_accepted", "TCP connections accepted"),
+            connections_refused: r.add("connections_refused", "TCP connections closed at once after accept, by reason"),
+            connection_timeouts: r.add("connection_timeouts", "Connections closed for sending no complete request head in time, by reason"),
+            accept_errors: r.add("accept_errors", "Failed accepts on the listener, by reason"),
             registry,
-            ws_clients,
-            ws_connections,
-            ws_rejected,
-            ws_disconnects,
-            ws_messages_sent,
-            mqtt_messages,
-            invalid_messages,
-            broker_connected,
-            broker_disconnects,
-            sensors,
-            replay_requests,
-            replay_requests_unsent,
-            connections,
-            connections_accepted,
-            connections_refused,
-            connection_timeouts,
-            accept_errors,
         }
     }
 
@@ -232,6 +139,17 @@ impl Metrics {
         self.invalid_messages
             .get_or_create(&vec![("reason", reason)])
             .inc();
+    }
+}
+
+/// Registers metrics under their names and help texts, each created with its default.
+struct Register<'a>(&'a mut Registry);
+
+impl Register<'_> {
+    fn add<M: Default + Clone + Metric>(&mut self, name: &str, help: &str) -> M {
+        let metric = M::default();
+        self.0.register(name, help, metric.clone());
+        metric
     }
 }
 

@@ -1,7 +1,21 @@
 //! What the gateway knows: per sensor, its availability, its newest reading and a bounded
-//! history. Plain data, no I/O, no clock: the MQTT side feeds it, the HTTP side reads it.
+//! history. Plain data, no I/O, no clock (the caller says what time it is): the MQTT side feeds
+//! it, the HTTP side reads it.
+//!
+//! # Forgetting
+//!
+//! A sensor whose publisher is not `online` (it said `offline`, its will did, or it never said)
+//! and from which nothing new was heard — no new reading, no change of availability — for
+//! `--forget-after` is forgotten ([`Registry::forget`]): its history goes, and it leaves the API
+//! and the snapshots. What it was forgotten with is remembered (a bounded list of ids and their
+//! newest `(read_at, seq)`), so the broker re-sending the sensor's retained state or `offline`
+//! (after every reconnect, on Mosquitto) does not bring it back; a newer reading or an `online`
+//! does. A sensor whose publisher is `online` is never forgotten: its will says when it goes.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use k3sense_protocol::{
@@ -143,13 +157,27 @@ struct Sensor {
     history: History,
     /// The sensor's own health, as its publisher last said it.
     health: Option<SensorHealth>,
+    /// When something new was last heard of it (a new reading, a change of availability; the
+    /// gateway's clock): what [`Registry::forget`] measures.
+    heard: DateTime<Utc>,
 }
+
+/// The `(read_at, seq)` of a forgotten sensor's newest reading (`None`: it had none).
+type Forgotten = Option<(DateTime<Utc>, u64)>;
+
+/// Forgotten sensors remembered, so their retained messages do not bring them back: ~100 bytes
+/// each. Beyond it the oldest is let go (its stale retained state could bring it back, to be
+/// forgotten again `--forget-after` later).
+pub const MAX_FORGOTTEN: usize = 10_000;
 
 /// Every sensor the gateway has heard of.
 #[derive(Debug, Clone)]
 pub struct Registry {
     history_capacity: usize,
     sensors: BTreeMap<SensorId, Sensor>,
+    forgotten: HashMap<SensorId, Forgotten>,
+    /// The ids in `forgotten`, oldest first (may hold ids brought back since: skipped).
+    forgotten_order: VecDeque<SensorId>,
 }
 
 impl Registry {
@@ -158,25 +186,83 @@ impl Registry {
         Self {
             history_capacity,
             sensors: BTreeMap::new(),
+            forgotten: HashMap::new(),
+            forgotten_order: VecDeque::new(),
         }
     }
 
-    fn sensor(&mut self, id: &SensorId) -> &mut Sensor {
+    fn sensor(&mut self, id: &SensorId, now: DateTime<Utc>) -> &mut Sensor {
         let capacity = self.history_capacity;
+        self.forgotten.remove(id);
         self.sensors.entry(id.clone()).or_insert_with(|| Sensor {
             status: SensorStatus::Unknown,
             history: History::new(capacity),
             health: None,
+            heard: now,
         })
     }
 
-    /// Records a reading; returns the message to send to clients, or `None` for a duplicate or
-    /// a reading too old to keep.
-    pub fn apply_reading(&mut self, reading: Reading) -> Option<ServerMessage> {
-        let sensor = self.sensor(&reading.sensor_id);
+    /// Whether `reading` is of a forgotten sensor and no newer than what it was forgotten
+    /// with (a retained message sent again): it must not bring the sensor back.
+    pub fn stale(&self, reading: &Reading) -> bool {
+        match self.forgotten.get(&reading.sensor_id) {
+            None => false,
+            Some(None) => false,
+            Some(Some(newest)) => (reading.read_at, reading.seq) <= *newest,
+        }
+    }
+
+    /// Records a reading received at `now`; returns the message to send to clients, or `None`
+    /// for a duplicate, a reading too old to keep, or a stale one of a forgotten sensor.
+    pub fn apply_reading(&mut self, reading: Reading, now: DateTime<Utc>) -> Option<ServerMessage> {
+        if self.stale(&reading) {
+            return None;
+        }
+        let sensor = self.sensor(&reading.sensor_id, now);
         match sensor.history.insert(reading.clone()) {
-            Inserted::Newest | Inserted::Older => Some(ServerMessage::Reading(reading)),
+            Inserted::Newest | Inserted::Older => {
+                sensor.heard = now;
+                Some(ServerMessage::Reading(reading))
+            }
             Inserted::Duplicate | Inserted::TooOld => None,
+        }
+    }
+
+    /// Forgets every sensor not `online` from which nothing new was heard for `after` by
+    /// `now`; returns the messages that tell clients.
+    pub fn forget(&mut self, now: DateTime<Utc>, after: Duration) -> Vec<ServerMessage> {
+        let after = chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+        let gone: Vec<SensorId> = self
+            .sensors
+            .iter()
+            .filter(|(_, s)| s.status != SensorStatus::Online && now - s.heard >= after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            let newest = self
+                .sensors
+                .remove(id)
+                .and_then(|s| s.history.latest().map(|r| (r.read_at, r.seq)));
+            self.remember_forgotten(id.clone(), newest);
+        }
+        gone.into_iter()
+            .map(|sensor_id| ServerMessage::Forgotten { sensor_id })
+            .collect()
+    }
+
+    fn remember_forgotten(&mut self, id: SensorId, newest: Forgotten) {
+        self.forgotten.insert(id.clone(), newest);
+        self.forgotten_order.push_back(id);
+        while self.forgotten.len() > MAX_FORGOTTEN || self.forgotten_order.len() > 2 * MAX_FORGOTTEN
+        {
+            let Some(oldest) = self.forgotten_order.pop_front() else {
+                break;
+            };
+            // An id brought back (and perhaps forgotten again, further back in the list) is
+            // let go only at its newest place.
+            if !self.forgotten_order.contains(&oldest) {
+                self.forgotten.remove(&oldest);
+            }
         }
     }
 
@@ -252,18 +338,24 @@ impl Registry {
             .collect()
     }
 
-    /// Records an availability change; `None` when nothing changed.
+    /// Records an availability change received at `now`; `None` when nothing changed (or a
+    /// forgotten sensor's `offline` came again).
     pub fn apply_availability(
         &mut self,
         id: &SensorId,
         availability: Availability,
+        now: DateTime<Utc>,
     ) -> Option<ServerMessage> {
         let status = SensorStatus::from(availability);
-        let sensor = self.sensor(id);
+        if status != SensorStatus::Online && self.forgotten.contains_key(id) {
+            return None;
+        }
+        let sensor = self.sensor(id, now);
         if sensor.status == status {
             return None;
         }
         sensor.status = status;
+        sensor.heard = now;
         Some(ServerMessage::Availability {
             sensor_id: id.clone(),
             status,
@@ -272,8 +364,16 @@ impl Registry {
 
     /// Records the sensor's own health; `None` when nothing changed (the same message again,
     /// as after a publisher reconnects).
-    pub fn apply_health(&mut self, health: SensorHealth) -> Option<ServerMessage> {
-        let sensor = self.sensor(&health.sensor_id);
+    /// A forgotten sensor's health (retained, sent again) is ignored.
+    pub fn apply_health(
+        &mut self,
+        health: SensorHealth,
+        now: DateTime<Utc>,
+    ) -> Option<ServerMessage> {
+        if self.forgotten.contains_key(&health.sensor_id) {
+            return None;
+        }
+        let sensor = self.sensor(&health.sensor_id, now);
         if sensor.health.as_ref() == Some(&health) {
             return None;
         }
@@ -335,6 +435,11 @@ mod tests {
             seq,
         )
         .unwrap()
+    }
+
+    /// The gateway's clock in these tests (readings are stamped 2026-11-27T04:00).
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, 4, 1, 0).unwrap()
     }
 
     fn seqs(h: &History) -> Vec<u64> {
@@ -401,12 +506,21 @@ mod tests {
     fn registry_reports_changes_only() {
         let mut reg = Registry::new(5);
         let id = SensorId::new("a").unwrap();
-        assert!(reg.apply_reading(reading("a", 1, 1)).is_some());
-        assert!(reg.apply_reading(reading("a", 1, 1)).is_none());
+        assert!(reg.apply_reading(reading("a", 1, 1), now()).is_some());
+        assert!(reg.apply_reading(reading("a", 1, 1), now()).is_none());
         assert_eq!(reg.summaries()[0].status, SensorStatus::Unknown);
-        assert!(reg.apply_availability(&id, Availability::Online).is_some());
-        assert!(reg.apply_availability(&id, Availability::Online).is_none());
-        assert!(reg.apply_availability(&id, Availability::Offline).is_some());
+        assert!(
+            reg.apply_availability(&id, Availability::Online, now())
+                .is_some()
+        );
+        assert!(
+            reg.apply_availability(&id, Availability::Online, now())
+                .is_none()
+        );
+        assert!(
+            reg.apply_availability(&id, Availability::Offline, now())
+                .is_some()
+        );
         let summary = &reg.summaries()[0];
         assert_eq!(summary.status, SensorStatus::Offline);
         assert_eq!(summary.latest.as_ref().unwrap().seq, 1);
@@ -430,15 +544,15 @@ mod tests {
             .unwrap()
         };
         assert!(matches!(
-            reg.apply_health(health("not_answering")),
+            reg.apply_health(health("not_answering"), now()),
             Some(ServerMessage::Sensor(_))
         ));
-        assert!(reg.apply_health(health("not_answering")).is_none());
+        assert!(reg.apply_health(health("not_answering"), now()).is_none());
         assert_eq!(
             reg.summaries()[0].sensor_health,
             Some(health("not_answering"))
         );
-        assert!(reg.apply_health(health("ok")).is_some());
+        assert!(reg.apply_health(health("ok"), now()).is_some());
         assert_eq!(reg.summaries()[0].status, SensorStatus::Unknown);
     }
 
@@ -454,7 +568,7 @@ mod tests {
             })
         );
         assert_eq!(reg.gap_before(&reading("a", 1, 10)), None);
-        reg.apply_reading(reading("a", 42, 10));
+        reg.apply_reading(reading("a", 42, 10), now());
         assert_eq!(reg.gap_before(&reading("a", 43, 11)), None);
         assert_eq!(
             reg.gap_before(&reading("a", 46, 12)),
@@ -473,7 +587,7 @@ mod tests {
     fn a_conflicting_duplicate_is_found_and_can_be_replaced() {
         let mut reg = Registry::new(10);
         let real = reading("a", 5, 5);
-        reg.apply_reading(real.clone());
+        reg.apply_reading(real.clone(), now());
         assert_eq!(
             reg.conflicting(&real),
             None,
@@ -483,7 +597,7 @@ mod tests {
         fake.temperature_c = -19.0;
         assert_eq!(reg.conflicting(&fake), Some(real.clone()));
         assert!(
-            reg.apply_reading(fake.clone()).is_none(),
+            reg.apply_reading(fake.clone(), now()).is_none(),
             "first seen stays"
         );
         assert!(reg.replace_reading(fake.clone()).is_some());
@@ -510,5 +624,104 @@ mod tests {
         // A restarted publisher (seq from 1 again) is no hole.
         h.insert(reading("a", 1, 20));
         assert_eq!(h.holes(10).len(), 2);
+    }
+
+    #[test]
+    fn a_sensor_gone_for_forget_after_is_forgotten_unless_online() {
+        let mut reg = Registry::new(5);
+        let (a, b, c) = (
+            SensorId::new("a").unwrap(),
+            SensorId::new("b").unwrap(),
+            SensorId::new("c").unwrap(),
+        );
+        let after = Duration::from_secs(60);
+        let later = |s: i64| now() + chrono::Duration::seconds(s);
+        reg.apply_reading(reading("a", 1, 1), now());
+        reg.apply_availability(&a, Availability::Offline, now());
+        reg.apply_reading(reading("b", 1, 1), now());
+        reg.apply_availability(&b, Availability::Online, now());
+        reg.apply_reading(reading("c", 1, 1), now());
+        // c (no availability) is heard of again 30 s later: its clock starts over.
+        reg.apply_reading(reading("c", 2, 2), later(30));
+        assert!(reg.forget(later(59), after).is_empty(), "not yet");
+        assert_eq!(
+            reg.forget(later(60), after),
+            [ServerMessage::Forgotten {
+                sensor_id: a.clone()
+            }]
+        );
+        assert_eq!(
+            reg.forget(later(90), after),
+            [ServerMessage::Forgotten {
+                sensor_id: c.clone()
+            }]
+        );
+        assert!(reg.forget(later(10_000), after).is_empty(), "b is online");
+        assert_eq!(reg.len(), 1);
+        assert!(reg.history(&a, 10, None).is_none());
+        assert_eq!(reg.summaries()[0].sensor_id, b);
+    }
+
+    #[test]
+    fn retained_messages_sent_again_do_not_bring_a_forgotten_sensor_back_and_news_does() {
+        let mut reg = Registry::new(5);
+        let a = SensorId::new("a").unwrap();
+        let later = now() + chrono::Duration::seconds(120);
+        reg.apply_reading(reading("a", 7, 7), now());
+        reg.apply_availability(&a, Availability::Offline, now());
+        reg.apply_health(
+            SensorHealth::from_json(
+                br#"{"sensor_id":"a","status":"ok","since":"2026-11-27T04:00:00.000Z"}"#,
+            )
+            .unwrap(),
+            now(),
+        );
+        assert_eq!(reg.forget(later, Duration::from_secs(60)).len(), 1);
+        // What the broker re-sends after a reconnect: the retained reading, offline, health.
+        assert!(reg.stale(&reading("a", 7, 7)));
+        assert!(reg.apply_reading(reading("a", 7, 7), later).is_none());
+        assert!(reg.apply_reading(reading("a", 6, 6), later).is_none());
+        assert!(
+            reg.apply_availability(&a, Availability::Offline, later)
+                .is_none()
+        );
+        assert!(reg.summaries().is_empty());
+        // A newer reading brings it back, with an empty history.
+        assert!(reg.apply_reading(reading("a", 8, 8), later).is_some());
+        assert_eq!(reg.history(&a, 10, None).unwrap().len(), 1);
+        assert!(
+            !reg.stale(&reading("a", 7, 7)),
+            "known again: no longer forgotten"
+        );
+        // So does `online`, for a sensor forgotten with no reading at all.
+        let b = SensorId::new("b").unwrap();
+        reg.apply_availability(&b, Availability::Offline, now());
+        reg.forget(later, Duration::from_secs(60));
+        assert!(
+            reg.apply_availability(&b, Availability::Offline, later)
+                .is_none()
+        );
+        assert!(
+            reg.apply_availability(&b, Availability::Online, later)
+                .is_some()
+        );
+        assert_eq!(reg.len(), 2);
+    }
+
+    #[test]
+    fn forgotten_sensors_are_remembered_up_to_a_bound() {
+        let mut reg = Registry::new(1);
+        for n in 0..MAX_FORGOTTEN + 10 {
+            let id = SensorId::new(format!("s{n}")).unwrap();
+            reg.apply_availability(&id, Availability::Offline, now());
+        }
+        let later = now() + chrono::Duration::seconds(120);
+        assert_eq!(
+            reg.forget(later, Duration::from_secs(60)).len(),
+            MAX_FORGOTTEN + 10
+        );
+        assert!(reg.is_empty());
+        assert_eq!(reg.forgotten.len(), MAX_FORGOTTEN);
+        assert!(reg.forgotten_order.len() <= 2 * MAX_FORGOTTEN);
     }
 }

@@ -49,8 +49,9 @@ use tungstenite::{
 };
 
 use crate::{
+    app_state::AppState,
+    error::json_error,
     fanout::{self, Client, DrainError, Pending},
-    http::{AppState, json_error},
 };
 
 /// How long a close caused by the client (slow, silent, oversized, …) waits for its answer.

@@ -8,6 +8,7 @@
 //! {"type":"availability","sensor_id":"pi-1","status":"offline"}
 //! {"type":"sensor","sensor_id":"pi-1","status":"not_answering","since":"…","reason":"no_response","errors":{"no_response":31}}
 //! {"type":"broker","status":"unreachable","since":"2026-11-27T04:00:05.000Z"}
+//! {"type":"forgotten","sensor_id":"pi-1"}
 //! ```
 //!
 //! `availability` is the publisher's (its process and connection); `sensor` is the sensor's own
@@ -17,6 +18,9 @@
 //! returns the same `sensors` array. The snapshot also carries the gateway's `broker` link (the
 //! same object `GET /api/status` returns), and a `broker` message follows each change of it, so a
 //! page can say "broker unreachable — showing the last readings" while the gateway keeps serving.
+//!
+//! `forgotten` says the gateway dropped a sensor gone (offline or never online, no reading) for
+//! its `--forget-after`: a page removes it; a newer reading or an `online` brings it back.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, Serializer};
@@ -109,6 +113,12 @@ pub enum ServerMessage {
     Broker(BrokerLink),
     /// The sensor's own health changed; the [`SensorHealth`] fields sit beside `type`.
     Sensor(SensorHealth),
+    /// The gateway forgot a sensor that has been gone for its `--forget-after`: it is no longer
+    /// in the API or in snapshots.
+    Forgotten {
+        /// The sensor.
+        sensor_id: SensorId,
+    },
 }
 
 #[cfg(test)]
@@ -165,6 +175,11 @@ mod tests {
             json,
             r#"{"type":"sensor","sensor_id":"pi-1","status":"not_answering","since":"2026-11-27T14:02:00.000Z","reason":"no_response","errors":{"no_response":3}}"#
         );
+        let json = serde_json::to_string(&ServerMessage::Forgotten {
+            sensor_id: SensorId::new("pi-1").unwrap(),
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"type":"forgotten","sensor_id":"pi-1"}"#);
     }
 
     #[test]
