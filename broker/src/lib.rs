@@ -346,6 +346,7 @@ fn new_shared(
         replays: replays::AccountBuckets::default(),
         log_bytes: backlog::LogBytes::default(),
         parked: backlog::Parked::default(),
+        slow_log: backlog::SlowLog::default(),
     })
 }
 
