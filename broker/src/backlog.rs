@@ -353,24 +353,4 @@ mod tests {
         assert_eq!(log.closed(now + Duration::from_secs(9)), None);
         assert_eq!(log.closed(now + Duration::from_secs(10)), Some(3));
     }
-
-    #[test]
-    fn the_limit_leaves_two_thirds_of_the_log_for_the_session_to_resume() {
-        let config = crate::embedded::rumqttd_config(
-            &crate::Config::new("127.0.0.1:0".parse().unwrap()),
-            &crate::shared::Upstream {
-                addr: "127.0.0.1:1".parse().unwrap(),
-                username: "u".to_owned(),
-                password: "p".to_owned(),
-            },
-        );
-        let router = config.router;
-        // After dropping its oldest segment the log still holds count − 1 full segments.
-        let held = (router.max_segment_size * (router.max_segment_count - 1)) as u64;
-        assert!(3 * MAX_BACKLOG <= held, "{held}");
-        // And a log never holds more than LOG_MAX.
-        let largest = config.v4.unwrap()["1"].connections.max_payload_size;
-        let most = (router.max_segment_count * (router.max_segment_size + largest)) as u64;
-        assert!(most <= LOG_MAX, "{most}");
-    }
 }
