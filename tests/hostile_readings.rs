@@ -544,7 +544,10 @@ async fn a_replay_flood_is_coalesced_and_live_readings_all_arrive() {
     let (_, text) = http_get(metrics, "/metrics").await;
     // The broker passes 10 at once, then 2 a second per connection (broker/src/replays.rs).
     let asked = sample_with(&text, &["replay_requests_total"]);
-    assert!((10.0..=10.0 + 2.0 * 4.0).contains(&asked), "{asked}: {text}");
+    assert!(
+        (10.0..=10.0 + 2.0 * 4.0).contains(&asked),
+        "{asked}: {text}"
+    );
     assert!(
         sample_with(&text, &["replays_coalesced_total"]) > 0.0,
         "{text}"
