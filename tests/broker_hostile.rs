@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | 1 | 3 × 5,000 distinct filters from `reader` | `fifteen_thousand_distinct_filters_leave_no_memory_behind` |
 //! | 2 | 2,500 sockets that never send CONNECT | `silent_sockets_never_keep_a_real_client_out`, `silent_sockets_beyond_the_pending_pool_push_out_each_other_not_a_real_client` |
+//! | 5 | replay flood; a slow `k3sense/#` subscriber silently skipped | `tests/replay_flood.rs` |
 //! | 7 | nobody could clear a retained message | `an_admin_clears_a_sensor_and_a_reader_cannot` |
 //! | 8 | a publisher rewrote another sensor's discovery | `a_publisher_writes_only_its_own_discovery_configs` |
 //! | 9 | `$share` × 200 amplified each message | `shared_subscriptions_are_refused_so_nothing_arrives_twice` |

@@ -348,6 +348,7 @@ fn new_shared(
         replays: replays::AccountBuckets::default(),
         log_bytes: backlog::LogBytes::default(),
         parked: backlog::Parked::default(),
+        slow_log: backlog::SlowLog::default(),
     })
 }
 
@@ -450,4 +451,29 @@ async fn probe(target: SocketAddr, login: Option<(String, String)>) -> bool {
         .await;
     }
     answered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_limit_leaves_two_thirds_of_rumqttds_log_for_a_session_to_resume() {
+        let config = embedded::rumqttd_config(
+            &Config::new("127.0.0.1:0".parse().unwrap()),
+            &session::Upstream {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                username: "u".to_owned(),
+                password: "p".to_owned(),
+            },
+        );
+        let router = config.router;
+        // After dropping its oldest segment the log still holds count − 1 full segments.
+        let held = (router.max_segment_size * (router.max_segment_count - 1)) as u64;
+        assert!(3 * backlog::MAX_BACKLOG <= held, "{held}");
+        // And a log never holds more than backlog::LOG_MAX.
+        let largest = config.v4.unwrap()["1"].connections.max_payload_size;
+        let most = (router.max_segment_count * (router.max_segment_size + largest)) as u64;
+        assert!(most <= backlog::LOG_MAX, "{most}");
+    }
 }

@@ -486,8 +486,11 @@ impl BrokerSide<'_> {
             return Ok(());
         };
         self.shared.metrics.refused(Reason::SlowSubscriber);
+        let Some(closed) = self.shared.slow_log.closed(Instant::now()) else {
+            return Err(End::Abrupt);
+        };
         let client = self.client;
-        tracing::warn!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), reason = Reason::SlowSubscriber.as_str(), behind_bytes = behind, "connection closed: this subscriber fell so far behind that the broker would have had to skip messages for it; reconnect with the same client id and clean session off to get every message from where it stopped, and read faster or subscribe to less (e.g. <prefix>/+/state rather than <prefix>/#)");
+        tracing::warn!(peer = %client.peer, client_id = %Clip(client.id), user = %clip_opt(client.user), reason = Reason::SlowSubscriber.as_str(), behind_bytes = behind, closed_since_last_line = closed, "connection closed (later ones logged at most every 10 s, all counted): this subscriber fell so far behind that the broker would have had to skip messages for it; reconnect with the same client id and clean session off to get every message from where it stopped, and read faster or subscribe to less (e.g. <prefix>/+/state rather than <prefix>/#)");
         Err(End::Abrupt)
     }
 }

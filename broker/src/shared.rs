@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 use crate::{
     Metrics, Users,
     acl::Acl,
-    backlog::{LogBytes, Parked},
+    backlog::{LogBytes, Parked, SlowLog},
     filters::FilterTable,
     pending::PendingPool,
     registry::Registry,
@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) log_bytes: LogBytes,
     /// How far behind each persistent session without a connection is (see `backlog`).
     pub(crate) parked: Parked,
+    /// The slow subscribers' log line, rate-limited.
+    pub(crate) slow_log: SlowLog,
 }
 
 /// Who is on the other end of a logged-in connection, for log lines and per-account rules.
