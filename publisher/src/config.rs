@@ -4,7 +4,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use k3sense_protocol::{Model, MqttConfig, SensorId};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Settings of `k3sense publisher`.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,7 +54,7 @@ pub struct SensorConfig {
     /// Intervals in a row without a reading after which the sensor is reported `not_answering`
     /// on `<prefix>/<id>/sensor` (the publisher itself stays `online`); the first reading
     /// makes it `ok` again.
-    #[arg(long, env = "K3SENSE_UNHEALTHY_AFTER", default_value_t = crate::reader::UNHEALTHY_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "K3SENSE_UNHEALTHY_AFTER", default_value_t = UNHEALTHY_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
     pub unhealthy_after: u32,
 
     /// For `--sensor sim`: a file the simulator reads before every read, to be told how to
@@ -187,6 +187,9 @@ pub enum SensorKind {
     Iio,
 }
 
+/// How many intervals in a row without a reading make the sensor `not_answering`.
+pub const UNHEALTHY_AFTER: u32 = 3;
+
 /// The publish interval when none is given.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -201,7 +204,7 @@ impl SensorConfig {
             iio_device: None,
             sensor_id: Some(id.to_owned()),
             interval: Some(interval),
-            unhealthy_after: crate::reader::UNHEALTHY_AFTER,
+            unhealthy_after: UNHEALTHY_AFTER,
             sim_control: None,
             buffer: 8640,
             replay_buffer: 8640,

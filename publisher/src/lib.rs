@@ -33,23 +33,25 @@
 //! | `error` | [`Error`] |
 
 mod config;
+mod connection;
 pub mod dht;
 pub mod discovery;
 mod error;
 mod http;
 mod link;
 mod metrics;
+mod numbering;
 mod outbox;
 pub mod policy;
+mod presence;
 pub mod reader;
 mod recent;
+mod replay;
 mod replaypace;
 pub mod sensor;
 mod seqguard;
 
-use std::time::Duration;
-
-use k3sense_protocol::Availability;
+use k3sense_protocol::{Availability, SensorId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -60,59 +62,20 @@ pub use config::{
 pub use error::{Error, Result};
 pub use link::Update;
 pub use metrics::Metrics;
+pub use numbering::Measured;
 pub use outbox::Outbox;
-pub use policy::{Pacing, ReadCounters, ReadPolicy, Tolerance, Verdict};
+pub use policy::{ReadCounters, ReadPolicy, Tolerance, Verdict};
 pub use reader::{Clock, ReaderConfig};
-pub use sensor::{OpenError, ReadError, Sensor, SimSensor};
+pub use sensor::{OpenError, Pacing, ReadError, Sensor, SimSensor};
 
 /// Reads and publishes until `shutdown`, then says `offline` and disconnects.
 ///
 /// A sensor that cannot be opened does not make this fail: the sensor is reported `offline`
 /// and opened again periodically (see [`reader`]).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let (counters, _) = watch::channel(ReadCounters::default());
-    run_with(config, ReaderOptions::default(), counters, shutdown).await
-}
-
-/// What tests and embedders may change about the reader beyond the [`Config`].
-#[derive(Debug, Clone, Copy)]
-pub struct ReaderOptions {
-    /// How long after a failed open the sensor is opened again.
-    pub reopen_every: Duration,
-    /// Where `read_at` comes from.
-    pub clock: Clock,
-}
-
-impl Default for ReaderOptions {
-    fn default() -> Self {
-        Self {
-            reopen_every: reader::REOPEN_EVERY,
-            clock: Clock::System,
-        }
-    }
-}
-
-/// [`run`], with reader options and a channel that always holds the latest read counters.
-pub async fn run_with(
-    config: Config,
-    options: ReaderOptions,
-    counters: watch::Sender<ReadCounters>,
-    shutdown: CancellationToken,
-) -> Result<()> {
     let id = config.sensor.effective_id()?;
-    let topics = config.mqtt.topics()?;
-    config.mqtt.mqtt_options("probe")?;
-    let discovery = if config.sensor.ha.discovery {
-        Some(discovery::Announcement::new(
-            &config.sensor.ha.prefix,
-            &topics,
-            &id,
-            config.sensor.effective_model(),
-            config.sensor.effective_interval(),
-        )?)
-    } else {
-        None
-    };
+    let settings = link_settings(&config, &id)?;
+    let (counters, _) = watch::channel(ReadCounters::default());
     let metrics = Metrics::new(&id, counters.subscribe());
     let server_stop = shutdown.child_token();
     let server = metrics_listener(&config.sensor.metrics)
@@ -127,13 +90,6 @@ pub async fn run_with(
         Availability::Offline
     };
     let (tx, rx) = mpsc::channel(64);
-    let settings = link::Settings {
-        mqtt: config.mqtt.clone(),
-        id: id.clone(),
-        buffer: config.sensor.buffer,
-        replay_buffer: config.sensor.replay_buffer,
-        discovery,
-    };
     let link = tokio::spawn(link::run(
         settings,
         availability,
@@ -146,10 +102,8 @@ pub async fn run_with(
         config.sensor.effective_model(),
         config.sensor.effective_interval(),
     );
-    reader_config.reopen_every = options.reopen_every;
-    reader_config.clock = options.clock;
     reader_config.unhealthy_after = config.sensor.unhealthy_after;
-    reader::run(opener, first, reader_config, tx, counters, shutdown.clone()).await;
+    reader::run(opener, first, reader_config, tx, counters, shutdown).await;
     let linked = link.await;
     if let Some(server) = server {
         server_stop.cancel();
@@ -159,6 +113,33 @@ pub async fn run_with(
         Ok(result) => result,
         Err(e) => Err(Error::Invalid(format!("the MQTT task failed: {e}"))),
     }
+}
+
+/// The link's settings, checked before anything starts: topics, the broker address and the
+/// password file, the Home Assistant prefix.
+fn link_settings(config: &Config, id: &SensorId) -> Result<link::Settings> {
+    let topics = config.mqtt.topics()?;
+    config.mqtt.mqtt_options("probe")?;
+    let sensor = &config.sensor;
+    let discovery = if sensor.ha.discovery {
+        Some(discovery::Announcement::new(
+            &sensor.ha.prefix,
+            &topics,
+            id,
+            sensor.effective_model(),
+            sensor.effective_interval(),
+        )?)
+    } else {
+        None
+    };
+    Ok(link::Settings {
+        mqtt: config.mqtt.clone(),
+        id: id.clone(),
+        model: sensor.effective_model(),
+        buffer: sensor.buffer,
+        replay_buffer: sensor.replay_buffer,
+        discovery,
+    })
 }
 
 /// Binds the metrics server's socket. An address given with `--metrics-listen` that cannot be

@@ -6,8 +6,12 @@
 //! read until its PUBACK arrives, and after every reconnect the unacknowledged ones are sent
 //! again, oldest first, with their original `read_at` and `seq`. The buffer is bounded: when the
 //! broker stays away too long, the oldest readings are dropped and counted.
+//!
+//! [`Receipts`] match the broker's acknowledgements to what was sent: MQTT acknowledges a
+//! packet id, which the client library assigns only when it writes the PUBLISH, so each
+//! queued publish is noted in order and paired with its packet id once that is known.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use k3sense_protocol::Reading;
 
@@ -102,6 +106,51 @@ impl Outbox {
     }
 }
 
+/// What a queued PUBLISH carried, so its PUBACK can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The reading with this `seq`, from the [`Outbox`].
+    Reading(u64),
+    /// The `offline` of a deliberate stop.
+    Goodbye,
+    /// Anything else (availability, health, discovery, replays): nothing waits for its PUBACK.
+    Other,
+}
+
+/// Queued publishes and their packet ids, until acknowledged.
+#[derive(Debug, Default)]
+pub struct Receipts {
+    /// In the order the client library will write them, until it assigns a packet id.
+    queued: VecDeque<Sent>,
+    /// Packet id → what it carried.
+    by_pkid: HashMap<u16, Sent>,
+}
+
+impl Receipts {
+    /// A publish was handed to the client library.
+    pub fn queued(&mut self, sent: Sent) {
+        self.queued.push_back(sent);
+    }
+
+    /// The client library wrote the oldest queued publish with packet id `pkid`.
+    pub fn assigned(&mut self, pkid: u16) {
+        if let Some(sent) = self.queued.pop_front() {
+            self.by_pkid.insert(pkid, sent);
+        }
+    }
+
+    /// The broker acknowledged `pkid`: what it carried, if we sent it.
+    pub fn acked(&mut self, pkid: u16) -> Option<Sent> {
+        self.by_pkid.remove(&pkid)
+    }
+
+    /// The connection is new or gone: no packet id of the old one will be acknowledged.
+    pub fn clear(&mut self) {
+        self.queued.clear();
+        self.by_pkid.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
@@ -163,5 +212,24 @@ mod tests {
         assert_eq!(o.push(r(3)).map(|r| r.seq), Some(1));
         assert_eq!(o.dropped(), 1);
         assert_eq!(next(&mut o), Some(2));
+    }
+
+    #[test]
+    fn receipts_pair_packet_ids_in_queue_order() {
+        let mut r = Receipts::default();
+        r.queued(Sent::Other);
+        r.queued(Sent::Reading(7));
+        r.assigned(1);
+        r.assigned(2);
+        // An id assigned with nothing queued (someone else's publish) is ignored.
+        r.assigned(3);
+        assert_eq!(r.acked(2), Some(Sent::Reading(7)));
+        assert_eq!(r.acked(2), None);
+        assert_eq!(r.acked(3), None);
+        r.queued(Sent::Goodbye);
+        r.clear();
+        r.assigned(4);
+        assert_eq!(r.acked(1), None);
+        assert_eq!(r.acked(4), None);
     }
 }
