@@ -1,45 +1,48 @@
-//! The link's MQTT connection: the client it publishes through, whether it is connected, and
-//! which acknowledgement belongs to which publish ([`Receipts`]). It turns the client's events
-//! into the few the link acts on ([`Happened`]).
+//! The link's MQTT connection: the one k3sense client ([`k3sense_protocol::mqtt::Client`]),
+//! whether it is connected, and what each publish carried ([`Receipts`]). It turns the
+//! client's events into the few the link acts on ([`Happened`]).
 //!
-//! The event loop is polled by a task of its own ([`k3sense_protocol::pump`]), never inside the
-//! link's `select!`: a poll must run to its end, or a connection being opened is abandoned.
+//! The client subscribes again after every CONNACK, before it reports the connection: the
+//! subscriptions made at [`Connection::open`] are therefore in place before anything the link
+//! publishes on a new connection (see `Link::greet`).
 
-use k3sense_protocol::{Availability, MqttConfig, MqttEvents, SensorId, Topics};
-use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, Outgoing, Packet, Publish, QoS};
+use std::time::Duration;
+
+use k3sense_protocol::{
+    Availability, MqttConfig, SensorId, Topics,
+    mqtt::{Client, ClientEvent, Disconnect, Events, Goodbye, Message, PublishId, QoS},
+};
 
 use crate::{
     error::Result,
     outbox::{Receipts, Sent},
 };
 
-/// How many publishes may be handed to the client at once; also how many readings may wait for
-/// their PUBACKs.
+/// How many readings may wait for their PUBACKs at once; the client queues twice as many
+/// publishes.
 pub const WINDOW: usize = 32;
 
-/// A connect that got no CONNACK within this many seconds is given up and tried again: a broker
-/// that answers answers in milliseconds, and after a silent network cut the attempt started
-/// during the cut must not hold the reconnection back for rumqttc's default 5 s.
-const CONNECT_TIMEOUT_SECS: u64 = 2;
+/// A connect that got no CONNACK within this is given up and tried again: a broker that
+/// answers answers in milliseconds, and after a silent network cut the attempt started during
+/// the cut must not hold the reconnection back for the client's default 5 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What happened on the connection, as far as the link cares.
 #[derive(Debug)]
 pub enum Happened {
-    /// The broker accepted a (new) connection.
+    /// The broker accepted a (new) connection; the subscriptions are queued.
     Connected,
     /// A message arrived on a subscription.
-    Message(Publish),
+    Message(Message),
     /// The broker acknowledged a publish; what it carried, if it was one of ours.
     Acked(Option<Sent>),
-    /// The connection is gone or could not be made; it is retried with backoff.
+    /// The connection is gone or could not be made; the client retries with backoff.
     Lost {
         /// Whether it had been connected (as opposed to a failed attempt).
         was_connected: bool,
         /// Why.
-        error: ConnectionError,
+        error: String,
     },
-    /// Our DISCONNECT went out.
-    Closed,
     /// Nothing the link acts on.
     Nothing,
 }
@@ -47,43 +50,43 @@ pub enum Happened {
 /// The client, the connection state and the receipts.
 #[derive(Debug)]
 pub struct Connection {
-    client: AsyncClient,
-    receipts: Receipts,
+    client: Client,
+    receipts: Receipts<PublishId>,
     connected: bool,
 }
 
 impl Connection {
     /// Starts connecting to the broker as sensor `id`'s publisher, with `offline` (retained) as
-    /// the last will; events arrive on the returned channel.
+    /// the last will, subscribed to `subscriptions` on every connection.
     pub fn open(
         mqtt: &MqttConfig,
         id: &SensorId,
         topics: &Topics,
-    ) -> Result<(Self, MqttEvents, tokio::task::JoinHandle<()>)> {
-        let mut options = mqtt.mqtt_options(&format!("k3sense-publisher-{id}"))?;
-        options.set_clean_session(true);
-        options.set_last_will(LastWill::new(
-            topics.availability(id),
-            Availability::Offline.as_str(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-        let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
-        // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
-        events.network_options.set_tcp_nodelay(true);
-        events
-            .network_options
-            .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-        let (events, pump) = k3sense_protocol::pump(events, WINDOW);
+        subscriptions: &[String],
+    ) -> Result<(Self, Events)> {
+        let mut builder = mqtt
+            .client(&format!("k3sense-publisher-{id}"))?
+            .will(
+                topics.availability(id),
+                Availability::Offline.as_str(),
+                QoS::AtLeastOnce,
+                true,
+            )
+            .capacity(WINDOW * 2)
+            .connect_timeout(CONNECT_TIMEOUT);
+        for filter in subscriptions {
+            builder = builder.subscribe(filter.clone(), QoS::AtLeastOnce);
+        }
+        let (client, events) = builder.start();
         let connection = Self {
             client,
             receipts: Receipts::default(),
             connected: false,
         };
-        Ok((connection, events, pump))
+        Ok((connection, events))
     }
 
-    /// Whether the broker accepted the current connection.
+    /// Whether the broker accepted the current connection (as the events so far say).
     pub fn is_connected(&self) -> bool {
         self.connected
     }
@@ -96,65 +99,66 @@ impl Connection {
         retain: bool,
         sent: Sent,
     ) -> bool {
-        let queued = self
+        match self
             .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-            .is_ok();
-        if queued {
-            self.receipts.queued(sent);
-        }
-        queued
-    }
-
-    /// Subscribes to `topic` (QoS 1); a failure is logged, it is retried on the next connect.
-    pub fn subscribe(&mut self, topic: String) {
-        if let Err(e) = self.client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
-            tracing::warn!(%topic, error = %e, "could not subscribe");
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+        {
+            Ok(id) => {
+                self.receipts.sent(id, sent);
+                true
+            }
+            Err(_) => false,
         }
     }
 
-    /// Unsubscribes from `topic`.
-    pub fn unsubscribe(&mut self, topic: String) {
-        let _ = self.client.try_unsubscribe(topic);
+    /// Stops subscribing to `filter`.
+    pub fn unsubscribe(&mut self, filter: &str) {
+        if let Err(e) = self.client.unsubscribe(filter) {
+            tracing::debug!(filter, error = %e, "could not unsubscribe");
+        }
     }
 
-    /// Sends DISCONNECT: the broker then drops the will.
-    pub fn disconnect(&mut self) {
-        let _ = self.client.try_disconnect();
+    /// Ends the connection with DISCONNECT, so the broker drops the will; at most `timeout`.
+    pub async fn goodbye(&mut self, timeout: Duration) -> Goodbye {
+        self.connected = false;
+        self.receipts.clear();
+        self.client.goodbye(timeout).await
     }
 
     /// Takes in one event of the client's.
-    pub fn happened(&mut self, event: Result<Event, ConnectionError>) -> Happened {
+    pub fn happened(&mut self, event: ClientEvent) -> Happened {
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            ClientEvent::Connected { .. } => {
                 self.connected = true;
                 self.receipts.clear();
                 Happened::Connected
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => Happened::Message(publish),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                self.receipts.assigned(pkid);
+            ClientEvent::Message(message) => Happened::Message(message),
+            ClientEvent::Acked(id) => Happened::Acked(self.receipts.settled(&id)),
+            ClientEvent::Lost(id) => {
+                // The reconnect sends what matters again (the outbox, availability, health).
+                self.receipts.settled(&id);
                 Happened::Nothing
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                Happened::Acked(self.receipts.acked(ack.pkid))
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => Happened::Closed,
-            Ok(_) => Happened::Nothing,
-            Err(error) => {
+            ClientEvent::Disconnected { reason, .. } => {
                 let was_connected = std::mem::replace(&mut self.connected, false);
                 self.receipts.clear();
+                let error = match reason {
+                    Disconnect::Lost(e) | Disconnect::ConnectFailed(e) => e.to_string(),
+                    Disconnect::Goodbye => "said goodbye".to_owned(),
+                };
                 Happened::Lost {
                     was_connected,
                     error,
                 }
             }
+            ClientEvent::Subscribed { granted: false } => {
+                tracing::debug!(
+                    "the broker refused a subscription (replay requests, our own availability or state, Home Assistant's status)"
+                );
+                Happened::Nothing
+            }
+            _ => Happened::Nothing,
         }
-    }
-
-    /// The connection is being given up without an error event (the events ended).
-    pub fn forget(&mut self) {
-        self.connected = false;
-        self.receipts.clear();
     }
 }

@@ -8,7 +8,7 @@
 //! | [`Replayer`] | `replay` | recent readings; answers replay requests, coalesced and paced |
 //! | [`Presence`] | `presence` | the sensor's availability and health; answers a foreign `offline` |
 //! | [`Announcement`] | `discovery` | the Home Assistant discovery configs and when to send them again |
-//! | [`Connection`] | `connection` | the MQTT client, whether it is connected, packet ids |
+//! | [`Connection`] | `connection` | the MQTT client, whether it is connected, what each publish carried |
 //!
 //! Every message is QoS 1; `offline` (retained) is the last will. On every connect it runs
 //! [`Link::greet`]; on shutdown [`Link::goodbye`] hands over what is buffered, says `offline`
@@ -17,10 +17,9 @@
 use std::time::Duration;
 
 use k3sense_protocol::{
-    Availability, HealthStatus, MqttConfig, MqttEvents, ReplayRequest, SensorHealth, SensorId,
-    Topics,
+    Availability, HealthStatus, MqttConfig, ReplayRequest, SensorHealth, SensorId, Topics,
+    mqtt::{ClientEvent, Events, Goodbye, Message},
 };
-use rumqttc::{ConnectionError, Event, Publish};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -123,7 +122,7 @@ pub async fn run(
     mut updates: mpsc::Receiver<Update>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (mut link, mut events, pump) = Link::start(settings, sensor, metrics)?;
+    let (mut link, mut events) = Link::start(settings, sensor, metrics)?;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -143,7 +142,6 @@ pub async fn run(
         }
     }
     link.goodbye(&mut events).await;
-    pump.abort();
     Ok(())
 }
 
@@ -156,13 +154,23 @@ async fn until(deadline: Option<Instant>) {
 }
 
 impl Link {
-    fn start(
-        settings: Settings,
-        sensor: Availability,
-        metrics: Metrics,
-    ) -> Result<(Self, MqttEvents, tokio::task::JoinHandle<()>)> {
+    fn start(settings: Settings, sensor: Availability, metrics: Metrics) -> Result<(Self, Events)> {
         let topics = settings.mqtt.topics()?;
-        let (connection, events, pump) = Connection::open(&settings.mqtt, &settings.id, &topics)?;
+        let own = OwnTopics::new(&topics, &settings.id);
+        // Subscribed again on every connection, before `greet` publishes anything: see there.
+        let subscriptions: Vec<String> = settings
+            .discovery
+            .as_ref()
+            .map(|a| a.status_topic.clone())
+            .into_iter()
+            .chain([
+                own.replay_request.clone(),
+                own.availability.clone(),
+                own.state.clone(),
+            ])
+            .collect();
+        let (connection, events) =
+            Connection::open(&settings.mqtt, &settings.id, &topics, &subscriptions)?;
         metrics
             .buffer_capacity
             .set(i64::try_from(settings.buffer).unwrap_or(i64::MAX));
@@ -172,7 +180,7 @@ impl Link {
         tracing::info!(broker = %settings.mqtt.broker, sensor_id = %settings.id, "connecting to the MQTT broker");
         let link = Self {
             connection,
-            topics: OwnTopics::new(&topics, &settings.id),
+            topics: own,
             metrics,
             numbering: Numbering::new(settings.id, settings.model, settings.buffer),
             outbox: Outbox::new(settings.buffer),
@@ -181,7 +189,7 @@ impl Link {
             discovery: settings.discovery,
             wake: Wakeups::default(),
         };
-        Ok((link, events, pump))
+        Ok((link, events))
     }
 
     fn update(&mut self, update: Update) {
@@ -211,7 +219,7 @@ impl Link {
         }
     }
 
-    fn event(&mut self, event: std::result::Result<Event, ConnectionError>) {
+    fn event(&mut self, event: ClientEvent) {
         match self.connection.happened(event) {
             Happened::Connected => {
                 tracing::info!(backlog = self.outbox.len(), "connected to the MQTT broker");
@@ -237,41 +245,36 @@ impl Link {
                 tracing::debug!(%error, "MQTT connect failed; retrying with backoff");
                 self.disconnected();
             }
-            Happened::Closed | Happened::Nothing => {}
+            Happened::Nothing => {}
         }
     }
 
-    /// What every new connection needs, in this order (each step relies on those before it):
+    /// What every new connection needs, in this order (each step relies on those before it).
+    /// The client has already subscribed again to Home Assistant's status topic, to replay
+    /// requests, to our own availability and, until `seq` is settled, to our own state:
+    /// before anything below is published.
     ///
-    /// 1. Every unacknowledged reading goes again: the old connection's packet ids are void.
-    /// 2. Subscribe to Home Assistant's status topic, then announce: once the announcement is
-    ///    seen, Home Assistant's next `online` reaches us.
-    /// 3. Subscribe to replay requests before saying `online`: gateways answer `online` with a
-    ///    replay request, which must find the subscription in place.
-    /// 4. Subscribe to our own availability before saying `online`, to answer a foreign
-    ///    `offline` (what arrives first is the broker's old retained copy).
-    /// 5. Say the sensor's availability and health, retained.
-    /// 6. Until `seq` is settled: subscribe to our own state, whose retained reading says where
-    ///    `seq` continues, and wait for it at most [`SEQ_WAIT`].
-    /// 7. A restarted broker lost its retained messages: publish the newest reading again (same
+    /// 1. Every unacknowledged reading goes again: the old connection's acknowledgements are
+    ///    void.
+    /// 2. Announce to Home Assistant: subscribed first, so once the announcement is seen, Home
+    ///    Assistant's next `online` reaches us.
+    /// 3. Say the sensor's availability and health, retained. Subscribed first to replay
+    ///    requests (gateways answer `online` with one) and to our own availability (to answer
+    ///    a foreign `offline`; what arrives first is the broker's old retained copy).
+    /// 4. Until `seq` is settled, wait at most [`SEQ_WAIT`] for our own retained reading, which
+    ///    says where `seq` continues.
+    /// 5. A restarted broker lost its retained messages: publish the newest reading again (same
     ///    `seq`, same `read_at`), unless newer ones are about to go out anyway.
-    /// 8. Send the buffered readings.
+    /// 6. Send the buffered readings.
     fn greet(&mut self) {
         self.metrics.broker_connected.set(1);
         self.metrics.broker_connects.inc();
         self.outbox.resend_all();
-        if let Some(status_topic) = self.discovery.as_ref().map(|a| a.status_topic.clone()) {
-            self.connection.subscribe(status_topic);
-            self.announce();
-        }
-        self.connection
-            .subscribe(self.topics.replay_request.clone());
+        self.announce();
         self.presence.reconnected();
-        self.connection.subscribe(self.topics.availability.clone());
         self.publish_availability(self.presence.sensor());
         self.publish_health();
         if !self.numbering.is_settled() {
-            self.connection.subscribe(self.topics.state.clone());
             self.wake.seq = Some(Instant::now() + SEQ_WAIT);
         }
         self.restore_retained();
@@ -284,7 +287,7 @@ impl Link {
     }
 
     /// A message arrived on one of our subscriptions.
-    fn received(&mut self, publish: &Publish) {
+    fn received(&mut self, publish: &Message) {
         let topic = publish.topic.as_str();
         if topic == self.topics.replay_request {
             self.replay(&publish.payload);
@@ -338,7 +341,7 @@ impl Link {
         if last_seq > 0 {
             tracing::info!(last_seq, "continuing seq after the retained reading");
         }
-        self.connection.unsubscribe(self.topics.state.clone());
+        self.connection.unsubscribe(&self.topics.state);
         for numbered in self.numbering.settle(last_seq) {
             self.take(numbered);
         }
@@ -445,7 +448,7 @@ impl Link {
         }
     }
 
-    /// See [`Link::greet`], step 7.
+    /// See [`Link::greet`], step 5.
     fn restore_retained(&mut self) {
         if !self.outbox.is_empty() {
             return;
@@ -501,47 +504,53 @@ impl Link {
 
     /// Hands the broker what is still buffered, says `offline` and disconnects, so the broker
     /// does not fire the will and subscribers see a deliberate stop.
-    async fn goodbye(&mut self, events: &mut MqttEvents) {
+    async fn goodbye(&mut self, events: &mut Events) {
         self.flush(events).await;
         self.metrics.broker_connected.set(0);
-        if !self.connection.is_connected() {
-            return;
-        }
-        let topic = self.topics.availability.clone();
-        let offline = Availability::Offline.as_str();
-        if !self.connection.publish(topic, offline, true, Sent::Goodbye) {
-            self.connection.disconnect();
-            return;
-        }
-        // DISCONNECT only once the broker acknowledged `offline`, so it is known to be there
-        // before the connection closes: closing while the broker still sends (an
-        // acknowledgement) can make the kernel answer with a reset, which may discard what the
-        // broker received but had not read yet.
-        let done = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            while let Some(event) = events.recv().await {
-                match self.connection.happened(event) {
-                    Happened::Acked(Some(Sent::Goodbye)) => self.connection.disconnect(),
-                    Happened::Closed | Happened::Lost { .. } => break,
-                    _ => {}
-                }
-            }
-        })
-        .await;
-        if done.is_err() {
-            tracing::warn!(
-                "the broker did not take the goodbye in time; it will announce offline by the last will"
-            );
-        } else {
+        let was_connected = self.connection.is_connected();
+        let deadline = Instant::now() + GOODBYE_TIMEOUT;
+        let offline = was_connected && self.say_offline(events, deadline).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let goodbye = self.connection.goodbye(left).await;
+        if offline && goodbye == Goodbye::Clean {
             tracing::info!(
                 backlog = self.outbox.len(),
                 "published offline and disconnected"
             );
+        } else if was_connected {
+            tracing::warn!(
+                "the broker did not take the goodbye in time; it will announce offline by the last will"
+            );
         }
+    }
+
+    /// Publishes `offline` and waits until `deadline` for the broker to acknowledge it: the
+    /// DISCONNECT goes only after that, so `offline` is known to be there before the connection
+    /// closes (closing while the broker still sends, an acknowledgement, can make the kernel
+    /// answer with a reset, which may discard what the broker received but had not read yet).
+    async fn say_offline(&mut self, events: &mut Events, deadline: Instant) -> bool {
+        let topic = self.topics.availability.clone();
+        let offline = Availability::Offline.as_str();
+        if !self.connection.publish(topic, offline, true, Sent::Goodbye) {
+            return false;
+        }
+        let acked = tokio::time::timeout_at(deadline, async {
+            while let Some(event) = events.recv().await {
+                match self.connection.happened(event) {
+                    Happened::Acked(Some(Sent::Goodbye)) => return true,
+                    Happened::Lost { .. } => return false,
+                    _ => {}
+                }
+            }
+            false
+        })
+        .await;
+        acked.unwrap_or(false)
     }
 
     /// Waits, within a bound, until the broker acknowledged every buffered reading: a stop (a
     /// rollout, Ctrl-C) must not lose readings the broker could still take.
-    async fn flush(&mut self, events: &mut MqttEvents) {
+    async fn flush(&mut self, events: &mut Events) {
         if !self.connection.is_connected() || self.outbox.is_empty() {
             return;
         }
@@ -549,10 +558,7 @@ impl Link {
             while self.connection.is_connected() && !self.outbox.is_empty() {
                 match events.recv().await {
                     Some(event) => self.event(event),
-                    None => {
-                        self.connection.forget();
-                        self.disconnected();
-                    }
+                    None => break,
                 }
             }
         })

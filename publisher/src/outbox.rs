@@ -1,17 +1,19 @@
 //! Readings waiting for the broker's acknowledgement.
 //!
 //! The publisher, not the MQTT library, is the keeper of readings until the broker has taken
-//! them: rumqttc forgets unacknowledged messages when it reconnects to a broker that lost the
-//! session (a restarted broker always has). So every reading stays here from the moment it is
+//! them: the MQTT client does not send a publish again that a lost connection took (a restarted
+//! broker has lost the session anyway). So every reading stays here from the moment it is
 //! read until its PUBACK arrives, and after every reconnect the unacknowledged ones are sent
 //! again, oldest first, with their original `read_at` and `seq`. The buffer is bounded: when the
 //! broker stays away too long, the oldest readings are dropped and counted.
 //!
-//! [`Receipts`] match the broker's acknowledgements to what was sent: MQTT acknowledges a
-//! packet id, which the client library assigns only when it writes the PUBLISH, so each
-//! queued publish is noted in order and paired with its packet id once that is known.
+//! [`Receipts`] match the broker's acknowledgements to what was sent: the MQTT client names each
+//! publish, and says when the broker acknowledged it, by an id of its own.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+};
 
 use k3sense_protocol::Reading;
 
@@ -117,37 +119,35 @@ pub enum Sent {
     Other,
 }
 
-/// Queued publishes and their packet ids, until acknowledged.
-#[derive(Debug, Default)]
-pub struct Receipts {
-    /// In the order the client library will write them, until it assigns a packet id.
-    queued: VecDeque<Sent>,
-    /// Packet id → what it carried.
-    by_pkid: HashMap<u16, Sent>,
+/// What each publish carried, by the client's id for it, until acknowledged or lost.
+#[derive(Debug)]
+pub struct Receipts<Id> {
+    sent: HashMap<Id, Sent>,
 }
 
-impl Receipts {
-    /// A publish was handed to the client library.
-    pub fn queued(&mut self, sent: Sent) {
-        self.queued.push_back(sent);
-    }
-
-    /// The client library wrote the oldest queued publish with packet id `pkid`.
-    pub fn assigned(&mut self, pkid: u16) {
-        if let Some(sent) = self.queued.pop_front() {
-            self.by_pkid.insert(pkid, sent);
+impl<Id> Default for Receipts<Id> {
+    fn default() -> Self {
+        Self {
+            sent: HashMap::new(),
         }
     }
+}
 
-    /// The broker acknowledged `pkid`: what it carried, if we sent it.
-    pub fn acked(&mut self, pkid: u16) -> Option<Sent> {
-        self.by_pkid.remove(&pkid)
+impl<Id: Eq + Hash> Receipts<Id> {
+    /// The client took publish `id`, carrying `sent`.
+    pub fn sent(&mut self, id: Id, sent: Sent) {
+        self.sent.insert(id, sent);
     }
 
-    /// The connection is new or gone: no packet id of the old one will be acknowledged.
+    /// The broker acknowledged `id`, or a lost connection took it: what it carried, if we
+    /// sent it.
+    pub fn settled(&mut self, id: &Id) -> Option<Sent> {
+        self.sent.remove(id)
+    }
+
+    /// The connection is gone: nothing sent on it will be acknowledged.
     pub fn clear(&mut self) {
-        self.queued.clear();
-        self.by_pkid.clear();
+        self.sent.clear();
     }
 }
 
@@ -215,21 +215,17 @@ mod tests {
     }
 
     #[test]
-    fn receipts_pair_packet_ids_in_queue_order() {
+    fn receipts_say_what_an_acknowledged_publish_carried() {
         let mut r = Receipts::default();
-        r.queued(Sent::Other);
-        r.queued(Sent::Reading(7));
-        r.assigned(1);
-        r.assigned(2);
-        // An id assigned with nothing queued (someone else's publish) is ignored.
-        r.assigned(3);
-        assert_eq!(r.acked(2), Some(Sent::Reading(7)));
-        assert_eq!(r.acked(2), None);
-        assert_eq!(r.acked(3), None);
-        r.queued(Sent::Goodbye);
+        r.sent(1_u64, Sent::Other);
+        r.sent(2, Sent::Reading(7));
+        assert_eq!(r.settled(&2), Some(Sent::Reading(7)));
+        assert_eq!(r.settled(&2), None);
+        // Someone else's publish.
+        assert_eq!(r.settled(&3), None);
+        r.sent(4, Sent::Goodbye);
         r.clear();
-        r.assigned(4);
-        assert_eq!(r.acked(1), None);
-        assert_eq!(r.acked(4), None);
+        assert_eq!(r.settled(&1), None);
+        assert_eq!(r.settled(&4), None);
     }
 }
