@@ -3,31 +3,40 @@
 //! will) and the sensor's own health (`ok` / `not_answering`, on `<prefix>/<id>/sensor`).
 //!
 //! ```text
-//! Sensor (sim | dht11/dht22 via rppal | iio) ──blocking read──▶ reader (ReadPolicy) ──▶ link ──MQTT──▶ broker
-//!                                                      │                                 ├─ Outbox: kept until PUBACK
-//!                                                      │ ReadCounters                    └─ Home Assistant discovery
-//!                                                      ▼
+//! Sensor (sim | dht11/dht22 via rppal | iio) ──blocking read──▶ reader (ReadPolicy) ──Measured──▶ link ──mqtt::Client──▶ broker
+//!                                                      │                                           ├─ Numbering: seq, the one Reading builder
+//!                                                      │ ReadCounters                              ├─ Outbox + Receipts: kept until PUBACK
+//!                                                      ▼                                           ├─ Replayer, Presence, Announcement
 //!                                  Metrics ◀── link ── http: /metrics, /healthz (--metrics-listen, default 0.0.0.0:9101)
 //! ```
+//!
+//! The reader decides *what* was measured (pure policy, blocking reads off the runtime); the
+//! link decides *what goes out*: it numbers each measurement, keeps it until the broker
+//! acknowledged it, and routes the broker's events to small pure parts (see `link`).
 //!
 //! In a cluster it is the `publisher` Deployment pinned to the node labelled
 //! `k3sense.io/sensor`; in `k3sense all` it runs a simulated sensor in the same process.
 //!
 //! # Layout
 //!
+//! No module imports from a module that imports it: `sensor::device` and `dht::signal` are the
+//! leaves their siblings share.
+//!
 //! | module | concern |
 //! |---|---|
-//! | `config` | [`Config`], [`SensorConfig`]: flags and `K3SENSE_*` variables |
+//! | `config` | [`Config`], [`SensorConfig`]: flags and `K3SENSE_*` variables, their defaults |
 //! | `dht` | DHT11/DHT22 frames: decoder, encoder, edge simulator (pure) |
-//! | `sensor` | the [`Sensor`] trait and its backends: `sim`, `gpio` (rppal), `iio` (kernel) |
+//! | `sensor` | the [`Sensor`] trait, its [`Pacing`] and errors (`sensor::device`), and its backends: `sim`, `gpio` (rppal), `iio` (kernel) |
 //! | `policy` | [`ReadPolicy`]: pacing, confirmation by a second independent read, retries, freshness, read counters (pure) |
-//! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, numbers readings, keeps the sensor's health |
-//! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them (pure) |
-//! | `recent` | the recent readings kept to answer gateways' replay requests (pure) |
-//! | `replaypace` | replay answers coalesced and paced (pure) |
+//! | `reader` | the reader task: opens (and reopens) the sensor, applies the policy, hands confirmed [`Measured`] values to the link, keeps the sensor's health |
+//! | `link` | the MQTT task: a router between the reader, the broker and the parts below; the connect sequence (`Link::greet`) and the goodbye |
+//! | `numbering` | the one owner of `seq` and the one place a measurement becomes a checked `Reading`; held until the retained `seq` is known (pure) |
 //! | `seqguard` | whether a retained `seq` may be continued from (pure) |
-//! | `link` | the MQTT connection task |
-//! | `discovery` | Home Assistant MQTT discovery configs (pure) |
+//! | `outbox` | [`Outbox`]: readings kept until the broker acknowledged them; `Receipts`: what each publish carried (pure) |
+//! | `replay` | the replay responder: `recent` readings, answers coalesced and paced by `replaypace` (pure) |
+//! | `presence` | the sensor's availability and health; a foreign `offline` (pure) |
+//! | `discovery` | Home Assistant MQTT discovery configs, and when to announce again (pure) |
+//! | `connection` | the one MQTT client (`k3sense_protocol::mqtt`), connected or not, events the link acts on |
 //! | `metrics` | [`Metrics`]: the Prometheus metrics (docs/metrics.md) |
 //! | `http` | `/metrics` and `/healthz` |
 //! | `error` | [`Error`] |
