@@ -51,6 +51,8 @@ pub enum Happened {
 #[derive(Debug)]
 pub struct Connection {
     client: Client,
+    /// The broker's address, for logs.
+    broker: String,
     receipts: Receipts<PublishId>,
     connected: bool,
 }
@@ -80,10 +82,16 @@ impl Connection {
         let (client, events) = builder.start();
         let connection = Self {
             client,
+            broker: mqtt.broker.clone(),
             receipts: Receipts::default(),
             connected: false,
         };
         Ok((connection, events))
+    }
+
+    /// The broker's address (host:port).
+    pub fn broker(&self) -> &str {
+        &self.broker
     }
 
     /// Whether the broker accepted the current connection (as the events so far say).

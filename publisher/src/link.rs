@@ -222,7 +222,11 @@ impl Link {
     fn event(&mut self, event: ClientEvent) {
         match self.connection.happened(event) {
             Happened::Connected => {
-                tracing::info!(backlog = self.outbox.len(), "connected to the MQTT broker");
+                tracing::info!(
+                    broker = self.connection.broker(),
+                    backlog = self.outbox.len(),
+                    "connected to the MQTT broker"
+                );
                 self.greet();
             }
             Happened::Message(publish) => self.received(&publish),
