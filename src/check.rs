@@ -18,9 +18,9 @@ use chrono::Utc;
 use clap::Args;
 use k3sense_protocol::{
     Availability, HealthStatus, Model, MqttConfig, Reading, SensorHealth, SensorId, TopicKind,
+    mqtt::{ClientEvent, QoS},
 };
 use k3sense_publisher::{SensorConfig, SensorKind};
-use rumqttc::{Event, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -185,6 +185,9 @@ pub async fn run(args: CheckArgs, shutdown: CancellationToken) -> anyhow::Result
     })
 }
 
+/// How long `check` waits for the broker to take its DISCONNECT.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long after the SUBACK retained messages may take to arrive (they follow it at once).
 const RETAINED_GRACE: Duration = Duration::from_millis(500);
 
@@ -223,7 +226,7 @@ async fn check_broker(mqtt: &MqttConfig, timeout: Duration) -> Vec<(&'static str
             fix: "fix --topic-prefix (no wildcards, no leading $, no empty levels)".into(),
         },
     };
-    let _ = connected.client.try_disconnect();
+    connected.client.goodbye(GOODBYE_TIMEOUT).await;
     vec![("broker", broker_line), ("sensors", sensors)]
 }
 
@@ -233,29 +236,33 @@ async fn retained_sensors(
     filter: &str,
     timeout: Duration,
 ) -> Result<Vec<(String, Vec<u8>)>, String> {
-    if let Err(e) = connected.client.try_subscribe(filter, QoS::AtMostOnce) {
+    if let Err(e) = connected.client.subscribe(filter, QoS::AtMostOnce) {
         return Err(e.to_string());
     }
     let mut seen = Vec::new();
     let mut deadline = tokio::time::Instant::now() + timeout;
     let mut acked = false;
     loop {
-        match tokio::time::timeout_at(deadline, connected.events.poll()).await {
+        match tokio::time::timeout_at(deadline, connected.events.recv()).await {
             Err(_) if acked => return Ok(seen),
             Err(_) => return Err(format!("no SUBACK for {filter}")),
-            Ok(Err(e)) => {
+            Ok(None) => return Err(format!("the client stopped after SUBSCRIBE {filter}")),
+            Ok(Some(ClientEvent::Disconnected { reason, .. })) => {
+                let why = reason
+                    .error()
+                    .map_or_else(|| "goodbye".to_owned(), ToString::to_string);
                 return Err(format!(
-                    "the broker closed the connection after SUBSCRIBE {filter}: {e}"
+                    "the broker closed the connection after SUBSCRIBE {filter}: {why}"
                 ));
             }
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+            Ok(Some(ClientEvent::Subscribed { .. })) => {
                 acked = true;
                 deadline = tokio::time::Instant::now() + RETAINED_GRACE;
             }
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                seen.push((p.topic.clone(), p.payload.to_vec()));
+            Ok(Some(ClientEvent::Message(m))) => {
+                seen.push((m.topic, m.payload.to_vec()));
             }
-            Ok(Ok(_)) => {}
+            Ok(Some(_)) => {}
         }
     }
 }
