@@ -22,25 +22,9 @@ pub struct Config {
 /// Prometheus; `k3sense all` takes the same flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SensorConfig {
-    /// Sensor backend: `sim` (simulated, no hardware), `dht11` / `dht22` (GPIO bit-banging with
-    /// rppal, needs /dev/gpiomem), `iio` (the kernel dht11 driver, `dtoverlay=dht11,gpiopin=N`).
-    #[arg(long, env = "K3SENSE_SENSOR", value_enum, default_value_t = SensorKind::Sim)]
-    pub sensor: SensorKind,
-
-    /// Sensor model for `sim` and `iio` (dht11 or dht22); `dht11`/`dht22` imply it.
-    #[arg(long, env = "K3SENSE_MODEL", default_value = "dht11", value_parser = parse_model)]
-    pub model: Model,
-
-    /// GPIO pin (BCM numbering) of the sensor's data line, for `dht11` / `dht22` (and, for
-    /// `iio` with several kernel dht11 devices, which one).
-    #[arg(long, env = "K3SENSE_GPIO", default_value_t = 4)]
-    pub gpio: u8,
-
-    /// IIO device directory for `iio`, e.g. /sys/bus/iio/devices/iio:device0. When not given,
-    /// the kernel dht11 driver's device: name dht11@<pin in hex> (the Pi overlay) or dht11, or
-    /// of_node/compatible dht11.
-    #[arg(long, env = "K3SENSE_IIO_DEVICE", value_name = "PATH")]
-    pub iio_device: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub backend: SensorBackend,
 
     /// Sensor id in topics and on the page: a DNS label (a-z, 0-9, '-'). Defaults to the host
     /// name (in Kubernetes, set it to the node name); other characters are mapped to '-'.
@@ -80,6 +64,41 @@ pub struct SensorConfig {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub metrics: MetricsConfig,
+}
+
+/// Which sensor to read and where it is: the flags `k3sense check` shares with the publisher.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SensorBackend {
+    /// Sensor backend: `sim` (simulated, no hardware), `dht11` / `dht22` (GPIO bit-banging with
+    /// rppal, needs /dev/gpiomem), `iio` (the kernel dht11 driver, `dtoverlay=dht11,gpiopin=N`).
+    #[arg(long, env = "K3SENSE_SENSOR", value_enum, default_value_t = SensorKind::Sim)]
+    pub sensor: SensorKind,
+
+    /// Sensor model for `sim` and `iio` (dht11 or dht22); `dht11`/`dht22` imply it.
+    #[arg(long, env = "K3SENSE_MODEL", default_value = "dht11", value_parser = parse_model)]
+    pub model: Model,
+
+    /// GPIO pin (BCM numbering) of the sensor's data line, for `dht11` / `dht22` (and, for
+    /// `iio` with several kernel dht11 devices, which one).
+    #[arg(long, env = "K3SENSE_GPIO", default_value_t = 4)]
+    pub gpio: u8,
+
+    /// IIO device directory for `iio`, e.g. /sys/bus/iio/devices/iio:device0. When not given,
+    /// the kernel dht11 driver's device: name dht11@<pin in hex> (the Pi overlay) or dht11, or
+    /// of_node/compatible dht11.
+    #[arg(long, env = "K3SENSE_IIO_DEVICE", value_name = "PATH")]
+    pub iio_device: Option<PathBuf>,
+}
+
+impl SensorBackend {
+    /// The model the readings will name.
+    pub fn effective_model(&self) -> Model {
+        match self.sensor {
+            SensorKind::Dht11 => Model::Dht11,
+            SensorKind::Dht22 => Model::Dht22,
+            SensorKind::Sim | SensorKind::Iio => self.model,
+        }
+    }
 }
 
 /// Home Assistant MQTT discovery.
@@ -198,10 +217,12 @@ impl SensorConfig {
     /// (the default), no metrics server (tests run many at once).
     pub fn sim(id: &str, interval: Duration) -> Self {
         Self {
-            sensor: SensorKind::Sim,
-            model: Model::Dht11,
-            gpio: 4,
-            iio_device: None,
+            backend: SensorBackend {
+                sensor: SensorKind::Sim,
+                model: Model::Dht11,
+                gpio: 4,
+                iio_device: None,
+            },
             sensor_id: Some(id.to_owned()),
             interval: Some(interval),
             unhealthy_after: UNHEALTHY_AFTER,
@@ -215,11 +236,7 @@ impl SensorConfig {
 
     /// The model the readings will name.
     pub fn effective_model(&self) -> Model {
-        match self.sensor {
-            SensorKind::Dht11 => Model::Dht11,
-            SensorKind::Dht22 => Model::Dht22,
-            SensorKind::Sim | SensorKind::Iio => self.model,
-        }
+        self.backend.effective_model()
     }
 
     /// The publish interval.
@@ -262,9 +279,9 @@ mod tests {
     #[test]
     fn gpio_backends_imply_their_model() {
         let mut c = SensorConfig::sim("a", Duration::from_secs(1));
-        c.model = Model::Dht22;
+        c.backend.model = Model::Dht22;
         assert_eq!(c.effective_model(), Model::Dht22);
-        c.sensor = SensorKind::Dht11;
+        c.backend.sensor = SensorKind::Dht11;
         assert_eq!(c.effective_model(), Model::Dht11);
     }
 

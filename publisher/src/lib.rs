@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{
     Config, DEFAULT_INTERVAL, DEFAULT_METRICS_LISTEN, HaConfig, MetricsConfig, MetricsListen,
-    SensorConfig, SensorKind,
+    SensorBackend, SensorConfig, SensorKind,
 };
 pub use error::{Error, Result};
 pub use link::Update;

@@ -36,7 +36,7 @@ pub const IIO_DEVICES: &str = "/sys/bus/iio/devices";
 /// async runtime.
 pub fn open(config: &SensorConfig) -> Result<Box<dyn Sensor>, OpenError> {
     let model = config.effective_model();
-    match config.sensor {
+    match config.backend.sensor {
         SensorKind::Sim => {
             let mut sim = SimSensor::new(model, dht::SimConfig::default(), rand::random());
             if let Some(path) = &config.sim_control {
@@ -45,12 +45,12 @@ pub fn open(config: &SensorConfig) -> Result<Box<dyn Sensor>, OpenError> {
             Ok(Box::new(sim))
         }
         SensorKind::Dht11 | SensorKind::Dht22 => {
-            Ok(Box::new(GpioSensor::open(model, config.gpio)?))
+            Ok(Box::new(GpioSensor::open(model, config.backend.gpio)?))
         }
         SensorKind::Iio => {
-            let device = match &config.iio_device {
+            let device = match &config.backend.iio_device {
                 Some(path) => path.clone(),
-                None => iio::find_device(std::path::Path::new(IIO_DEVICES), config.gpio)?,
+                None => iio::find_device(std::path::Path::new(IIO_DEVICES), config.backend.gpio)?,
             };
             Ok(Box::new(IioSensor::open(model, device)?))
         }
