@@ -17,10 +17,10 @@ use std::{collections::BTreeMap, fmt, process::ExitCode, time::Duration};
 use chrono::Utc;
 use clap::Args;
 use k3sense_protocol::{
-    Availability, HealthStatus, Model, MqttConfig, Reading, SensorHealth, SensorId, TopicKind,
+    Availability, HealthStatus, MqttConfig, Reading, SensorHealth, SensorId, TopicKind,
+    mqtt::{ClientEvent, QoS},
 };
-use k3sense_publisher::{SensorConfig, SensorKind};
-use rumqttc::{Event, Packet, QoS};
+use k3sense_publisher::{SensorBackend, SensorConfig, SensorKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -31,34 +31,6 @@ use crate::{connect, watch::format_age};
 pub struct CheckArgs {
     #[command(flatten)]
     pub mqtt: MqttConfig,
-
-    /// Sensor backend to try: `sim`, `dht11` / `dht22` (GPIO via rppal), `iio` (kernel driver).
-    /// The same variable as the publisher's, so inside a publisher pod it checks that backend.
-    #[arg(long, env = "K3SENSE_SENSOR", value_enum, default_value_t = SensorKind::Sim, help_heading = "Sensor")]
-    pub sensor: SensorKind,
-
-    /// Sensor model for `sim` and `iio` (dht11 or dht22).
-    #[arg(long, env = "K3SENSE_MODEL", default_value = "dht11", value_parser = parse_model, help_heading = "Sensor")]
-    pub model: Model,
-
-    /// GPIO pin (BCM numbering) of the data line, for `dht11` / `dht22`.
-    #[arg(
-        long,
-        env = "K3SENSE_GPIO",
-        default_value_t = 4,
-        help_heading = "Sensor"
-    )]
-    pub gpio: u8,
-
-    /// IIO device directory for `iio` (when not given: the kernel dht11 driver's device, named
-    /// dht11@<pin in hex> on a Pi).
-    #[arg(
-        long,
-        env = "K3SENSE_IIO_DEVICE",
-        value_name = "PATH",
-        help_heading = "Sensor"
-    )]
-    pub iio_device: Option<std::path::PathBuf>,
 
     /// Gateway to check (GET /healthz and /readyz), e.g. http://127.0.0.1:8080 or
     /// http://gateway.k3sense:8080. Not checked when not given.
@@ -72,6 +44,12 @@ pub struct CheckArgs {
     /// How long each check may take.
     #[arg(long, env = "K3SENSE_CHECK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+
+    /// The sensor to try: the publisher's own flags and variables, so inside a publisher pod
+    /// `check` reads the backend that publisher is configured for. Last, because the heading
+    /// applies to every flag after it.
+    #[command(flatten, next_help_heading = "Sensor")]
+    pub backend: SensorBackend,
 }
 
 /// A check that `--skip` can leave out.
@@ -81,10 +59,6 @@ pub enum Part {
     Broker,
     /// One read of the sensor.
     Sensor,
-}
-
-fn parse_model(s: &str) -> Result<Model, String> {
-    s.parse::<Model>().map_err(|e| e.to_string())
 }
 
 /// A plain-HTTP gateway address: host, port and a base path.
@@ -185,6 +159,9 @@ pub async fn run(args: CheckArgs, shutdown: CancellationToken) -> anyhow::Result
     })
 }
 
+/// How long `check` waits for the broker to take its DISCONNECT.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long after the SUBACK retained messages may take to arrive (they follow it at once).
 const RETAINED_GRACE: Duration = Duration::from_millis(500);
 
@@ -223,7 +200,7 @@ async fn check_broker(mqtt: &MqttConfig, timeout: Duration) -> Vec<(&'static str
             fix: "fix --topic-prefix (no wildcards, no leading $, no empty levels)".into(),
         },
     };
-    let _ = connected.client.try_disconnect();
+    connected.client.goodbye(GOODBYE_TIMEOUT).await;
     vec![("broker", broker_line), ("sensors", sensors)]
 }
 
@@ -233,29 +210,33 @@ async fn retained_sensors(
     filter: &str,
     timeout: Duration,
 ) -> Result<Vec<(String, Vec<u8>)>, String> {
-    if let Err(e) = connected.client.try_subscribe(filter, QoS::AtMostOnce) {
+    if let Err(e) = connected.client.subscribe(filter, QoS::AtMostOnce) {
         return Err(e.to_string());
     }
     let mut seen = Vec::new();
     let mut deadline = tokio::time::Instant::now() + timeout;
     let mut acked = false;
     loop {
-        match tokio::time::timeout_at(deadline, connected.events.poll()).await {
+        match tokio::time::timeout_at(deadline, connected.events.recv()).await {
             Err(_) if acked => return Ok(seen),
             Err(_) => return Err(format!("no SUBACK for {filter}")),
-            Ok(Err(e)) => {
+            Ok(None) => return Err(format!("the client stopped after SUBSCRIBE {filter}")),
+            Ok(Some(ClientEvent::Disconnected { reason, .. })) => {
+                let why = reason
+                    .error()
+                    .map_or_else(|| "goodbye".to_owned(), ToString::to_string);
                 return Err(format!(
-                    "the broker closed the connection after SUBSCRIBE {filter}: {e}"
+                    "the broker closed the connection after SUBSCRIBE {filter}: {why}"
                 ));
             }
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+            Ok(Some(ClientEvent::Subscribed { .. })) => {
                 acked = true;
                 deadline = tokio::time::Instant::now() + RETAINED_GRACE;
             }
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                seen.push((p.topic.clone(), p.payload.to_vec()));
+            Ok(Some(ClientEvent::Message(m))) => {
+                seen.push((m.topic, m.payload.to_vec()));
             }
-            Ok(Ok(_)) => {}
+            Ok(Some(_)) => {}
         }
     }
 }
@@ -349,19 +330,17 @@ const SENSOR_ATTEMPTS: u32 = 5;
 
 /// Opens the backend and reads it once (a few attempts, paced like the publisher reads).
 async fn check_sensor(args: &CheckArgs) -> Outcome {
+    let backend = &args.backend;
     let config = SensorConfig {
-        sensor: args.sensor,
-        model: args.model,
-        gpio: args.gpio,
-        iio_device: args.iio_device.clone(),
+        backend: backend.clone(),
         ..SensorConfig::sim("check", Duration::from_secs(1))
     };
-    let what = match args.sensor {
+    let what = match backend.sensor {
         SensorKind::Sim => format!("simulated {}", config.effective_model()),
         SensorKind::Dht11 | SensorKind::Dht22 => {
-            format!("{} on GPIO {}", config.effective_model(), args.gpio)
+            format!("{} on GPIO {}", config.effective_model(), backend.gpio)
         }
-        SensorKind::Iio => match &args.iio_device {
+        SensorKind::Iio => match &backend.iio_device {
             Some(path) => format!("iio {} at {}", config.effective_model(), path.display()),
             None => format!("iio {}", config.effective_model()),
         },
@@ -374,7 +353,7 @@ async fn check_sensor(args: &CheckArgs) -> Outcome {
             } else {
                 format!("attempt {attempts} of {SENSOR_ATTEMPTS}")
             };
-            let note = if args.sensor == SensorKind::Sim {
+            let note = if backend.sensor == SensorKind::Sim {
                 "; no hardware involved: give --sensor dht11|dht22|iio to check the real one"
             } else {
                 ""

@@ -228,4 +228,33 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["k3sense", "publisher", "--password", "x"]).is_err());
     }
+
+    #[test]
+    fn check_takes_the_publishers_sensor_flags() {
+        let cli = Cli::try_parse_from([
+            "k3sense",
+            "check",
+            "--sensor",
+            "iio",
+            "--model",
+            "dht22",
+            "--gpio",
+            "17",
+            "--iio-device",
+            "/x",
+        ])
+        .unwrap();
+        let Some(Command::Check(args)) = cli.command else {
+            panic!("not check")
+        };
+        assert_eq!(args.backend.sensor, k3sense_publisher::SensorKind::Iio);
+        assert_eq!(
+            args.backend.effective_model(),
+            k3sense_protocol::Model::Dht22
+        );
+        assert_eq!(args.backend.gpio, 17);
+        assert_eq!(args.backend.iio_device, Some("/x".into()));
+        // Only the sensor's flags: the publisher's others are not check's.
+        assert!(Cli::try_parse_from(["k3sense", "check", "--sensor-id", "pi-1"]).is_err());
+    }
 }

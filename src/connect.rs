@@ -8,10 +8,11 @@
 
 use std::{io, time::Duration};
 
-use k3sense_protocol::MqttConfig;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Packet, StateError,
+use k3sense_protocol::{
+    MqttConfig,
+    mqtt::{Client, ClientEvent, Events},
 };
+use rumqttc::{ConnectReturnCode, ConnectionError, StateError};
 
 /// Why the broker cannot be used, and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,40 +23,44 @@ pub struct Refusal {
     pub fix: String,
 }
 
-/// A connected client: its handle, its event loop (which the caller must keep polling) and the
-/// broker's CONNACK.
+/// A connected client (the broker's CONNACK was 0) and its events, which the caller reads.
 pub struct Connected {
-    pub client: AsyncClient,
-    pub events: EventLoop,
+    pub client: Client,
+    pub events: Events,
 }
 
-/// Connects once as `client_id` and waits for the CONNACK, at most `timeout`.
+/// Connects once as `client_id` and waits for the CONNACK, at most `timeout`. The client
+/// reconnects by itself afterwards; a first attempt that fails is explained, not retried.
 pub async fn connect(
     mqtt: &MqttConfig,
     client_id: &str,
     timeout: Duration,
 ) -> Result<Connected, Refusal> {
-    let options = mqtt.mqtt_options(client_id).map_err(|e| Refusal {
+    let builder = mqtt.client(client_id).map_err(|e| Refusal {
         problem: e.to_string(),
         fix: "fix --broker (host:port), --username and --password-file / K3SENSE_PASSWORD".into(),
     })?;
-    let (client, mut events) = AsyncClient::new(options, 16);
-    let mut network = events.network_options();
-    network.set_connection_timeout(timeout.as_secs().max(1));
-    events.set_network_options(network);
+    let (client, mut events) = builder.capacity(16).connect_timeout(timeout).start();
     let first = tokio::time::timeout(timeout, async {
         loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(e),
+            match events.recv().await {
+                Some(ClientEvent::Connected { .. }) => return Ok(()),
+                Some(ClientEvent::Disconnected { reason, .. }) => return Err(reason),
+                Some(_) => {}
+                None => return Err(k3sense_protocol::mqtt::Disconnect::Goodbye),
             }
         }
     })
     .await;
     match first {
         Ok(Ok(())) => Ok(Connected { client, events }),
-        Ok(Err(e)) => Err(explain(&e, mqtt)),
+        Ok(Err(reason)) => Err(match reason.error() {
+            Some(e) => explain(e, mqtt),
+            None => Refusal {
+                problem: format!("the connection to {} ended at once", mqtt.broker),
+                fix: "check --broker and the broker's log".into(),
+            },
+        }),
         Err(_) => Err(Refusal {
             problem: format!(
                 "no CONNACK from {} within {}",

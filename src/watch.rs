@@ -19,9 +19,9 @@ use std::{collections::HashMap, process::ExitCode, time::Duration};
 use chrono::{TimeDelta, Utc};
 use clap::Args;
 use k3sense_protocol::{
-    Availability, Backoff, HealthStatus, MqttConfig, Reading, SensorHealth, TopicKind, Topics,
+    Availability, HealthStatus, MqttConfig, Reading, SensorHealth, TopicKind, Topics,
+    mqtt::{ClientEvent, ConnectionError, QoS},
 };
-use rumqttc::{ConnectionError, Event, Packet, QoS, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect;
@@ -78,32 +78,28 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
     // published after it appears below it.
     let mut header_due = !args.no_header;
     let mut view = View::new(topics, args.sensor_id.clone());
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    // The CONNACK came in connect(); (re)subscribe after it and after every reconnect.
-    let mut subscribe = true;
+    // Subscribed now, and by the client again after every reconnect.
+    if let Err(e) = connected
+        .client
+        .subscribe(filter.as_str(), QoS::AtLeastOnce)
+    {
+        eprintln!("k3sense watch: cannot subscribe to {filter}: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
     loop {
-        if subscribe {
-            subscribe = false;
-            if let Err(e) = connected
-                .client
-                .try_subscribe(filter.as_str(), QoS::AtLeastOnce)
-            {
-                eprintln!("k3sense watch: cannot subscribe to {filter}: {e}");
-                return Ok(ExitCode::FAILURE);
-            }
-        }
         let event = tokio::select! {
-            e = connected.events.poll() => e,
+            e = connected.events.recv() => e,
             () = shutdown.cancelled() => break,
         };
+        let Some(event) = event else {
+            break;
+        };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
+            ClientEvent::Connected { .. } => {
                 eprintln!("k3sense watch: reconnected to {}", args.mqtt.broker);
-                subscribe = true;
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+            ClientEvent::Subscribed { granted } => {
+                if !granted {
                     eprintln!(
                         "k3sense watch: the broker refused the subscription to {filter} (SUBACK \
                          0x80)\n  fix: the user may not read these topics; check the broker's ACL"
@@ -115,8 +111,8 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
                     println!("{}", header());
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let (line, is_reading) = view.line(&p.topic, &p.payload, p.retain);
+            ClientEvent::Message(m) => {
+                let (line, is_reading) = view.line(&m.topic, &m.payload, m.retain);
                 if let Some(line) = line {
                     println!("{line}");
                     if is_reading {
@@ -127,29 +123,29 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> anyhow::Result
                     break;
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                let why = match &e {
-                    ConnectionError::ConnectionRefused(_) | ConnectionError::Io(_) => {
-                        connect::explain(&e, &args.mqtt).problem
+            ClientEvent::Disconnected { reason, retry_in } => {
+                let why = match reason.error() {
+                    Some(e @ (ConnectionError::ConnectionRefused(_) | ConnectionError::Io(_))) => {
+                        connect::explain(e, &args.mqtt).problem
                     }
-                    other => other.to_string(),
+                    Some(other) => other.to_string(),
+                    None => break,
                 };
-                let delay = backoff.next_delay();
+                let delay = retry_in.unwrap_or_default();
                 eprintln!(
                     "k3sense watch: connection lost ({why}); retrying in {}",
                     humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
                 );
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => break,
-                }
             }
+            _ => {}
         }
     }
-    let _ = connected.client.try_disconnect();
+    connected.client.goodbye(GOODBYE_TIMEOUT).await;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long a stopping `watch` waits for the broker to take its DISCONNECT.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn header() -> String {
     format!(

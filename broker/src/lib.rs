@@ -415,40 +415,37 @@ async fn wait_until_answering(
 }
 
 async fn probe(target: SocketAddr, login: Option<(String, String)>) -> bool {
-    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
-    let mut options = MqttOptions::new(
-        "k3sense-broker-probe",
-        target.ip().to_string(),
-        target.port(),
-    );
-    options.set_keep_alive(Duration::from_secs(5));
+    use k3sense_protocol::mqtt::ClientEvent;
+    let mut mqtt = k3sense_protocol::MqttConfig::new(target.to_string());
+    mqtt.keepalive = Duration::from_secs(5);
     if let Some((user, password)) = login {
-        options.set_credentials(user, password);
+        mqtt.username = Some(user);
+        mqtt.password = Some(password);
     }
-    let (client, mut events) = AsyncClient::new(options, 1);
+    let Ok(builder) = mqtt.client("k3sense-broker-probe") else {
+        return false;
+    };
+    let (client, mut events) = builder
+        .capacity(1)
+        .connect_timeout(Duration::from_secs(1))
+        .start();
     let answered = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    return ack.code == ConnectReturnCode::Success;
-                }
-                Ok(_) => {}
-                Err(_) => return false,
+            match events.recv().await {
+                Some(ClientEvent::Connected { .. }) => return true,
+                Some(ClientEvent::Disconnected { .. }) | None => return false,
+                Some(_) => {}
             }
         }
     })
     .await
     .unwrap_or(false);
     if answered {
-        let _ = client.try_disconnect();
-        // After the DISCONNECT, wait for rumqttd to close the connection itself: it hands the
+        // The goodbye waits for rumqttd to close the connection itself: it hands the
         // connection's number to the next client at once, and a close it noticed only later
         // would be taken for that client's (seen: the first publisher's last will fired while
         // it was connected, so the sensor showed offline). See `session::until_upstream_closes`.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while events.poll().await.is_ok() {}
-        })
-        .await;
+        client.goodbye(Duration::from_secs(2)).await;
     }
     answered
 }

@@ -20,7 +20,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use k3sense_protocol::mqtt::QoS;
 use tokio::sync::mpsc;
 use tokio_tungstenite::{connect_async, tungstenite::Message};
 use tokio_util::sync::CancellationToken;
@@ -154,10 +154,14 @@ async fn measure(clients: usize, readings: u64) {
         });
     }
 
-    let mut options = MqttOptions::new("bench-publisher", mqtt.ip().to_string(), mqtt.port());
-    options.set_keep_alive(Duration::from_secs(30));
-    let (publisher, mut events) = AsyncClient::new(options, 100);
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let mut config = k3sense_protocol::MqttConfig::new(mqtt.to_string());
+    config.keepalive = Duration::from_secs(30);
+    let (publisher, mut events) = config
+        .client("bench-publisher")
+        .unwrap()
+        .capacity(100)
+        .start();
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
 
     // Reading 0 is a warm-up (the first write to each connection allocates its buffers); it is
     // reported on its own and left out of the percentiles.
@@ -176,7 +180,7 @@ async fn measure(clients: usize, readings: u64) {
         .unwrap();
         let published = Instant::now();
         publisher
-            .publish("k3sense/bench-1/state", QoS::AtLeastOnce, true, reading)
+            .publish_when_room("k3sense/bench-1/state", QoS::AtLeastOnce, true, reading)
             .await
             .unwrap();
         let mut got = 0;

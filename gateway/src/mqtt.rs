@@ -1,5 +1,6 @@
 //! The gateway's MQTT side: subscribe to every sensor's state, availability, health and replays,
-//! validate each message, feed the [`Hub`]. Reconnects forever with jittered backoff. The link's
+//! validate each message, feed the [`Hub`]. The connection, its reconnecting (jittered
+//! backoff) and re-subscribing are `k3sense_protocol::mqtt::Client`'s. The link's
 //! state (subscribed or not, since when) goes to the hub, which tells pages and the API; losing
 //! it never closes a WebSocket or makes the gateway unready (see `crate::link`).
 //!
@@ -18,8 +19,8 @@ use chrono::Utc;
 
 use k3sense_protocol::{
     Availability, MqttConfig, Reading, ReplayRequest, SensorHealth, SensorId, TopicKind, Topics,
+    mqtt::{Client, ClientEvent, Disconnect, QoS},
 };
-use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -51,120 +52,162 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let topics = mqtt.topics()?;
     // Replicas must not share a client id: the broker would disconnect one for the other.
     let client_id = format!("k3sense-gateway-{:08x}", rand::random::<u32>());
-    let mut options = mqtt.mqtt_options(&client_id)?;
-    options.set_clean_session(true);
-    let (client, mut events) = AsyncClient::new(options, 64);
-    // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
-    events.network_options.set_tcp_nodelay(true);
-    let filters = vec![
-        SubscribeFilter::new(topics.filter(TopicKind::State), QoS::AtLeastOnce),
-        SubscribeFilter::new(topics.filter(TopicKind::Availability), QoS::AtLeastOnce),
-        SubscribeFilter::new(topics.filter(TopicKind::Sensor), QoS::AtLeastOnce),
-        SubscribeFilter::new(topics.replay_filter(), QoS::AtLeastOnce),
-    ];
-    // Set when the connection was lost: after the next subscription, ask every publisher for
-    // what came after the newest reading held.
-    let mut resume = false;
+    // The client subscribes again after every CONNACK (a restarted broker forgot us).
+    let (client, mut events) = mqtt
+        .client(&client_id)?
+        .subscribe(topics.filter(TopicKind::State), QoS::AtLeastOnce)
+        .subscribe(topics.filter(TopicKind::Availability), QoS::AtLeastOnce)
+        .subscribe(topics.filter(TopicKind::Sensor), QoS::AtLeastOnce)
+        .subscribe(topics.replay_filter(), QoS::AtLeastOnce)
+        .start();
     // Requests can be lost (a publisher not yet subscribed, a connection dropped mid-replay):
     // look for holes now and then and ask again, a few times per hole.
     let mut hole_check = tokio::time::interval(HOLE_CHECK);
     hole_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut asked: HashMap<(SensorId, u64), u32> = HashMap::new();
-    let mut complaints = Complaints::default();
-    let mut guard = Guard::new(link.max_clock_skew);
-    // Connected and subscribed.
-    let mut subscribed = false;
+    let mut subscriber = Subscriber {
+        client,
+        topics,
+        guard: Guard::new(link.max_clock_skew),
+        link,
+        complaints: Complaints::default(),
+        asked: HashMap::new(),
+        resume: false,
+        subscribed: false,
+        broker: mqtt.broker.clone(),
+    };
     tracing::info!(broker = %mqtt.broker, client_id, "connecting to the MQTT broker");
-    // Polled to the end of each poll by a task of its own: a poll dropped by this `select!`
-    // (the hole check's tick) would abandon a connection half-opened.
-    let (mut events, pump) = k3sense_protocol::pump(events, 64);
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = hole_check.tick() => {
-                if subscribed {
-                    let holes = link.hub.holes(4);
-                    // Forget holes that were filled, so the map stays as small as the gaps.
-                    asked.retain(|key, _| holes.iter().any(|(id, r)| (id, r.after_seq) == (&key.0, key.1)));
-                    for (id, request) in holes {
-                        let attempts = asked.entry((id.clone(), request.after_seq)).or_insert(0);
-                        if *attempts < HOLE_ATTEMPTS {
-                            *attempts += 1;
-                            ask_replay(&client, &topics, &link, &mut complaints, &id, request);
-                        }
-                    }
-                }
-                continue;
-            }
+            _ = hole_check.tick() => subscriber.ask_for_holes(),
             event = events.recv() => match event {
-                Some(event) => event,
+                Some(event) => subscriber.event(event),
                 None => break,
             },
-        };
+        }
+    }
+    subscriber.client.goodbye(GOODBYE_TIMEOUT).await;
+    Ok(())
+}
+
+/// How long a stopping gateway waits for the broker to take its DISCONNECT.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The subscription's state between events.
+struct Subscriber {
+    client: Client,
+    topics: Topics,
+    link: Link,
+    complaints: Complaints,
+    guard: Guard,
+    /// How often each hole was asked for.
+    asked: HashMap<(SensorId, u64), u32>,
+    /// Set when the connection was lost: after the next subscription, ask every publisher for
+    /// what came after the newest reading held.
+    resume: bool,
+    /// Connected and subscribed.
+    subscribed: bool,
+    broker: String,
+}
+
+impl Subscriber {
+    fn event(&mut self, event: ClientEvent) {
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!(broker = %mqtt.broker, "connected to the MQTT broker");
-                if let Err(e) = client.try_subscribe_many(filters.clone()) {
-                    tracing::error!(error = %e, "cannot queue the subscription");
-                }
+            ClientEvent::Connected { .. } => {
+                tracing::info!(broker = %self.broker, "connected to the MQTT broker");
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure));
-                if refused {
-                    tracing::error!(
-                        "the broker refused the subscription to {}: check this user's permissions",
-                        topics.prefix()
-                    );
-                } else {
-                    subscribed = true;
-                    link.metrics.broker_connected.set(1);
-                    link.sent(link.hub.broker_connected(Utc::now()));
-                    tracing::info!(prefix = topics.prefix(), "subscribed; readings flow live");
-                    if std::mem::take(&mut resume) {
-                        for (id, seq) in link.hub.newest_seqs() {
-                            let request = ReplayRequest {
-                                after_seq: seq,
-                                until_seq: None,
-                            };
-                            ask_replay(&client, &topics, &link, &mut complaints, &id, request);
-                        }
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                handle(
-                    &client,
-                    &topics,
-                    &link,
-                    &mut complaints,
-                    &mut guard,
-                    &publish.topic,
-                    &publish.payload,
-                );
-            }
-            Ok(_) => {}
-            Err(e) => {
-                resume = true;
-                link.metrics.broker_connected.set(0);
-                link.sent(link.hub.broker_lost(Utc::now()));
-                if std::mem::take(&mut subscribed) {
-                    link.metrics.broker_disconnects.inc();
-                    tracing::warn!(broker = %mqtt.broker, error = %e, "MQTT connection lost; serving the readings held, WebSocket clients stay connected; readings resume once the broker is back (retrying with backoff)");
-                } else {
-                    let broker = &mqtt.broker;
-                    complaints.say("broker_unreachable", || {
-                        format!("cannot reach the MQTT broker at {broker}: {e}; serving the readings held and retrying with backoff (check --broker, --username and the password if this lasts)")
-                    });
-                }
+            ClientEvent::Subscribed { granted } => self.subscribed(granted),
+            ClientEvent::Message(m) => handle(
+                &self.client,
+                &self.topics,
+                &self.link,
+                &mut self.complaints,
+                &mut self.guard,
+                &m.topic,
+                &m.payload,
+            ),
+            ClientEvent::Disconnected { reason, .. } => self.lost(&reason),
+            _ => {}
+        }
+    }
+
+    fn subscribed(&mut self, granted: bool) {
+        if !granted {
+            tracing::error!(
+                "the broker refused the subscription to {}: check this user's permissions",
+                self.topics.prefix()
+            );
+            return;
+        }
+        self.subscribed = true;
+        self.link.metrics.broker_connected.set(1);
+        self.link.sent(self.link.hub.broker_connected(Utc::now()));
+        tracing::info!(
+            prefix = self.topics.prefix(),
+            "subscribed; readings flow live"
+        );
+        if std::mem::take(&mut self.resume) {
+            for (id, seq) in self.link.hub.newest_seqs() {
+                let request = ReplayRequest {
+                    after_seq: seq,
+                    until_seq: None,
+                };
+                self.ask(&id, request);
             }
         }
     }
-    let _ = client.try_disconnect();
-    pump.abort();
-    Ok(())
+
+    fn lost(&mut self, reason: &Disconnect) {
+        let Some(e) = reason.error() else {
+            return;
+        };
+        self.resume = true;
+        self.link.metrics.broker_connected.set(0);
+        self.link.sent(self.link.hub.broker_lost(Utc::now()));
+        let broker = &self.broker;
+        if std::mem::take(&mut self.subscribed) {
+            self.link.metrics.broker_disconnects.inc();
+            tracing::warn!(broker = %broker, error = %e, "MQTT connection lost; serving the readings held, WebSocket clients stay connected; readings resume once the broker is back (retrying with backoff)");
+        } else {
+            self.complaints.say("broker_unreachable", || {
+                format!("cannot reach the MQTT broker at {broker}: {e}; serving the readings held and retrying with backoff (check --broker, --username and the password if this lasts)")
+            });
+        }
+    }
+
+    fn ask_for_holes(&mut self) {
+        if !self.subscribed {
+            return;
+        }
+        let holes = self.link.hub.holes(4);
+        // Forget holes that were filled, so the map stays as small as the gaps.
+        self.asked.retain(|key, _| {
+            holes
+                .iter()
+                .any(|(id, r)| (id, r.after_seq) == (&key.0, key.1))
+        });
+        for (id, request) in holes {
+            let attempts = self
+                .asked
+                .entry((id.clone(), request.after_seq))
+                .or_insert(0);
+            if *attempts < HOLE_ATTEMPTS {
+                *attempts += 1;
+                self.ask(&id, request);
+            }
+        }
+    }
+
+    fn ask(&mut self, id: &SensorId, request: ReplayRequest) {
+        ask_replay(
+            &self.client,
+            &self.topics,
+            &self.link,
+            &mut self.complaints,
+            id,
+            request,
+        );
+    }
 }
 
 /// How often the history is checked for holes to ask for again.
@@ -177,7 +220,7 @@ const HOLE_ATTEMPTS: u32 = 3;
 /// client's queue of 64 is full, e.g. while the connection is down) is dropped and counted, and
 /// logged once per 10 s with the count: the hole check asks again once the link is back.
 fn ask_replay(
-    client: &AsyncClient,
+    client: &Client,
     topics: &Topics,
     link: &Link,
     complaints: &mut Complaints,
@@ -185,13 +228,13 @@ fn ask_replay(
     request: ReplayRequest,
 ) {
     tracing::debug!(sensor_id = %id, ?request, "asking for missing readings");
-    match client.try_publish(
+    match client.publish(
         topics.replay_request(id),
         QoS::AtLeastOnce,
         false,
         request.to_json(),
     ) {
-        Ok(()) => {
+        Ok(_) => {
             link.metrics.replay_requests.inc();
         }
         Err(e) => {
@@ -205,7 +248,7 @@ fn ask_replay(
 
 /// Validates one message and feeds it to the hub; counts and logs what it refuses.
 fn handle(
-    client: &AsyncClient,
+    client: &Client,
     topics: &Topics,
     link: &Link,
     complaints: &mut Complaints,

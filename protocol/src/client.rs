@@ -131,8 +131,9 @@ impl MqttConfig {
     }
 }
 
-/// Exponential backoff with full jitter, for reconnecting: many clients that lost the same
-/// broker must not all come back in the same millisecond.
+/// Exponential backoff with jitter, for reconnecting: many clients that lost the same broker
+/// must not all come back in the same millisecond. Each delay is drawn from the upper half of
+/// the current step ("equal jitter"), so it never falls below half the step.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     min: Duration,
@@ -150,7 +151,8 @@ impl Backoff {
         }
     }
 
-    /// The next delay: uniform in [min/2, current], then `current` doubles.
+    /// The next delay, uniform in [step/2, step], where the step starts at `min` and doubles
+    /// after each call up to `max`: so always at most `max`, and at least `min/2`.
     pub fn next_delay(&mut self) -> Duration {
         let upper = self.current;
         let lower = upper / 2;
@@ -169,6 +171,9 @@ impl Backoff {
 pub type MqttEvents =
     tokio::sync::mpsc::Receiver<std::result::Result<rumqttc::Event, rumqttc::ConnectionError>>;
 
+/// Superseded by [`crate::mqtt::Client`], which owns the event loop itself; kept only until the
+/// publisher's link moves onto it.
+///
 /// Polls rumqttc's event loop in a task of its own and hands every event over a channel of
 /// `capacity`, waiting a jittered backoff (200 ms doubling to 5 s) after each failure.
 ///

@@ -76,6 +76,13 @@ pub enum Error {
     /// A password without a username, or the reverse.
     #[error("{0}")]
     Credentials(&'static str),
+    /// The MQTT client's request queue is full (the broker is away or slow): try again later,
+    /// or raise the client's capacity.
+    #[error("the MQTT client's queue is full: the broker is unreachable or slow; try again later")]
+    ClientBusy,
+    /// The MQTT client stopped (after a goodbye, or its events were dropped).
+    #[error("the MQTT client has stopped")]
+    ClientStopped,
     /// An availability payload other than `online` or `offline`.
     #[error("availability payload must be `online` or `offline`")]
     BadAvailability,

@@ -10,7 +10,8 @@
 //! - [`Topics`]: the topic layout `<prefix>/<sensor_id>/state`, `…/availability` and `…/sensor`.
 //! - [`Availability`]: the `online` / `offline` payloads.
 //! - [`SensorHealth`]: whether the sensor itself answers (`ok` / `not_answering`), and why not.
-//! - [`MqttConfig`]: the broker address, credentials and prefix every client shares.
+//! - [`MqttConfig`]: the broker address, credentials and prefix every client shares, and
+//!   [`mqtt::Client`], the one MQTT client they all use.
 //! - [`ws`]: the JSON messages the gateway sends to browsers over WebSocket, and its HTTP API shapes.
 //!
 //! # Layout
@@ -24,13 +25,15 @@
 //! | `health` | [`SensorHealth`]: the sensor's own health (`<prefix>/<id>/sensor`) |
 //! | `replay` | [`ReplayRequest`] and the replay topics: how a gateway gets back readings it missed |
 //! | `ws` | WebSocket and HTTP API messages |
-//! | `client` | [`MqttConfig`]: how publisher, gateway and tools reach the broker; [`Backoff`] |
+//! | `client` | [`MqttConfig`]: the flags every MQTT client shares (broker, credentials, prefix); [`Backoff`] |
+//! | [`mqtt`] | the one MQTT client of every component and tool: connect, pump, reconnect, resubscribe, acknowledged publish, goodbye |
 //! | `error` | `Error`, the one error type of this crate |
 
 mod availability;
 mod client;
 mod error;
 mod health;
+pub mod mqtt;
 mod reading;
 mod replay;
 mod sensor_id;

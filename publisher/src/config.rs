@@ -4,7 +4,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use k3sense_protocol::{Model, MqttConfig, SensorId};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Settings of `k3sense publisher`.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,25 +22,9 @@ pub struct Config {
 /// Prometheus; `k3sense all` takes the same flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SensorConfig {
-    /// Sensor backend: `sim` (simulated, no hardware), `dht11` / `dht22` (GPIO bit-banging with
-    /// rppal, needs /dev/gpiomem), `iio` (the kernel dht11 driver, `dtoverlay=dht11,gpiopin=N`).
-    #[arg(long, env = "K3SENSE_SENSOR", value_enum, default_value_t = SensorKind::Sim)]
-    pub sensor: SensorKind,
-
-    /// Sensor model for `sim` and `iio` (dht11 or dht22); `dht11`/`dht22` imply it.
-    #[arg(long, env = "K3SENSE_MODEL", default_value = "dht11", value_parser = parse_model)]
-    pub model: Model,
-
-    /// GPIO pin (BCM numbering) of the sensor's data line, for `dht11` / `dht22` (and, for
-    /// `iio` with several kernel dht11 devices, which one).
-    #[arg(long, env = "K3SENSE_GPIO", default_value_t = 4)]
-    pub gpio: u8,
-
-    /// IIO device directory for `iio`, e.g. /sys/bus/iio/devices/iio:device0. When not given,
-    /// the kernel dht11 driver's device: name dht11@<pin in hex> (the Pi overlay) or dht11, or
-    /// of_node/compatible dht11.
-    #[arg(long, env = "K3SENSE_IIO_DEVICE", value_name = "PATH")]
-    pub iio_device: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub backend: SensorBackend,
 
     /// Sensor id in topics and on the page: a DNS label (a-z, 0-9, '-'). Defaults to the host
     /// name (in Kubernetes, set it to the node name); other characters are mapped to '-'.
@@ -54,7 +38,7 @@ pub struct SensorConfig {
     /// Intervals in a row without a reading after which the sensor is reported `not_answering`
     /// on `<prefix>/<id>/sensor` (the publisher itself stays `online`); the first reading
     /// makes it `ok` again.
-    #[arg(long, env = "K3SENSE_UNHEALTHY_AFTER", default_value_t = crate::reader::UNHEALTHY_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "K3SENSE_UNHEALTHY_AFTER", default_value_t = UNHEALTHY_AFTER, value_parser = clap::value_parser!(u32).range(1..))]
     pub unhealthy_after: u32,
 
     /// For `--sensor sim`: a file the simulator reads before every read, to be told how to
@@ -80,6 +64,41 @@ pub struct SensorConfig {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub metrics: MetricsConfig,
+}
+
+/// Which sensor to read and where it is: the flags `k3sense check` shares with the publisher.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SensorBackend {
+    /// Sensor backend: `sim` (simulated, no hardware), `dht11` / `dht22` (GPIO bit-banging with
+    /// rppal, needs /dev/gpiomem), `iio` (the kernel dht11 driver, `dtoverlay=dht11,gpiopin=N`).
+    #[arg(long, env = "K3SENSE_SENSOR", value_enum, default_value_t = SensorKind::Sim)]
+    pub sensor: SensorKind,
+
+    /// Sensor model for `sim` and `iio` (dht11 or dht22); `dht11`/`dht22` imply it.
+    #[arg(long, env = "K3SENSE_MODEL", default_value = "dht11", value_parser = parse_model)]
+    pub model: Model,
+
+    /// GPIO pin (BCM numbering) of the sensor's data line, for `dht11` / `dht22` (and, for
+    /// `iio` with several kernel dht11 devices, which one).
+    #[arg(long, env = "K3SENSE_GPIO", default_value_t = 4)]
+    pub gpio: u8,
+
+    /// IIO device directory for `iio`, e.g. /sys/bus/iio/devices/iio:device0. When not given,
+    /// the kernel dht11 driver's device: name dht11@<pin in hex> (the Pi overlay) or dht11, or
+    /// of_node/compatible dht11.
+    #[arg(long, env = "K3SENSE_IIO_DEVICE", value_name = "PATH")]
+    pub iio_device: Option<PathBuf>,
+}
+
+impl SensorBackend {
+    /// The model the readings will name.
+    pub fn effective_model(&self) -> Model {
+        match self.sensor {
+            SensorKind::Dht11 => Model::Dht11,
+            SensorKind::Dht22 => Model::Dht22,
+            SensorKind::Sim | SensorKind::Iio => self.model,
+        }
+    }
 }
 
 /// Home Assistant MQTT discovery.
@@ -187,6 +206,9 @@ pub enum SensorKind {
     Iio,
 }
 
+/// How many intervals in a row without a reading make the sensor `not_answering`.
+pub const UNHEALTHY_AFTER: u32 = 3;
+
 /// The publish interval when none is given.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -195,13 +217,15 @@ impl SensorConfig {
     /// (the default), no metrics server (tests run many at once).
     pub fn sim(id: &str, interval: Duration) -> Self {
         Self {
-            sensor: SensorKind::Sim,
-            model: Model::Dht11,
-            gpio: 4,
-            iio_device: None,
+            backend: SensorBackend {
+                sensor: SensorKind::Sim,
+                model: Model::Dht11,
+                gpio: 4,
+                iio_device: None,
+            },
             sensor_id: Some(id.to_owned()),
             interval: Some(interval),
-            unhealthy_after: crate::reader::UNHEALTHY_AFTER,
+            unhealthy_after: UNHEALTHY_AFTER,
             sim_control: None,
             buffer: 8640,
             replay_buffer: 8640,
@@ -212,11 +236,7 @@ impl SensorConfig {
 
     /// The model the readings will name.
     pub fn effective_model(&self) -> Model {
-        match self.sensor {
-            SensorKind::Dht11 => Model::Dht11,
-            SensorKind::Dht22 => Model::Dht22,
-            SensorKind::Sim | SensorKind::Iio => self.model,
-        }
+        self.backend.effective_model()
     }
 
     /// The publish interval.
@@ -259,9 +279,9 @@ mod tests {
     #[test]
     fn gpio_backends_imply_their_model() {
         let mut c = SensorConfig::sim("a", Duration::from_secs(1));
-        c.model = Model::Dht22;
+        c.backend.model = Model::Dht22;
         assert_eq!(c.effective_model(), Model::Dht22);
-        c.sensor = SensorKind::Dht11;
+        c.backend.sensor = SensorKind::Dht11;
         assert_eq!(c.effective_model(), Model::Dht11);
     }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use k3sense_protocol::{Availability, HealthStatus, Model, SensorId, Topics};
 use serde_json::{Value, json};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Home Assistant's default discovery prefix.
 pub const DEFAULT_PREFIX: &str = "homeassistant";
@@ -141,6 +141,16 @@ impl Announcement {
 /// Whether a message on Home Assistant's status topic asks for a new announcement.
 pub fn is_online(payload: &[u8]) -> bool {
     payload.trim_ascii() == ONLINE.as_bytes()
+}
+
+impl Announcement {
+    /// Whether a message on `topic` asks for the announcement again: Home Assistant saying
+    /// `online` live on its status topic (it restarted and may have lost what it knew). A
+    /// retained `online` arrives right after every subscription, our own announcement on
+    /// connect already answered it.
+    pub fn asked_again(&self, topic: &str, retain: bool, payload: &[u8]) -> bool {
+        topic == self.status_topic && !retain && is_online(payload)
+    }
 }
 
 fn entity_config(
@@ -276,5 +286,17 @@ mod tests {
         assert!(is_online(b"online\n"));
         assert!(!is_online(b"offline"));
         assert!(!is_online(b""));
+    }
+
+    #[test]
+    fn only_a_live_online_on_the_status_topic_asks_again() {
+        let topics = Topics::new("k3sense").unwrap();
+        let id = SensorId::new("pi-1").unwrap();
+        let a =
+            Announcement::new("ha", &topics, &id, Model::Dht11, Duration::from_secs(10)).unwrap();
+        assert!(a.asked_again("ha/status", false, b"online\n"));
+        assert!(!a.asked_again("ha/status", true, b"online"));
+        assert!(!a.asked_again("ha/status", false, b"offline"));
+        assert!(!a.asked_again("homeassistant/status", false, b"online"));
     }
 }

@@ -1,62 +1,50 @@
-//! The publisher's MQTT connection: one task owns the client, its event loop and the
-//! [`Outbox`], so ordering and acknowledgements are tracked in one place.
+//! The publisher's MQTT link: one task that routes between the reader's [`Update`]s, the
+//! broker's events and the small pure parts that decide what goes out:
 //!
-//! On every connect it announces the sensor to Home Assistant (when discovery is on: the
-//! retained configs of `discovery.rs`, and a subscription to Home Assistant's status topic, so
-//! a restarted Home Assistant gets them again), publishes `online` (retained) and then every
-//! unacknowledged reading in order (and the sensor's health, retained, once known); the broker announces `offline` (the last will) if the
-//! connection dies; on shutdown it publishes `offline` itself and disconnects cleanly. It keeps
-//! the connection, buffer and reading metrics up to date.
+//! | part | module | keeps / decides |
+//! |---|---|---|
+//! | [`Numbering`] | `numbering` | `seq`: continues from the retained reading, numbers each measurement |
+//! | [`Outbox`] | `outbox` | readings until the broker acknowledged them, re-sent in order after a reconnect |
+//! | [`Replayer`] | `replay` | recent readings; answers replay requests, coalesced and paced |
+//! | [`Presence`] | `presence` | the sensor's availability and health; answers a foreign `offline` |
+//! | [`Announcement`] | `discovery` | the Home Assistant discovery configs and when to send them again |
+//! | [`Connection`] | `connection` | the MQTT client, whether it is connected, what each publish carried |
 //!
-//! rumqttc's event loop runs in a task of its own ([`k3sense_protocol::pump`]) and hands every
-//! event over a channel: `EventLoop::poll` must not be dropped half-way, and in a `select!`
-//! beside the readings it would be, whenever a reading arrived while it was connecting. That
-//! dropped the half-open connection, which the broker took for a crash: it published the last
-//! will (`offline`, retained) just after the next connection had said `online`.
-//!
-//! It also makes the publisher the source of truth for gateways:
-//! - `seq` continues across publisher restarts: before its first reading goes out, the link
-//!   reads its own retained state (waiting at most [`SEQ_WAIT`] after connecting) and numbers on
-//!   from there.
-//! - After a broker restart (which loses retained messages) it publishes its newest reading
-//!   again, retained, so a new subscriber still gets the latest value at once.
-//! - It answers replay requests (`<prefix>/<id>/replay/request`) from its [`Recent`] readings on
-//!   `<prefix>/<id>/replay`.
+//! Every message is QoS 1; `offline` (retained) is the last will. On every connect it runs
+//! [`Link::greet`]; on shutdown [`Link::goodbye`] hands over what is buffered, says `offline`
+//! and disconnects, so the stop is deliberate and the broker does not fire the will.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    time::Duration,
-};
+use std::time::Duration;
 
 use k3sense_protocol::{
-    Availability, HealthStatus, MqttConfig, MqttEvents, Reading, ReplayRequest, SensorHealth,
-    SensorId, Topics,
+    Availability, HealthStatus, MqttConfig, ReplayRequest, SensorHealth, SensorId, Topics,
+    mqtt::{ClientEvent, Events, Goodbye, Message},
 };
-use rumqttc::Publish;
-use rumqttc::{AsyncClient, Event, LastWill, Outgoing, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Result, discovery, discovery::Announcement, metrics::Metrics, outbox::Outbox, recent::Recent,
+    connection::{Connection, Happened, WINDOW},
+    discovery::Announcement,
+    error::Result,
+    metrics::Metrics,
+    numbering::{Measured, Numbered, Numbering, resume_point},
+    outbox::{Outbox, Sent},
+    presence::Presence,
+    replay::{Due, Replayer},
 };
 
 /// What the reader hands to the link.
 #[derive(Debug)]
 pub enum Update {
-    /// A fresh reading to publish.
-    Reading(Reading),
+    /// A confirmed measurement to number and publish.
+    Measured(Measured),
     /// The sensor became readable (`Online`) or unreadable (`Offline`).
     Sensor(Availability),
     /// The sensor's own health changed (`<prefix>/<id>/sensor`).
     Health(SensorHealth),
 }
 
-/// How many readings may be handed to rumqttc before their PUBACKs arrive.
-const WINDOW: usize = 32;
-
-/// See where the event loop is set up.
-const CONNECT_TIMEOUT_SECS: u64 = 2;
 /// How long a clean shutdown waits for the broker to take `offline` and the disconnect.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for buffered readings to be acknowledged.
@@ -65,13 +53,6 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// its `seq`, before numbering from 1.
 pub const SEQ_WAIT: Duration = Duration::from_secs(1);
 
-/// What a PUBLISH we queued was, so its PUBACK can be matched.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Sent {
-    Reading(u64),
-    Other,
-}
-
 /// What the link is told once, at start.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -79,6 +60,8 @@ pub struct Settings {
     pub mqtt: MqttConfig,
     /// The sensor's id in topics.
     pub id: SensorId,
+    /// The sensor's model, named in its readings.
+    pub model: k3sense_protocol::Model,
     /// Readings kept while the broker is away.
     pub buffer: usize,
     /// Recent readings kept to answer replay requests.
@@ -87,38 +70,47 @@ pub struct Settings {
     pub discovery: Option<Announcement>,
 }
 
+/// The sensor's own topics, built once.
+#[derive(Debug)]
+struct OwnTopics {
+    state: String,
+    availability: String,
+    health: String,
+    replay: String,
+    replay_request: String,
+}
+
+impl OwnTopics {
+    fn new(topics: &Topics, id: &SensorId) -> Self {
+        Self {
+            state: topics.state(id),
+            availability: topics.availability(id),
+            health: topics.sensor(id),
+            replay: topics.replay(id),
+            replay_request: topics.replay_request(id),
+        }
+    }
+}
+
+/// When the link has something to do without an event.
+#[derive(Debug, Default)]
+struct Wakeups {
+    /// Stop waiting for the retained reading and number from 1.
+    seq: Option<Instant>,
+    /// The pace lets the next replayed reading go.
+    replay: Option<Instant>,
+}
+
 struct Link {
-    client: AsyncClient,
-    discovery: Option<Announcement>,
+    connection: Connection,
+    topics: OwnTopics,
     metrics: Metrics,
-    topics: Topics,
-    id: SensorId,
+    numbering: Numbering,
     outbox: Outbox,
-    /// Queued publishes in the order rumqttc will send them, until it assigns a packet id.
-    queued: VecDeque<Sent>,
-    /// Packet id → what it carried, until acknowledged.
-    by_pkid: HashMap<u16, Sent>,
-    connected: bool,
-    sensor: Availability,
-    /// The sensor's health, published retained on every change and every connect.
-    health: Option<SensorHealth>,
-    /// Readings kept for replays.
-    recent: Recent,
-    /// Readings waiting to go out on the replay topic.
-    replays: VecDeque<Reading>,
-    /// Added to the reader's `seq`; `None` until the retained state told where to continue.
-    seq_offset: Option<u64>,
-    /// Readings that arrived before `seq_offset` was known.
-    early: VecDeque<Reading>,
-    /// When to stop waiting for the retained state.
-    seq_deadline: Option<tokio::time::Instant>,
-    /// Our own `online` came back on the availability topic since the last connect: an
-    /// `offline` after it is someone else's.
-    own_online_seen: bool,
-    /// Replay answers coalesced and paced (`crate::replaypace`).
-    pace: crate::replaypace::ReplayPace,
-    /// When the pace lets the next replayed reading go.
-    replay_wake: Option<tokio::time::Instant>,
+    replays: Replayer,
+    presence: Presence,
+    discovery: Option<Announcement>,
+    wake: Wakeups,
 }
 
 /// Runs until `shutdown`, publishing what arrives on `updates`; `sensor` is the sensor's
@@ -130,99 +122,31 @@ pub async fn run(
     mut updates: mpsc::Receiver<Update>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let Settings {
-        mqtt,
-        id,
-        buffer,
-        replay_buffer,
-        discovery,
-    } = settings;
-    let topics = mqtt.topics()?;
-    let mut options = mqtt.mqtt_options(&format!("k3sense-publisher-{id}"))?;
-    options.set_clean_session(true);
-    options.set_last_will(LastWill::new(
-        topics.availability(&id),
-        Availability::Offline.as_str(),
-        QoS::AtLeastOnce,
-        true,
-    ));
-    let (client, mut events) = AsyncClient::new(options, WINDOW * 2);
-    // Each message is small and wanted now: no Nagle delay behind an unacknowledged one.
-    events.network_options.set_tcp_nodelay(true);
-    // A connect that got no CONNACK within this many seconds is given up and tried again: a
-    // broker that answers answers in milliseconds, and after a silent network cut the attempt
-    // started during the cut must not hold the reconnection back for rumqttc's default 5 s.
-    events
-        .network_options
-        .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-    metrics
-        .buffer_capacity
-        .set(i64::try_from(buffer).unwrap_or(i64::MAX));
-    metrics
-        .sensor_available
-        .set(i64::from(sensor == Availability::Online));
-    let mut link = Link {
-        client,
-        discovery,
-        metrics,
-        topics,
-        id,
-        outbox: Outbox::new(buffer),
-        queued: VecDeque::new(),
-        by_pkid: HashMap::new(),
-        connected: false,
-        sensor,
-        health: None,
-        recent: Recent::new(replay_buffer),
-        replays: VecDeque::new(),
-        seq_offset: None,
-        early: VecDeque::new(),
-        seq_deadline: None,
-        own_online_seen: false,
-        pace: crate::replaypace::ReplayPace::new(std::time::Instant::now()),
-        replay_wake: None,
-    };
-    tracing::info!(broker = %mqtt.broker, sensor_id = %link.id, "connecting to the MQTT broker");
-    let (mut events, pump) = k3sense_protocol::pump(events, WINDOW);
+    let (mut link, mut events) = Link::start(settings, sensor, metrics)?;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = until(link.seq_deadline) => link.resolve_seq(0),
-            () = until(link.replay_wake) => {
-                link.replay_wake = None;
+            () = until(link.wake.seq) => link.settle_seq(0),
+            () = until(link.wake.replay) => {
+                link.wake.replay = None;
                 link.pump();
             }
             update = updates.recv() => match update {
-                Some(Update::Reading(reading)) => link.push(reading),
-                Some(Update::Sensor(a)) => link.sensor_changed(a),
-                Some(Update::Health(h)) => link.health_changed(h),
+                Some(update) => link.update(update),
                 None => break,
             },
             event = events.recv() => match event {
-                Some(Ok(event)) => {
-                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                        tracing::info!(broker = %mqtt.broker, backlog = link.outbox.len(), "connected to the MQTT broker");
-                    }
-                    link.handle(event);
-                }
-                Some(Err(e)) => {
-                    if link.connected {
-                        tracing::warn!(error = %e, "lost the MQTT broker; keeping readings until it is back");
-                    }
-                    link.disconnected();
-                    tracing::debug!(error = %e, "MQTT connect failed; retrying with backoff");
-                }
+                Some(event) => link.event(event),
                 None => break,
-            }
+            },
         }
     }
     link.goodbye(&mut events).await;
-    pump.abort();
     Ok(())
 }
 
 /// Sleeps until `deadline`, or forever without one.
-async fn until(deadline: Option<tokio::time::Instant>) {
+async fn until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -230,55 +154,176 @@ async fn until(deadline: Option<tokio::time::Instant>) {
 }
 
 impl Link {
-    fn push(&mut self, mut reading: Reading) {
-        let Some(offset) = self.seq_offset else {
-            // Numbering is not settled yet: hold it (bounded like the outbox).
-            if self.early.len() >= self.outbox.capacity() {
-                self.early.pop_front();
-                self.metrics.dropped_readings.inc();
-            }
-            self.early.push_back(reading);
-            self.count_buffered();
-            return;
+    fn start(settings: Settings, sensor: Availability, metrics: Metrics) -> Result<(Self, Events)> {
+        let topics = settings.mqtt.topics()?;
+        let own = OwnTopics::new(&topics, &settings.id);
+        // Subscribed again on every connection, before `greet` publishes anything: see there.
+        let subscriptions: Vec<String> = settings
+            .discovery
+            .as_ref()
+            .map(|a| a.status_topic.clone())
+            .into_iter()
+            .chain([
+                own.replay_request.clone(),
+                own.availability.clone(),
+                own.state.clone(),
+            ])
+            .collect();
+        let (connection, events) =
+            Connection::open(&settings.mqtt, &settings.id, &topics, &subscriptions)?;
+        metrics
+            .buffer_capacity
+            .set(i64::try_from(settings.buffer).unwrap_or(i64::MAX));
+        metrics
+            .sensor_available
+            .set(i64::from(sensor == Availability::Online));
+        tracing::info!(broker = %settings.mqtt.broker, sensor_id = %settings.id, "connecting to the MQTT broker");
+        let link = Self {
+            connection,
+            topics: own,
+            metrics,
+            numbering: Numbering::new(settings.id, settings.model, settings.buffer),
+            outbox: Outbox::new(settings.buffer),
+            replays: Replayer::new(settings.replay_buffer, std::time::Instant::now()),
+            presence: Presence::new(sensor),
+            discovery: settings.discovery,
+            wake: Wakeups::default(),
         };
-        // Saturating: `seq` never wraps (the protocol refuses anything above MAX_SEQ).
-        reading.seq = reading.seq.saturating_add(offset);
-        self.recent.push(reading.clone());
-        self.metrics.observe(&reading);
-        if let Some(lost) = self.outbox.push(reading) {
-            self.metrics.dropped_readings.inc();
-            tracing::warn!(
-                seq = lost.seq,
-                "buffer full: dropped the oldest unsent reading; raise --buffer to keep more"
-            );
+        Ok((link, events))
+    }
+
+    fn update(&mut self, update: Update) {
+        match update {
+            Update::Measured(measured) => {
+                let numbered = self.numbering.number(measured);
+                self.take(numbered);
+            }
+            Update::Sensor(availability) => {
+                self.presence.set_sensor(availability);
+                self.metrics
+                    .sensor_available
+                    .set(i64::from(availability == Availability::Online));
+                if self.connection.is_connected() {
+                    self.publish_availability(availability);
+                }
+            }
+            Update::Health(health) => {
+                self.metrics
+                    .sensor_answering
+                    .set(i64::from(health.status == HealthStatus::Ok));
+                self.presence.set_health(health);
+                if self.connection.is_connected() {
+                    self.publish_health();
+                }
+            }
         }
+    }
+
+    fn event(&mut self, event: ClientEvent) {
+        match self.connection.happened(event) {
+            Happened::Connected => {
+                tracing::info!(
+                    broker = self.connection.broker(),
+                    backlog = self.outbox.len(),
+                    "connected to the MQTT broker"
+                );
+                self.greet();
+            }
+            Happened::Message(publish) => self.received(&publish),
+            Happened::Acked(sent) => {
+                if let Some(Sent::Reading(seq)) = sent {
+                    self.outbox.acked(seq);
+                    self.metrics.acknowledged_readings.inc();
+                    tracing::debug!(seq, "reading acknowledged");
+                }
+                self.pump();
+                self.count_buffered();
+            }
+            Happened::Lost {
+                was_connected,
+                error,
+            } => {
+                if was_connected {
+                    tracing::warn!(%error, "lost the MQTT broker; keeping readings until it is back");
+                }
+                tracing::debug!(%error, "MQTT connect failed; retrying with backoff");
+                self.disconnected();
+            }
+            Happened::Nothing => {}
+        }
+    }
+
+    /// What every new connection needs, in this order (each step relies on those before it).
+    /// The client has already subscribed again to Home Assistant's status topic, to replay
+    /// requests, to our own availability and, until `seq` is settled, to our own state:
+    /// before anything below is published.
+    ///
+    /// 1. Every unacknowledged reading goes again: the old connection's acknowledgements are
+    ///    void.
+    /// 2. Announce to Home Assistant: subscribed first, so once the announcement is seen, Home
+    ///    Assistant's next `online` reaches us.
+    /// 3. Say the sensor's availability and health, retained. Subscribed first to replay
+    ///    requests (gateways answer `online` with one) and to our own availability (to answer
+    ///    a foreign `offline`; what arrives first is the broker's old retained copy).
+    /// 4. Until `seq` is settled, wait at most [`SEQ_WAIT`] for our own retained reading, which
+    ///    says where `seq` continues.
+    /// 5. A restarted broker lost its retained messages: publish the newest reading again (same
+    ///    `seq`, same `read_at`), unless newer ones are about to go out anyway.
+    /// 6. Send the buffered readings.
+    fn greet(&mut self) {
+        self.metrics.broker_connected.set(1);
+        self.metrics.broker_connects.inc();
+        self.outbox.resend_all();
+        self.announce();
+        self.presence.reconnected();
+        self.publish_availability(self.presence.sensor());
+        self.publish_health();
+        if !self.numbering.is_settled() {
+            self.wake.seq = Some(Instant::now() + SEQ_WAIT);
+        }
+        self.restore_retained();
         self.pump();
-        self.count_buffered();
     }
 
-    /// Settles the numbering: `last_seq` is the newest `seq` this sensor published before
-    /// (0 if none is known); held readings go out numbered after it.
-    fn resolve_seq(&mut self, last_seq: u64) {
-        if self.seq_offset.is_some() {
-            return;
-        }
-        self.seq_offset = Some(last_seq);
-        self.seq_deadline = None;
-        if last_seq > 0 {
-            tracing::info!(last_seq, "continuing seq after the retained reading");
-        }
-        let _ = self.client.try_unsubscribe(self.topics.state(&self.id));
-        for reading in std::mem::take(&mut self.early) {
-            self.push(reading);
+    fn disconnected(&mut self) {
+        self.metrics.broker_connected.set(0);
+        self.outbox.resend_all();
+    }
+
+    /// A message arrived on one of our subscriptions.
+    fn received(&mut self, publish: &Message) {
+        let topic = publish.topic.as_str();
+        if topic == self.topics.replay_request {
+            self.replay(&publish.payload);
+        } else if topic == self.topics.state && !self.numbering.is_settled() {
+            let last = self.resume_point(&publish.payload);
+            self.settle_seq(last);
+        } else if topic == self.topics.availability {
+            let foreign = self.presence.seen(&publish.payload);
+            if foreign && self.connection.is_connected() {
+                self.metrics.anomaly("foreign_offline");
+                tracing::warn!(
+                    "another client published offline for this sensor; saying online again (give each publisher node its own account)"
+                );
+                self.publish_availability(Availability::Online);
+            }
+        } else if self
+            .discovery
+            .as_ref()
+            .is_some_and(|a| a.asked_again(topic, publish.retain, &publish.payload))
+        {
+            tracing::info!("Home Assistant came online; announcing the sensor again");
+            self.announce();
         }
     }
 
-    /// Where to continue `seq` from a retained reading: its `seq` if a real publisher could
-    /// have written it, else 0 (see `crate::seqguard`).
-    fn trusted_seq(&self, retained: &Reading) -> u64 {
-        match crate::seqguard::continue_from(retained, chrono::Utc::now()) {
-            Ok(seq) => seq,
-            Err(why) => {
+    /// Where `seq` continues after the retained `payload`; a reading no real publisher could
+    /// have written is logged and counted, and numbering starts from 1.
+    fn resume_point(&self, payload: &[u8]) -> u64 {
+        let id = self.numbering.id();
+        match resume_point(payload, id, chrono::Utc::now()) {
+            Ok(last) => last,
+            Err((retained, why)) => {
                 self.metrics.anomaly("retained_seq_refused");
                 tracing::warn!(
                     seq = retained.seq,
@@ -291,26 +336,53 @@ impl Link {
         }
     }
 
-    /// Our availability topic carried `payload`. Another client saying `offline` for us while
-    /// we are connected and the sensor is readable would leave us shown offline until we
-    /// reconnect: say `online` again at once (retained) and count it. The broker's retained
-    /// copy, which arrives before our own `online` after each connect, is older than it and
-    /// ignored.
-    fn availability_seen(&mut self, payload: &[u8]) {
-        let Ok(seen) = Availability::from_payload(payload) else {
-            return;
-        };
-        if seen == Availability::Online {
-            self.own_online_seen = true;
+    /// Settles the numbering after `last_seq` (0: from 1); held measurements go out.
+    fn settle_seq(&mut self, last_seq: u64) {
+        if self.numbering.is_settled() {
             return;
         }
-        if self.connected && self.own_online_seen && self.sensor == Availability::Online {
-            self.metrics.anomaly("foreign_offline");
-            tracing::warn!(
-                "another client published offline for this sensor; saying online again (give each publisher node its own account)"
-            );
-            self.publish_availability(Availability::Online);
+        self.wake.seq = None;
+        if last_seq > 0 {
+            tracing::info!(last_seq, "continuing seq after the retained reading");
         }
+        self.connection.unsubscribe(&self.topics.state);
+        for numbered in self.numbering.settle(last_seq) {
+            self.take(numbered);
+        }
+        self.count_buffered();
+    }
+
+    /// What the numbering made of a measurement: a reading goes into the outbox.
+    fn take(&mut self, numbered: Numbered) {
+        match numbered {
+            Numbered::Reading(reading) => {
+                self.replays.remember(reading.clone());
+                self.metrics.observe(&reading);
+                if let Some(lost) = self.outbox.push(reading) {
+                    self.metrics.dropped_readings.inc();
+                    tracing::warn!(
+                        seq = lost.seq,
+                        "buffer full: dropped the oldest unsent reading; raise --buffer to keep more"
+                    );
+                }
+                self.pump();
+            }
+            Numbered::Held { dropped } => {
+                if dropped {
+                    self.metrics.dropped_readings.inc();
+                }
+            }
+            Numbered::Refused(e) => tracing::warn!(error = %e, "discarding an invalid reading"),
+        }
+        self.count_buffered();
+    }
+
+    fn count_buffered(&self) {
+        // Measurements held until the numbering is settled are buffered too.
+        let depth = self.outbox.len() + self.numbering.held();
+        self.metrics
+            .buffered_readings
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     /// A gateway asks for readings again.
@@ -323,74 +395,88 @@ impl Link {
             }
         };
         self.metrics.replay_requests.inc();
-        let capacity = self.recent.kept();
-        let wanted: Vec<Reading> = self.recent.wanted(&request).cloned().collect();
-        tracing::debug!(?request, readings = wanted.len(), "replaying");
-        let now = std::time::Instant::now();
-        for reading in wanted {
-            if self.replays.len() >= capacity.max(1) {
-                break;
-            }
-            if self.pace.admit(reading.seq, now) {
-                self.replays.push_back(reading);
-            } else {
-                self.metrics.replays_coalesced.inc();
-            }
-        }
+        let asked = self.replays.ask(&request, std::time::Instant::now());
+        self.metrics.replays_coalesced.inc_by(asked.coalesced);
+        tracing::debug!(?request, readings = asked.queued, "replaying");
         self.pump();
     }
 
-    fn count_buffered(&self) {
-        // Readings held until the numbering is settled are buffered too.
-        let depth = i64::try_from(self.outbox.len() + self.early.len()).unwrap_or(i64::MAX);
-        self.metrics.buffered_readings.set(depth);
+    /// Hands what may go now to the connection: unsent readings, at most [`WINDOW`]
+    /// unacknowledged at a time, then replayed readings as their pace allows.
+    fn pump(&mut self) {
+        if !self.connection.is_connected() {
+            return;
+        }
+        while self.outbox.in_flight() < WINDOW {
+            let Some(reading) = self.outbox.next_unsent() else {
+                break;
+            };
+            let seq = reading.seq;
+            let Ok(payload) = reading.to_json() else {
+                // Numbered readings validate; one that does not is never sent.
+                self.outbox.acked(seq);
+                continue;
+            };
+            let topic = self.topics.state.clone();
+            if !self
+                .connection
+                .publish(topic, payload, true, Sent::Reading(seq))
+            {
+                self.outbox.unsend(seq);
+                break;
+            }
+        }
+        self.send_replays();
     }
 
-    fn sensor_changed(&mut self, availability: Availability) {
-        self.sensor = availability;
-        self.metrics
-            .sensor_available
-            .set(i64::from(availability == Availability::Online));
-        if self.connected {
-            self.publish_availability(availability);
+    fn send_replays(&mut self) {
+        loop {
+            let payload = match self.replays.due(std::time::Instant::now()) {
+                Due::Idle => return,
+                Due::At(at) => {
+                    self.wake.replay = Some(Instant::from_std(at));
+                    return;
+                }
+                Due::Now(reading) => reading.to_json(),
+            };
+            let Ok(payload) = payload else {
+                self.replays.sent();
+                continue;
+            };
+            let topic = self.topics.replay.clone();
+            if !self.connection.publish(topic, payload, false, Sent::Other) {
+                return;
+            }
+            self.replays.sent();
+            self.metrics.replayed_readings.inc();
         }
     }
 
-    fn health_changed(&mut self, health: SensorHealth) {
-        self.metrics
-            .sensor_answering
-            .set(i64::from(health.status == HealthStatus::Ok));
-        self.health = Some(health);
-        if self.connected {
-            self.publish_health();
+    /// See [`Link::greet`], step 5.
+    fn restore_retained(&mut self) {
+        if !self.outbox.is_empty() {
+            return;
         }
-    }
-
-    /// Publishes the sensor's health, retained (after a reconnect too: a restarted broker
-    /// lost it).
-    fn publish_health(&mut self) {
-        let Some(health) = &self.health else {
+        let Some(Ok(payload)) = self.replays.latest().map(|r| r.to_json()) else {
             return;
         };
-        let topic = self.topics.sensor(&self.id);
-        if self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, true, health.to_json())
-            .is_ok()
-        {
-            self.queued.push_back(Sent::Other);
-        }
+        let topic = self.topics.state.clone();
+        self.connection.publish(topic, payload, true, Sent::Other);
     }
 
     fn publish_availability(&mut self, availability: Availability) {
-        let topic = self.topics.availability(&self.id);
-        if self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, true, availability.as_str())
-            .is_ok()
-        {
-            self.queued.push_back(Sent::Other);
-        }
+        let topic = self.topics.availability.clone();
+        self.connection
+            .publish(topic, availability.as_str(), true, Sent::Other);
+    }
+
+    /// The sensor's health, retained, once known.
+    fn publish_health(&mut self) {
+        let Some(payload) = self.presence.health().map(SensorHealth::to_json) else {
+            return;
+        };
+        let topic = self.topics.health.clone();
+        self.connection.publish(topic, payload, true, Sent::Other);
     }
 
     /// Publishes the Home Assistant discovery configs (retained), if discovery is on.
@@ -400,19 +486,15 @@ impl Link {
         };
         let mut published = 0;
         for message in &announcement.messages {
-            match self.client.try_publish(
+            if self.connection.publish(
                 message.topic.clone(),
-                QoS::AtLeastOnce,
-                true,
                 message.payload.clone(),
+                true,
+                Sent::Other,
             ) {
-                Ok(()) => {
-                    self.queued.push_back(Sent::Other);
-                    published += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(topic = %message.topic, error = %e, "could not queue a Home Assistant discovery message");
-                }
+                published += 1;
+            } else {
+                tracing::warn!(topic = %message.topic, "could not queue a Home Assistant discovery message");
             }
         }
         if published == announcement.messages.len() {
@@ -424,259 +506,71 @@ impl Link {
         }
     }
 
-    /// Subscribes to Home Assistant's status topic, to announce again when it restarts.
-    fn watch_home_assistant(&mut self) {
-        let Some(announcement) = &self.discovery else {
-            return;
-        };
-        if let Err(e) = self
-            .client
-            .try_subscribe(announcement.status_topic.clone(), QoS::AtLeastOnce)
-        {
-            tracing::warn!(error = %e, "could not subscribe to Home Assistant's status topic");
-        }
-    }
-
-    /// A message arrived: Home Assistant saying `online` gets a new announcement. A retained
-    /// `online` arrives right after our own announcement on connect and is skipped.
-    fn received(&mut self, publish: &Publish) {
-        if publish.topic == self.topics.replay_request(&self.id) {
-            self.replay(&publish.payload);
-            return;
-        }
-        if self.seq_offset.is_none() && publish.topic == self.topics.state(&self.id) {
-            let last = Reading::from_json(&publish.payload)
-                .ok()
-                .filter(|r| r.sensor_id == self.id)
-                .map_or(0, |r| self.trusted_seq(&r));
-            self.resolve_seq(last);
-            return;
-        }
-        if publish.topic == self.topics.availability(&self.id) {
-            self.availability_seen(&publish.payload);
-            return;
-        }
-        let Some(announcement) = &self.discovery else {
-            return;
-        };
-        if publish.topic == announcement.status_topic
-            && !publish.retain
-            && discovery::is_online(&publish.payload)
-        {
-            tracing::info!("Home Assistant came online; announcing the sensor again");
-            self.announce();
-        }
-    }
-
-    /// Hands unsent readings to rumqttc, at most [`WINDOW`] unacknowledged at a time.
-    fn pump(&mut self) {
-        if !self.connected {
-            return;
-        }
-        while self.outbox.in_flight() < WINDOW {
-            let Some(reading) = self.outbox.next_unsent() else {
-                break;
-            };
-            let seq = reading.seq;
-            let payload = match reading.to_json() {
-                Ok(p) => p,
-                Err(e) => {
-                    // Readings are validated when built; this cannot happen, but never send it.
-                    tracing::error!(seq, error = %e, "refusing to publish an invalid reading");
-                    self.outbox.acked(seq);
-                    continue;
-                }
-            };
-            let topic = self.topics.state(&self.id);
-            match self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, payload)
-            {
-                Ok(()) => self.queued.push_back(Sent::Reading(seq)),
-                Err(_) => {
-                    self.outbox.unsend(seq);
-                    break;
-                }
-            }
-        }
-        while let Some(reading) = self.replays.front() {
-            if let Err(at) = self.pace.take(std::time::Instant::now()) {
-                self.replay_wake = Some(tokio::time::Instant::from_std(at));
-                break;
-            }
-            let Ok(payload) = reading.to_json() else {
-                self.replays.pop_front();
-                continue;
-            };
-            let topic = self.topics.replay(&self.id);
-            if self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, false, payload)
-                .is_err()
-            {
-                break;
-            }
-            self.replays.pop_front();
-            self.queued.push_back(Sent::Other);
-            self.metrics.replayed_readings.inc();
-        }
-    }
-
-    /// After a broker restart its retained messages are gone: publish the newest reading again
-    /// (same `seq`, same `read_at`) unless newer ones are about to go out anyway.
-    fn restore_retained(&mut self) {
-        if !self.outbox.is_empty() {
-            return;
-        }
-        let Some(latest) = self.recent.latest() else {
-            return;
-        };
-        let Ok(payload) = latest.to_json() else {
-            return;
-        };
-        if self
-            .client
-            .try_publish(self.topics.state(&self.id), QoS::AtLeastOnce, true, payload)
-            .is_ok()
-        {
-            self.queued.push_back(Sent::Other);
-        }
-    }
-
-    fn handle(&mut self, event: Event) {
-        match event {
-            Event::Incoming(Packet::ConnAck(_)) => {
-                self.connected = true;
-                self.metrics.broker_connected.set(1);
-                self.metrics.broker_connects.inc();
-                self.queued.clear();
-                self.by_pkid.clear();
-                self.outbox.resend_all();
-                // Subscribe first: once our announcement is seen, Home Assistant's next
-                // `online` reaches us.
-                self.watch_home_assistant();
-                self.announce();
-                // Subscribe before saying `online`: gateways answer `online` with a replay
-                // request, which must find the subscription in place.
-                if let Err(e) = self
-                    .client
-                    .try_subscribe(self.topics.replay_request(&self.id), QoS::AtLeastOnce)
-                {
-                    tracing::warn!(error = %e, "cannot subscribe to replay requests");
-                }
-                // Our own availability, to answer a foreign `offline` (issue 14, row 6).
-                self.own_online_seen = false;
-                let _ = self
-                    .client
-                    .try_subscribe(self.topics.availability(&self.id), QoS::AtLeastOnce);
-                self.publish_availability(self.sensor);
-                self.publish_health();
-                if self.seq_offset.is_none() {
-                    // Our own retained reading, if the broker has one, says where seq goes on.
-                    let _ = self
-                        .client
-                        .try_subscribe(self.topics.state(&self.id), QoS::AtLeastOnce);
-                    self.seq_deadline = Some(tokio::time::Instant::now() + SEQ_WAIT);
-                }
-                self.restore_retained();
-                self.pump();
-            }
-            Event::Incoming(Packet::Publish(publish)) => self.received(&publish),
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(sent) = self.queued.pop_front() {
-                    self.by_pkid.insert(pkid, sent);
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(Sent::Reading(seq)) = self.by_pkid.remove(&ack.pkid) {
-                    self.outbox.acked(seq);
-                    self.metrics.acknowledged_readings.inc();
-                    tracing::debug!(seq, "reading acknowledged");
-                }
-                self.pump();
-                self.count_buffered();
-            }
-            _ => {}
-        }
-    }
-
-    fn disconnected(&mut self) {
-        self.connected = false;
+    /// Hands the broker what is still buffered, says `offline` and disconnects, so the broker
+    /// does not fire the will and subscribers see a deliberate stop.
+    async fn goodbye(&mut self, events: &mut Events) {
+        self.flush(events).await;
         self.metrics.broker_connected.set(0);
-        self.queued.clear();
-        self.by_pkid.clear();
-        self.outbox.resend_all();
+        let was_connected = self.connection.is_connected();
+        let deadline = Instant::now() + GOODBYE_TIMEOUT;
+        let offline = was_connected && self.say_offline(events, deadline).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let goodbye = self.connection.goodbye(left).await;
+        if offline && goodbye == Goodbye::Clean {
+            tracing::info!(
+                backlog = self.outbox.len(),
+                "published offline and disconnected"
+            );
+        } else if was_connected {
+            tracing::warn!(
+                "the broker did not take the goodbye in time; it will announce offline by the last will"
+            );
+        }
     }
 
-    /// Publishes `offline` and disconnects, so the broker does not fire the will and
-    /// subscribers see a deliberate stop.
-    async fn goodbye(&mut self, events: &mut MqttEvents) {
-        if self.connected && !self.outbox.is_empty() {
-            // Hand over what is still buffered before saying goodbye, within a bound: a stop
-            // (a rollout, Ctrl-C) must not lose readings the broker could still take.
-            let flushed = tokio::time::timeout(FLUSH_TIMEOUT, async {
-                while self.connected && !self.outbox.is_empty() {
-                    match events.recv().await {
-                        Some(Ok(event)) => self.handle(event),
-                        Some(Err(_)) | None => self.disconnected(),
-                    }
+    /// Publishes `offline` and waits until `deadline` for the broker to acknowledge it: the
+    /// DISCONNECT goes only after that, so `offline` is known to be there before the connection
+    /// closes (closing while the broker still sends, an acknowledgement, can make the kernel
+    /// answer with a reset, which may discard what the broker received but had not read yet).
+    async fn say_offline(&mut self, events: &mut Events, deadline: Instant) -> bool {
+        let topic = self.topics.availability.clone();
+        let offline = Availability::Offline.as_str();
+        if !self.connection.publish(topic, offline, true, Sent::Goodbye) {
+            return false;
+        }
+        let acked = tokio::time::timeout_at(deadline, async {
+            while let Some(event) = events.recv().await {
+                match self.connection.happened(event) {
+                    Happened::Acked(Some(Sent::Goodbye)) => return true,
+                    Happened::Lost { .. } => return false,
+                    _ => {}
                 }
-            })
-            .await;
-            if flushed.is_err() {
-                tracing::warn!(
-                    backlog = self.outbox.len(),
-                    "stopping before the broker took every buffered reading"
-                );
             }
-        }
-        self.metrics.broker_connected.set(0);
-        if !self.connected {
+            false
+        })
+        .await;
+        acked.unwrap_or(false)
+    }
+
+    /// Waits, within a bound, until the broker acknowledged every buffered reading: a stop (a
+    /// rollout, Ctrl-C) must not lose readings the broker could still take.
+    async fn flush(&mut self, events: &mut Events) {
+        if !self.connection.is_connected() || self.outbox.is_empty() {
             return;
         }
-        let topic = self.topics.availability(&self.id);
-        let offline = self.client.try_publish(
-            topic,
-            QoS::AtLeastOnce,
-            true,
-            Availability::Offline.as_str(),
-        );
-        if offline.is_err() {
-            let _ = self.client.try_disconnect();
-            return;
-        }
-        // DISCONNECT only once the broker acknowledged `offline`, so it is known to be there
-        // before the connection closes: closing while the broker still sends (an
-        // acknowledgement) can make the kernel answer with a reset, which may discard what the
-        // broker received but had not read yet.
-        let done = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            let mut offline_pkid = None;
-            loop {
+        let flushed = tokio::time::timeout(FLUSH_TIMEOUT, async {
+            while self.connection.is_connected() && !self.outbox.is_empty() {
                 match events.recv().await {
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid))))
-                        if offline_pkid.is_none() =>
-                    {
-                        offline_pkid = Some(pkid);
-                    }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack))))
-                        if Some(ack.pkid) == offline_pkid =>
-                    {
-                        let _ = self.client.try_disconnect();
-                    }
-                    Some(Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) | None => break,
-                    Some(Ok(_)) => {}
+                    Some(event) => self.event(event),
+                    None => break,
                 }
             }
         })
         .await;
-        if done.is_err() {
+        if flushed.is_err() {
             tracing::warn!(
-                "the broker did not take the goodbye in time; it will announce offline by the last will"
-            );
-        } else {
-            tracing::info!(
                 backlog = self.outbox.len(),
-                "published offline and disconnected"
+                "stopping before the broker took every buffered reading"
             );
         }
     }

@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::ReadCounters;
+use crate::policy::ReadCounters;
 
 /// Every metric of the publisher. Cheap to clone: the handles share their values.
 #[derive(Clone)]
@@ -99,75 +99,8 @@ impl Metrics {
             anomalies: Family::default(),
             latest: Arc::new(Mutex::new(None)),
         };
-        registry.register(
-            "broker_connected",
-            "1 while connected to the MQTT broker",
-            metrics.broker_connected.clone(),
-        );
-        registry.register(
-            "sensor_available",
-            "1 while the sensor is readable (the availability topic says online)",
-            metrics.sensor_available.clone(),
-        );
-        registry.register(
-            "sensor_answering",
-            "1 while the sensor gives readings, 0 once it is not answering (the sensor topic's status)",
-            metrics.sensor_answering.clone(),
-        );
-        registry.register(
-            "buffered_readings",
-            "Readings kept until the broker acknowledges them",
-            metrics.buffered_readings.clone(),
-        );
-        registry.register(
-            "buffer_capacity_readings",
-            "The most readings kept while the broker is away (--buffer)",
-            metrics.buffer_capacity.clone(),
-        );
-        registry.register(
-            "dropped_readings",
-            "Readings dropped because the buffer was full",
-            metrics.dropped_readings.clone(),
-        );
-        registry.register(
-            "acknowledged_readings",
-            "Readings the broker acknowledged",
-            metrics.acknowledged_readings.clone(),
-        );
-        registry.register(
-            "broker_connects",
-            "Connections to the MQTT broker (the first one and every reconnect)",
-            metrics.broker_connects.clone(),
-        );
-        registry.register(
-            "ha_announcements",
-            "Home Assistant discovery announcements published",
-            metrics.ha_announcements.clone(),
-        );
-        registry.register(
-            "replay_requests",
-            "Replay requests received from gateways",
-            metrics.replay_requests.clone(),
-        );
-        registry.register(
-            "replayed_readings",
-            "Readings sent again on the replay topic",
-            metrics.replayed_readings.clone(),
-        );
-        registry.register(
-            "replays_coalesced",
-            "Readings asked for again within 2 s of being replayed, not sent again",
-            metrics.replays_coalesced.clone(),
-        );
-        // Both reasons exist from the start, at 0, so a dashboard can alert on any increase.
-        for reason in ["retained_seq_refused", "foreign_offline"] {
-            let _ = metrics.anomalies.get_or_create(&vec![("reason", reason)]);
-        }
-        registry.register(
-            "anomalies",
-            "Signs of another client impersonating this sensor, by reason",
-            metrics.anomalies.clone(),
-        );
+        metrics.register_gauges(&mut registry);
+        metrics.register_counters(&mut registry);
         registry.register_collector(Box::new(ReadCollector {
             counters,
             latest: Arc::clone(&metrics.latest),
@@ -176,6 +109,81 @@ impl Metrics {
             registry: Arc::new(registry),
             ..metrics
         }
+    }
+
+    fn register_gauges(&self, registry: &mut Registry) {
+        registry.register(
+            "broker_connected",
+            "1 while connected to the MQTT broker",
+            self.broker_connected.clone(),
+        );
+        registry.register(
+            "sensor_available",
+            "1 while the sensor is readable (the availability topic says online)",
+            self.sensor_available.clone(),
+        );
+        registry.register(
+            "sensor_answering",
+            "1 while the sensor gives readings, 0 once it is not answering (the sensor topic's status)",
+            self.sensor_answering.clone(),
+        );
+        registry.register(
+            "buffered_readings",
+            "Readings kept until the broker acknowledges them",
+            self.buffered_readings.clone(),
+        );
+        registry.register(
+            "buffer_capacity_readings",
+            "The most readings kept while the broker is away (--buffer)",
+            self.buffer_capacity.clone(),
+        );
+    }
+
+    fn register_counters(&self, registry: &mut Registry) {
+        registry.register(
+            "dropped_readings",
+            "Readings dropped because the buffer was full",
+            self.dropped_readings.clone(),
+        );
+        registry.register(
+            "acknowledged_readings",
+            "Readings the broker acknowledged",
+            self.acknowledged_readings.clone(),
+        );
+        registry.register(
+            "broker_connects",
+            "Connections to the MQTT broker (the first one and every reconnect)",
+            self.broker_connects.clone(),
+        );
+        registry.register(
+            "ha_announcements",
+            "Home Assistant discovery announcements published",
+            self.ha_announcements.clone(),
+        );
+        registry.register(
+            "replay_requests",
+            "Replay requests received from gateways",
+            self.replay_requests.clone(),
+        );
+        registry.register(
+            "replayed_readings",
+            "Readings sent again on the replay topic",
+            self.replayed_readings.clone(),
+        );
+        registry.register(
+            "replays_coalesced",
+            "Readings asked for again within 2 s of being replayed, not sent again",
+            self.replays_coalesced.clone(),
+        );
+        // Both reasons exist from the start, at 0, so a dashboard can alert on any increase.
+        for reason in ["retained_seq_refused", "foreign_offline"] {
+            let _ = self.anomalies.get_or_create(&vec![("reason", reason)]);
+        }
+        registry.register(
+            "anomalies",
+            "Signs of another client impersonating this sensor, by reason",
+            self.anomalies.clone(),
+        );
     }
 
     /// Counts one anomaly of kind `reason`.

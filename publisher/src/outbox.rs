@@ -1,13 +1,19 @@
 //! Readings waiting for the broker's acknowledgement.
 //!
 //! The publisher, not the MQTT library, is the keeper of readings until the broker has taken
-//! them: rumqttc forgets unacknowledged messages when it reconnects to a broker that lost the
-//! session (a restarted broker always has). So every reading stays here from the moment it is
+//! them: the MQTT client does not send a publish again that a lost connection took (a restarted
+//! broker has lost the session anyway). So every reading stays here from the moment it is
 //! read until its PUBACK arrives, and after every reconnect the unacknowledged ones are sent
 //! again, oldest first, with their original `read_at` and `seq`. The buffer is bounded: when the
 //! broker stays away too long, the oldest readings are dropped and counted.
+//!
+//! [`Receipts`] match the broker's acknowledgements to what was sent: the MQTT client names each
+//! publish, and says when the broker acknowledged it, by an id of its own.
 
-use std::collections::VecDeque;
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+};
 
 use k3sense_protocol::Reading;
 
@@ -102,6 +108,49 @@ impl Outbox {
     }
 }
 
+/// What a queued PUBLISH carried, so its PUBACK can be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The reading with this `seq`, from the [`Outbox`].
+    Reading(u64),
+    /// The `offline` of a deliberate stop.
+    Goodbye,
+    /// Anything else (availability, health, discovery, replays): nothing waits for its PUBACK.
+    Other,
+}
+
+/// What each publish carried, by the client's id for it, until acknowledged or lost.
+#[derive(Debug)]
+pub struct Receipts<Id> {
+    sent: HashMap<Id, Sent>,
+}
+
+impl<Id> Default for Receipts<Id> {
+    fn default() -> Self {
+        Self {
+            sent: HashMap::new(),
+        }
+    }
+}
+
+impl<Id: Eq + Hash> Receipts<Id> {
+    /// The client took publish `id`, carrying `sent`.
+    pub fn sent(&mut self, id: Id, sent: Sent) {
+        self.sent.insert(id, sent);
+    }
+
+    /// The broker acknowledged `id`, or a lost connection took it: what it carried, if we
+    /// sent it.
+    pub fn settled(&mut self, id: &Id) -> Option<Sent> {
+        self.sent.remove(id)
+    }
+
+    /// The connection is gone: nothing sent on it will be acknowledged.
+    pub fn clear(&mut self) {
+        self.sent.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
@@ -163,5 +212,20 @@ mod tests {
         assert_eq!(o.push(r(3)).map(|r| r.seq), Some(1));
         assert_eq!(o.dropped(), 1);
         assert_eq!(next(&mut o), Some(2));
+    }
+
+    #[test]
+    fn receipts_say_what_an_acknowledged_publish_carried() {
+        let mut r = Receipts::default();
+        r.sent(1_u64, Sent::Other);
+        r.sent(2, Sent::Reading(7));
+        assert_eq!(r.settled(&2), Some(Sent::Reading(7)));
+        assert_eq!(r.settled(&2), None);
+        // Someone else's publish.
+        assert_eq!(r.settled(&3), None);
+        r.sent(4, Sent::Goodbye);
+        r.clear();
+        assert_eq!(r.settled(&1), None);
+        assert_eq!(r.settled(&4), None);
     }
 }

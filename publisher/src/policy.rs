@@ -31,38 +31,10 @@ use k3sense_protocol::{FailureKind, Model};
 use tokio::time::Instant;
 
 pub use crate::dht::Tolerance;
-use crate::{dht::DecodeError, dht::Measurement, sensor::ReadError};
-
-/// How fast a sensor may be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pacing {
-    /// The shortest time between two reads, which also makes two reads independent samples.
-    /// Timed from the moment the sample was taken (see `Sensor::sampled_at_end`).
-    pub min_spacing: Duration,
-    /// How long after power-up (here: after opening) the sensor is left alone.
-    pub settle: Duration,
-    /// The oldest a previous read may be and still confirm a new one: two spacings for real
-    /// sensors. Long enough that an interval too short for two reads (at most two spacings) is
-    /// confirmed by the previous interval's read; short enough that the room cannot change much
-    /// in between.
-    pub confirm_within: Duration,
-}
-
-impl Pacing {
-    /// The datasheets' limits: DHT11 once a second, DHT22 once every two seconds, and as long
-    /// again after power-up before the first read.
-    pub fn for_model(model: Model) -> Self {
-        let min_spacing = match model {
-            Model::Dht11 => Duration::from_secs(1),
-            Model::Dht22 => Duration::from_secs(2),
-        };
-        Self {
-            min_spacing,
-            settle: min_spacing,
-            confirm_within: min_spacing * 2,
-        }
-    }
-}
+use crate::{
+    dht::{DecodeError, Measurement},
+    sensor::{Pacing, ReadError},
+};
 
 /// Reads by outcome, and what became of them: the publisher's sensor health, for logs and
 /// metrics. Every read attempt lands in exactly one of the outcome counters.

@@ -4,8 +4,8 @@
 //! A sensor that cannot be opened (not a Pi, no /dev/gpiomem, no IIO device) or goes away does
 //! not stop the process: the reader reports it `offline`, logs the reason once (then quietly
 //! while it stays the same), and tries to open it again every `reopen_every`, so fixing the
-//! node heals the publisher without a restart. `seq` lives here, so it continues across
-//! reconnects to the broker and reopenings of the sensor.
+//! node heals the publisher without a restart. The link numbers what it hands over
+//! (`crate::numbering`), so `seq` continues across reopenings of the sensor.
 //!
 //! It also keeps the sensor's own health (`<prefix>/<id>/sensor`): after
 //! [`ReaderConfig::unhealthy_after`] intervals in a row without a reading the sensor is
@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use k3sense_protocol::{Availability, HealthStatus, Model, Reading, SensorHealth, SensorId};
+use k3sense_protocol::{Availability, HealthStatus, Model, SensorHealth, SensorId};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -24,9 +24,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    dht::Measurement,
     link::Update,
+    numbering::Measured,
     policy::{PolicyConfig, ReadCounters, ReadPolicy, Verdict},
-    sensor::{OpenError, Sensor},
+    sensor::{OpenError, ReadError, Sensor},
 };
 
 /// Opens the sensor; called again after every failure. Blocking.
@@ -34,8 +36,7 @@ pub type Opener = Box<dyn FnMut() -> Result<Box<dyn Sensor>, OpenError> + Send>;
 
 /// How long after a failed open, or a lost device, the sensor is opened again.
 pub const REOPEN_EVERY: Duration = Duration::from_secs(30);
-/// How many intervals in a row without a reading make the sensor `not_answering`.
-pub const UNHEALTHY_AFTER: u32 = 3;
+pub use crate::config::UNHEALTHY_AFTER;
 /// How often the read counters are logged.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(600);
 
@@ -118,6 +119,15 @@ pub async fn open(opener: Opener) -> (Opener, Result<Box<dyn Sensor>, OpenError>
     }
 }
 
+/// One read attempt, stamped with when its sample was taken.
+struct Attempt {
+    result: Result<Measurement, ReadError>,
+    /// For the policy's pacing.
+    at: Instant,
+    /// For the reading.
+    read_at: DateTime<Utc>,
+}
+
 enum Ended {
     Shutdown,
     Lost(String),
@@ -128,7 +138,6 @@ struct Reader {
     updates: mpsc::Sender<Update>,
     counters: watch::Sender<ReadCounters>,
     shutdown: CancellationToken,
-    seq: u64,
     online: bool,
     last_open_error: Option<String>,
     next_summary: Instant,
@@ -157,7 +166,6 @@ pub async fn run(
         updates,
         counters,
         shutdown,
-        seq: 0,
         online: first.is_ok(),
         last_open_error: None,
         health: None,
@@ -237,6 +245,38 @@ impl Reader {
         }
     }
 
+    /// One blocking read off the runtime; the sensor back, the result, and when the sample
+    /// was taken: the start of a read that makes the sensor measure (GPIO: the frame follows
+    /// the start pulse within ~25 ms), the end of one that returns what a driver measured
+    /// during it (IIO).
+    async fn read_once(
+        &self,
+        mut sensor: Box<dyn Sensor>,
+    ) -> Result<(Box<dyn Sensor>, Attempt), String> {
+        let at_start = Instant::now();
+        let read_at_start = self.config.clock.now();
+        let at_end_of_read = sensor.sampled_at_end();
+        let (sensor, result) = tokio::task::spawn_blocking(move || {
+            let result = sensor.read();
+            (sensor, result)
+        })
+        .await
+        .map_err(|e| format!("the sensor read failed: {e}"))?;
+        let (at, read_at) = if at_end_of_read {
+            (Instant::now(), self.config.clock.now())
+        } else {
+            (at_start, read_at_start)
+        };
+        Ok((
+            sensor,
+            Attempt {
+                result,
+                at,
+                read_at,
+            },
+        ))
+    }
+
     async fn read_until_lost(&mut self, sensor: Box<dyn Sensor>) -> Ended {
         let config = PolicyConfig {
             model: self.config.model,
@@ -254,27 +294,16 @@ impl Reader {
                 () = self.shutdown.cancelled() => return Ended::Shutdown,
                 () = tokio::time::sleep_until(policy.next_read_at()) => {}
             }
-            let at_start = Instant::now();
-            let read_at_start = self.config.clock.now();
-            let at_end_of_read = sensor.sampled_at_end();
-            let (returned, result) = match tokio::task::spawn_blocking(move || {
-                let result = sensor.read();
-                (sensor, result)
-            })
-            .await
-            {
-                Ok(pair) => pair,
-                Err(e) => return Ended::Lost(format!("the sensor read failed: {e}")),
-            };
-            // When the sample was taken: the start of a read that makes the sensor measure
-            // (GPIO: the frame follows the start pulse within ~25 ms), the end of one that
-            // returns what a driver measured during it (IIO).
-            let (at, read_at) = if at_end_of_read {
-                (Instant::now(), self.config.clock.now())
-            } else {
-                (at_start, read_at_start)
+            let (returned, attempt) = match self.read_once(sensor).await {
+                Ok(read) => read,
+                Err(why) => return Ended::Lost(why),
             };
             sensor = returned;
+            let Attempt {
+                result,
+                at,
+                read_at,
+            } = attempt;
             let missed = policy.counters().missed_intervals;
             let verdict = policy.record(at, result.as_ref().copied());
             let counters = *policy.counters();
@@ -288,7 +317,7 @@ impl Reader {
             }
             match verdict {
                 Verdict::Publish(m) => {
-                    if !self.publish(m.temperature_c, m.humidity_pct, read_at).await {
+                    if !self.publish(m, read_at).await {
                         return Ended::Shutdown;
                     }
                 }
@@ -377,27 +406,18 @@ impl Reader {
         self.updates.send(Update::Health(health)).await.is_ok()
     }
 
-    /// Numbers the reading and hands it to the link; false when the link is gone.
-    async fn publish(&mut self, t: f64, rh: f64, read_at: DateTime<Utc>) -> bool {
-        let seq = self.seq + 1;
-        match Reading::new(
-            self.config.id.clone(),
-            self.config.model,
-            t,
-            rh,
+    /// Hands a confirmed measurement to the link, which numbers it; false when the link is gone.
+    async fn publish(&mut self, measurement: Measurement, read_at: DateTime<Utc>) -> bool {
+        tracing::debug!(
+            t = measurement.temperature_c,
+            rh = measurement.humidity_pct,
+            "read"
+        );
+        let measured = Measured {
+            measurement,
             read_at,
-            seq,
-        ) {
-            Ok(reading) => {
-                self.seq = seq;
-                tracing::debug!(seq, t, rh, "read");
-                self.updates.send(Update::Reading(reading)).await.is_ok()
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "discarding an invalid reading");
-                true
-            }
-        }
+        };
+        self.updates.send(Update::Measured(measured)).await.is_ok()
     }
 
     fn maybe_summarise(&mut self, c: &ReadCounters) {
@@ -494,15 +514,14 @@ mod tests {
     }
 
     impl Run {
-        /// (seq, seconds after t0 of read_at, temperature) of each published reading.
-        fn readings(&self) -> Vec<(u64, f64, f64)> {
+        /// (seconds after t0 of read_at, temperature) of each published measurement, in order.
+        fn readings(&self) -> Vec<(f64, f64)> {
             self.updates
                 .iter()
                 .filter_map(|u| match u {
-                    Update::Reading(r) => Some((
-                        r.seq,
-                        (r.read_at - epoch()).as_seconds_f64(),
-                        r.temperature_c,
+                    Update::Measured(m) => Some((
+                        (m.read_at - epoch()).as_seconds_f64(),
+                        m.measurement.temperature_c,
                     )),
                     Update::Sensor(_) | Update::Health(_) => None,
                 })
@@ -586,12 +605,7 @@ mod tests {
         assert_eq!(run.call_secs(), [1, 2, 11, 12, 21, 22, 31, 32]);
         assert_eq!(
             run.readings(),
-            [
-                (1, 2.0, 20.0),
-                (2, 12.0, 20.0),
-                (3, 22.0, 20.0),
-                (4, 32.0, 20.0)
-            ]
+            [(2.0, 20.0), (12.0, 20.0), (22.0, 20.0), (32.0, 20.0)]
         );
         // An interval shorter than a DHT22 allows is stretched to its 2 s, and each read is
         // confirmed by the previous interval's.
@@ -607,7 +621,7 @@ mod tests {
         // 8 s: the first good read; 10 s confirms it. The next interval's read at 12 s is only
         // 2 s after that one, so it is confirmed by it and needs no second read.
         assert_eq!(run.call_secs(), [2, 4, 6, 8, 10, 12]);
-        assert_eq!(run.readings(), [(1, 10.0, 21.0), (2, 12.0, 21.0)]);
+        assert_eq!(run.readings(), [(10.0, 21.0), (12.0, 21.0)]);
         let c = run.counters;
         assert_eq!((c.checksum, c.ok, c.published, c.attempts()), (3, 3, 2, 6));
     }
@@ -621,8 +635,8 @@ mod tests {
         let run = run_reader(Model::Dht22, 10, script, true, 0, 25).await;
         assert_eq!(run.call_secs(), [2, 4, 12, 14, 16, 18, 20, 22, 24]);
         // Nothing for the interval 12–22 s; the next reading is the read at 24 s (confirmed by
-        // the one at 22 s), with the next seq: the 20 °C read at 4 s was not sent again.
-        assert_eq!(run.readings(), [(1, 4.0, 20.0), (2, 24.0, 21.0)]);
+        // the one at 22 s): the 20 °C read at 4 s was not sent again.
+        assert_eq!(run.readings(), [(4.0, 20.0), (24.0, 21.0)]);
         assert_eq!(run.counters.missed_intervals, 1);
         assert!(run.t0 <= Instant::now());
     }
@@ -637,9 +651,7 @@ mod tests {
             .updates
             .iter()
             .map(|u| match u {
-                Update::Reading(r) => {
-                    format!("r{}@{}", r.seq, (r.read_at - epoch()).as_seconds_f64())
-                }
+                Update::Measured(m) => format!("r@{}", (m.read_at - epoch()).as_seconds_f64()),
                 Update::Sensor(a) => a.to_string(),
                 Update::Health(h) => format!(
                     "{}@{}:{}",
@@ -656,10 +668,10 @@ mod tests {
             events,
             [
                 "ok@2:-",
-                "r1@2",
+                "r@2",
                 "not_answering@6:no_response",
                 "ok@27:-",
-                "r2@27"
+                "r@27"
             ]
         );
         let Some(Update::Health(h)) = run.updates.get(2) else {
@@ -678,7 +690,7 @@ mod tests {
             run.updates.first(),
             Some(Update::Sensor(Availability::Online))
         ));
-        assert_eq!(run.readings(), [(1, 62.0, 20.0)]);
+        assert_eq!(run.readings(), [(62.0, 20.0)]);
         assert_eq!(run.call_secs(), [61, 62]);
     }
 
@@ -695,12 +707,12 @@ mod tests {
             .updates
             .iter()
             .map(|u| match u {
-                Update::Reading(r) => format!("r{}", r.seq),
+                Update::Measured(_) => "r".to_owned(),
                 Update::Sensor(a) => a.to_string(),
                 Update::Health(h) => h.status.to_string(),
             })
             .collect();
-        assert_eq!(kinds, ["ok", "r1", "offline"]);
+        assert_eq!(kinds, ["ok", "r", "offline"]);
         assert_eq!(run.counters.unavailable, 1);
     }
 }

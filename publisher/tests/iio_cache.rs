@@ -206,7 +206,7 @@ async fn a_corrupt_sample_is_never_confirmed_by_its_cached_copy_and_read_at_is_t
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while readings.len() < 3 {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Update::Reading(r))) => readings.push(r),
+            Ok(Some(Update::Measured(m))) => readings.push(m),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => panic!(
                 "only {} readings: {readings:?}; reads {:?}; measured {:?}",
@@ -230,7 +230,7 @@ async fn a_corrupt_sample_is_never_confirmed_by_its_cached_copy_and_read_at_is_t
         "every read must be a fresh measurement, never the cached copy of the previous one"
     );
     assert!(
-        readings.iter().all(|r| r.temperature_c != 45.0),
+        readings.iter().all(|r| r.measurement.temperature_c != 45.0),
         "the corrupt sample was published: {readings:?}"
     );
     let c = *counters_rx.borrow();
@@ -251,8 +251,8 @@ async fn a_corrupt_sample_is_never_confirmed_by_its_cached_copy_and_read_at_is_t
         );
         assert_eq!(
             (
-                (r.temperature_c * 1000.0).round() as i64,
-                (r.humidity_pct * 1000.0).round() as i64
+                (r.measurement.temperature_c * 1000.0).round() as i64,
+                (r.measurement.humidity_pct * 1000.0).round() as i64
             ),
             (sample.milli_c, sample.milli_rh),
             "reading {r:?} is not the sample taken at its read_at"

@@ -12,12 +12,13 @@
 //! 8-bit checksum. publisher/README.md has the rules with their datasheet numbers and the
 //! measured rates.
 
-use super::timing::{
+use super::signal::timing::{
     BIT_LOW_US, CLOSE_CALL_NOISE_US, CLOSE_CALL_US, FRAME_BITS, LONG_PULSE_US, MAX_BIT_HIGH_US,
     MAX_BIT_LOW_US, MAX_NOISE_US, MIN_BIT_HIGH_US, MIN_BIT_LOW_US, ONE_HIGH_US,
     ONE_THRESHOLD_HALF_US, SENSOR_MAX_BIT_LOW_US, ZERO_HIGH_US,
 };
-use super::{Edge, Level, Measurement, Model};
+use super::signal::{Edge, Level, Measurement};
+use k3sense_protocol::Model;
 
 /// Why a train of edges did not give a reading. Every variant is a failed read worth retrying;
 /// the messages say what to check when it keeps happening.

@@ -2,10 +2,11 @@
 //! the tests; the decoder never depends on it.
 
 use super::decode::checksum;
-use super::timing::{
+use super::signal::timing::{
     BIT_LOW_US, FINAL_LOW_US, ONE_HIGH_US, RESPONSE_HIGH_US, RESPONSE_LOW_US, ZERO_HIGH_US,
 };
-use super::{Edge, Measurement, Model};
+use super::signal::{Edge, Measurement};
+use k3sense_protocol::Model;
 
 /// The five bytes, checksum included, that a `model` sensor sends for `m`.
 ///

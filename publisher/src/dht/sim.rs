@@ -4,8 +4,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::timing::FRAME_BITS;
-use super::{Edge, Level, edges_for_frame};
+use super::encode::edges_for_frame;
+use super::signal::{Edge, Level, timing::FRAME_BITS};
 
 /// The host's start pulse as the simulator records it (what a DHT11 needs; the decoder only
 /// cares that it is long).

@@ -2,7 +2,8 @@
 //! decoder because it is a property of the sensor models; the read policy applies it
 //! (`crate::policy`) and the decoder's rate tables (`super::rates`) count against it.
 
-use super::{Measurement, Model};
+use super::signal::Measurement;
+use k3sense_protocol::Model;
 
 /// How far two reads of one sample may differ and still confirm each other: the sensor's
 /// resolution plus a small margin.

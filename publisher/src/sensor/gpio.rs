@@ -19,7 +19,10 @@ use std::{
 use k3sense_protocol::Model;
 use rppal::gpio::{Bias, Gpio, IoPin, Mode};
 
-use super::{OpenError, ReadError, Sensor, gpio_devices};
+use super::{
+    device::{OpenError, ReadError, Sensor},
+    gpio_devices,
+};
 use crate::dht::{self, Edge, Level, Measurement, timing::FRAME_BITS};
 
 /// How long the busy-poll may run after the release: the whole frame takes about 5 ms.

@@ -48,8 +48,8 @@ use std::{
 use k3sense_protocol::Model;
 use nix::errno::Errno;
 
-use super::{OpenError, ReadError, Sensor};
-use crate::{dht::Measurement, policy::Pacing};
+use super::device::{CLONE_FIX, OpenError, Pacing, ReadError, Sensor};
+use crate::dht::Measurement;
 
 /// The driver's `DHT11_DATA_VALID_TIME`: a read within this long after the end of the read that
 /// took a sample returns that sample again.
@@ -59,13 +59,6 @@ pub const DRIVER_CACHE: Duration = Duration::from_secs(2);
 pub const CACHE_WAIT: Duration = DRIVER_CACHE.saturating_add(Duration::from_millis(100));
 /// Below this (°C) a temperature can only be a two's-complement clone read as sign-magnitude.
 const CLONE_BELOW_C: f64 = -1000.0;
-/// What to do about a two's-complement DHT22 clone.
-pub const CLONE_FIX: &str = "the kernel dht11 driver read about -3270 °C: this DHT22/AM2302 \
-     clone sends temperatures below zero in two's complement, which the driver decodes only as \
-     sign and magnitude. Read it with the GPIO backend instead (`--sensor dht22`, see \
-     deploy/overlays/gpio-device-plugin), whose decoder tells the two apart, or use a genuine \
-     AM2302";
-
 /// The kernel driver's device-tree `compatible` string (drivers/iio/humidity/dht11.c).
 const COMPATIBLE: &str = "dht11";
 /// What the IIO device's `name` file holds: the driver sets the IIO name to the platform

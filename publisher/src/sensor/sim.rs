@@ -13,9 +13,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use std::{path::PathBuf, time::Duration};
 
-use super::{ReadError, Sensor};
+use super::device::{Pacing, ReadError, Sensor};
 use crate::dht::{self, DecodeError, EdgeSimulator, Measurement, SimConfig};
-use crate::policy::Pacing;
 
 /// A simulated DHT11/DHT22.
 pub struct SimSensor {

@@ -9,8 +9,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use chrono::Utc;
-use k3sense_protocol::{DEFAULT_PREFIX, Model, MqttConfig, Reading, SensorId, TopicKind, Topics};
-use rumqttc::{AsyncClient, Event, NetworkOptions, Packet, QoS};
+use k3sense_protocol::{
+    DEFAULT_PREFIX, Model, MqttConfig, Reading, SensorId, TopicKind, Topics,
+    mqtt::{Client, ClientEvent, QoS},
+};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -186,7 +188,7 @@ pub async fn measure(target: &Target, load: Load) -> Result<Measurement> {
         }
     }
     let done = Sample::of(&target.pids)?;
-    publisher.stop();
+    publisher.stop().await;
     Ok(Measurement {
         load,
         connected,
@@ -219,74 +221,57 @@ fn note(errors: &mut Vec<String>, e: String) {
     }
 }
 
-/// The MQTT side: a rumqttc client whose event loop runs in its own task.
+/// The MQTT side: the one k3sense MQTT client; a task reads its events.
 struct Publisher {
-    client: AsyncClient,
+    client: Client,
     topic: String,
-    stop: CancellationToken,
 }
 
 impl Publisher {
     async fn connect(broker: &str, topic: String) -> Result<Self> {
         let id = format!("loadgen-publisher-{}", std::process::id());
-        let options = MqttConfig::new(broker).mqtt_options(&id)?;
-        let (client, mut events) = AsyncClient::new(options, 64);
-        // Each reading leaves at once, not held back by Nagle's algorithm.
-        let mut network = NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        events.set_network_options(network);
-        let stop = CancellationToken::new();
+        let (client, mut events) = MqttConfig::new(broker).client(&id)?.start();
         let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
-        let mut connected_tx = Some(connected_tx);
-        let stopping = stop.clone();
         tokio::spawn(async move {
-            // Ends with the connection once `stop` has asked for a DISCONNECT (the broker
-            // closes it, or is killed), or after a second at most.
-            let mut ended = std::pin::pin!(async {
-                stopping.cancelled().await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            });
-            loop {
-                let event = tokio::select! {
-                    () = &mut ended => break,
-                    event = events.poll() => event,
-                };
+            let mut connected_tx = Some(connected_tx);
+            // Ends when the client stops (after `stop`'s goodbye).
+            while let Some(event) = events.recv().await {
                 match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    ClientEvent::Connected { .. } => {
                         if let Some(tx) = connected_tx.take() {
                             let _ = tx.send(());
                         }
                     }
-                    Ok(_) => {}
-                    Err(_) if stopping.is_cancelled() => break,
-                    Err(e) => {
-                        eprintln!("  publisher: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    ClientEvent::Disconnected {
+                        reason,
+                        retry_in: Some(_),
+                    } => {
+                        if let Some(e) = reason.error() {
+                            eprintln!("  publisher: {e}; retrying");
+                        }
                     }
+                    _ => {}
                 }
             }
         });
         tokio::time::timeout(Duration::from_secs(10), connected_rx)
             .await
             .with_context(|| format!("no CONNACK from the MQTT broker at {broker} within 10 s"))?
-            .context("the publisher's event loop ended")?;
-        Ok(Self {
-            client,
-            topic,
-            stop,
-        })
+            .context("the publisher's client stopped")?;
+        Ok(Self { client, topic })
     }
 
     /// Publishes a reading as the contract says: QoS 1, retained.
     async fn publish(&self, payload: String) -> Result<()> {
         self.client
-            .publish(&self.topic, QoS::AtLeastOnce, true, payload)
+            .publish_when_room(&self.topic, QoS::AtLeastOnce, true, payload)
             .await
-            .context("publish")
+            .context("publish")?;
+        Ok(())
     }
 
-    fn stop(self) {
-        self.stop.cancel();
-        let _ = self.client.try_disconnect();
+    /// Disconnects deliberately (at most a second).
+    async fn stop(self) {
+        self.client.goodbye(Duration::from_secs(1)).await;
     }
 }
