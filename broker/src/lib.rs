@@ -50,7 +50,7 @@
 //! | `frame` | MQTT framing over a byte stream (rumqttc's parser) |
 //! | `retained` | which topics hold a retained message |
 //! | `registry` | live client ids (takeover) and the slot ids rumqttd sees for clean sessions |
-//! | `metrics`, `exporter` | [`Metrics`] and `--metrics-listen` |
+//! | `metrics` | [`Metrics`] (prometheus-client, as in the gateway and publisher) and `--metrics-listen`'s `GET /metrics` |
 //! | `embedded` | rumqttd's config on the internal port, and its thread |
 //! | `error` | [`Error`] |
 
@@ -59,7 +59,6 @@ mod clip;
 mod config;
 mod embedded;
 mod error;
-mod exporter;
 mod filters;
 mod frame;
 mod listener;
@@ -262,12 +261,7 @@ pub async fn start(config: &Config) -> Result<Started> {
     let mut metrics_listen = None;
     if let Some(exporter) = exporter {
         metrics_listen = exporter.local_addr().ok();
-        tracker.spawn(exporter::serve(
-            exporter,
-            metrics.clone(),
-            tracker.clone(),
-            stop.clone(),
-        ));
+        tracker.spawn(metrics::serve(exporter, metrics.clone(), stop.clone()));
     }
 
     let public = Config::new(listen).connect_address();
