@@ -8,16 +8,13 @@
 //! range in between when a live reading's `seq` jumps, and everything after the newest held
 //! after the broker connection comes back.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::Utc;
 
 use k3sense_protocol::{
-    Availability, MqttConfig, Reading, ReplayRequest, SensorHealth, SensorId, TopicKind, Topics,
+    Availability, LogThrottle, MqttConfig, Reading, ReplayRequest, SensorHealth, SensorId,
+    TopicKind, Topics,
 };
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio_util::sync::CancellationToken;
@@ -70,7 +67,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
     let mut hole_check = tokio::time::interval(HOLE_CHECK);
     hole_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked: HashMap<(SensorId, u64), u32> = HashMap::new();
-    let mut complaints = Complaints::default();
+    let complaints = LogThrottle::default();
     let mut guard = Guard::new(link.max_clock_skew);
     // Connected and subscribed.
     let mut subscribed = false;
@@ -90,7 +87,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                         let attempts = asked.entry((id.clone(), request.after_seq)).or_insert(0);
                         if *attempts < HOLE_ATTEMPTS {
                             *attempts += 1;
-                            ask_replay(&client, &topics, &link, &mut complaints, &id, request);
+                            ask_replay(&client, &topics, &link, &complaints, &id, request);
                         }
                     }
                 }
@@ -129,7 +126,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                                 after_seq: seq,
                                 until_seq: None,
                             };
-                            ask_replay(&client, &topics, &link, &mut complaints, &id, request);
+                            ask_replay(&client, &topics, &link, &complaints, &id, request);
                         }
                     }
                 }
@@ -139,7 +136,7 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                     &client,
                     &topics,
                     &link,
-                    &mut complaints,
+                    &complaints,
                     &mut guard,
                     &publish.topic,
                     &publish.payload,
@@ -155,8 +152,10 @@ pub(crate) async fn run(mqtt: MqttConfig, link: Link, shutdown: CancellationToke
                     tracing::warn!(broker = %mqtt.broker, error = %e, "MQTT connection lost; serving the readings held, WebSocket clients stay connected; readings resume once the broker is back (retrying with backoff)");
                 } else {
                     let broker = &mqtt.broker;
-                    complaints.say("broker_unreachable", || {
-                        format!("cannot reach the MQTT broker at {broker}: {e}; serving the readings held and retrying with backoff (check --broker, --username and the password if this lasts)")
+                    complain(&complaints, "broker_unreachable", || {
+                        format!(
+                            "cannot reach the MQTT broker at {broker}: {e}; serving the readings held and retrying with backoff (check --broker, --username and the password if this lasts)"
+                        )
                     });
                 }
             }
@@ -180,7 +179,7 @@ fn ask_replay(
     client: &AsyncClient,
     topics: &Topics,
     link: &Link,
-    complaints: &mut Complaints,
+    complaints: &LogThrottle,
     id: &SensorId,
     request: ReplayRequest,
 ) {
@@ -196,7 +195,7 @@ fn ask_replay(
         }
         Err(e) => {
             link.metrics.replay_requests_unsent.inc();
-            complaints.say("replay_unsent", || {
+            complain(complaints, "replay_unsent", || {
                 format!("cannot queue a replay request for {id}: {e}; it is asked for again later")
             });
         }
@@ -208,7 +207,7 @@ fn handle(
     client: &AsyncClient,
     topics: &Topics,
     link: &Link,
-    complaints: &mut Complaints,
+    complaints: &LogThrottle,
     guard: &mut Guard,
     topic: &str,
     payload: &[u8],
@@ -237,7 +236,7 @@ fn handle(
             Err(e) => {
                 let reason = reason_of(&e);
                 link.metrics.invalid(reason);
-                complaints.say(reason, || {
+                complain(complaints, reason, || {
                     format!("dropping an invalid replayed reading on {topic}: {e}")
                 });
             }
@@ -246,7 +245,7 @@ fn handle(
     }
     let Some((id, kind)) = topics.parse(topic) else {
         link.metrics.invalid("unknown_topic");
-        complaints.say("unknown_topic", || {
+        complain(complaints, "unknown_topic", || {
             // The topic is the sender's: at most its first 120 characters go in the log.
             let shown: String = topic.chars().take(120).collect();
             let cut = if shown.len() < topic.len() { "…" } else { "" };
@@ -268,8 +267,11 @@ fn handle(
             match Reading::from_json(payload) {
                 Ok(reading) if reading.sensor_id != id => {
                     link.metrics.invalid("id_mismatch");
-                    complaints.say("id_mismatch", || {
-                        format!("dropping a reading of sensor {} sent on {topic}: the id in the payload must match the topic", reading.sensor_id)
+                    complain(complaints, "id_mismatch", || {
+                        format!(
+                            "dropping a reading of sensor {} sent on {topic}: the id in the payload must match the topic",
+                            reading.sensor_id
+                        )
                     });
                 }
                 Ok(reading) => {
@@ -300,7 +302,7 @@ fn handle(
                 Err(e) => {
                     let reason = reason_of(&e);
                     link.metrics.invalid(reason);
-                    complaints.say(reason, || {
+                    complain(complaints, reason, || {
                         format!("dropping an invalid reading on {topic}: {e}")
                     });
                 }
@@ -315,8 +317,11 @@ fn handle(
             match SensorHealth::from_json(payload) {
                 Ok(health) if health.sensor_id != id => {
                     link.metrics.invalid("id_mismatch");
-                    complaints.say("id_mismatch", || {
-                        format!("dropping the health of sensor {} sent on {topic}: the id in the payload must match the topic", health.sensor_id)
+                    complain(complaints, "id_mismatch", || {
+                        format!(
+                            "dropping the health of sensor {} sent on {topic}: the id in the payload must match the topic",
+                            health.sensor_id
+                        )
                     });
                 }
                 Ok(health) => {
@@ -326,7 +331,7 @@ fn handle(
                 Err(e) => {
                     let reason = reason_of(&e);
                     link.metrics.invalid(reason);
-                    complaints.say(reason, || {
+                    complain(complaints, reason, || {
                         format!("dropping an invalid sensor health on {topic}: {e}")
                     });
                 }
@@ -356,7 +361,7 @@ fn handle(
                 }
                 Err(e) => {
                     link.metrics.invalid("bad_availability");
-                    complaints.say("bad_availability", || {
+                    complain(complaints, "bad_availability", || {
                         format!("dropping availability on {topic}: {e}")
                     });
                 }
@@ -369,7 +374,7 @@ fn handle(
 /// refused or held; the refusal is counted and logged).
 fn judge(
     link: &Link,
-    complaints: &mut Complaints,
+    complaints: &LogThrottle,
     guard: &mut Guard,
     reading: Reading,
 ) -> Vec<Reading> {
@@ -379,15 +384,21 @@ fn judge(
         Verdict::Accept(readings) => readings,
         Verdict::Future => {
             link.metrics.invalid("future");
-            complaints.say("future", || {
-                format!("dropping a reading of {id} (seq {seq}) stamped {read_at}, further in the future than --max-clock-skew allows")
+            complain(complaints, "future", || {
+                format!(
+                    "dropping a reading of {id} (seq {seq}) stamped {read_at}, further in the future than --max-clock-skew allows"
+                )
             });
             Vec::new()
         }
         Verdict::Unconfirmed => {
             link.metrics.invalid("unconfirmed_jump");
-            complaints.say("unconfirmed_jump", || {
-                format!("holding a reading of {id}: seq {seq} jumps more than {} above the newest held ({:?}); it is shown once the next reading continues from it", crate::guard::MAX_SEQ_JUMP, newest.map(|n| n.0))
+            complain(complaints, "unconfirmed_jump", || {
+                format!(
+                    "holding a reading of {id}: seq {seq} jumps more than {} above the newest held ({:?}); it is shown once the next reading continues from it",
+                    crate::guard::MAX_SEQ_JUMP,
+                    newest.map(|n| n.0)
+                )
             });
             Vec::new()
         }
@@ -395,15 +406,9 @@ fn judge(
 }
 
 /// Counts and logs a conflicting duplicate.
-fn conflict(
-    link: &Link,
-    complaints: &mut Complaints,
-    held: &Reading,
-    other: &Reading,
-    outcome: &str,
-) {
+fn conflict(link: &Link, complaints: &LogThrottle, held: &Reading, other: &Reading, outcome: &str) {
     link.metrics.invalid("conflict");
-    complaints.say("conflict", || {
+    complain(complaints, "conflict", || {
         format!(
             "two different readings of {} with seq {} and read_at {}: held {} °C / {} %, got {} °C / {} %; {outcome}",
             held.sensor_id,
@@ -431,31 +436,12 @@ fn reason_of(e: &k3sense_protocol::Error) -> &'static str {
     }
 }
 
-/// Logs each kind of complaint at most once per interval, with how many were suppressed, so a
-/// misbehaving client cannot flood the log.
-#[derive(Default)]
-struct Complaints {
-    last: HashMap<&'static str, (Instant, u64)>,
-}
-
-impl Complaints {
-    const INTERVAL: Duration = Duration::from_secs(10);
-
-    fn say(&mut self, kind: &'static str, message: impl FnOnce() -> String) {
-        let now = Instant::now();
-        match self.last.get_mut(kind) {
-            Some((at, suppressed)) if now.duration_since(*at) < Self::INTERVAL => {
-                *suppressed += 1;
-            }
-            Some((at, suppressed)) => {
-                tracing::warn!(suppressed = *suppressed, "{}", message());
-                *at = now;
-                *suppressed = 0;
-            }
-            None => {
-                tracing::warn!("{}", message());
-                self.last.insert(kind, (now, 0));
-            }
-        }
+/// Logs a complaint at WARN, at most once per kind per 10 s with how many were left out since
+/// (the shared [`LogThrottle`]), so a misbehaving client cannot flood the log.
+fn complain(complaints: &LogThrottle, kind: &'static str, message: impl FnOnce() -> String) {
+    match complaints.allow(kind) {
+        Some(0) => tracing::warn!("{}", message()),
+        Some(suppressed) => tracing::warn!(suppressed, "{}", message()),
+        None => {}
     }
 }

@@ -24,6 +24,7 @@
 //! | `health` | [`SensorHealth`]: the sensor's own health (`<prefix>/<id>/sensor`) |
 //! | `replay` | [`ReplayRequest`] and the replay topics: how a gateway gets back readings it missed |
 //! | `ws` | WebSocket and HTTP API messages |
+//! | `log_throttle` | [`LogThrottle`]: one log line per kind of trouble per interval, for every component |
 //! | `client` | [`MqttConfig`]: how publisher, gateway and tools reach the broker; [`Backoff`] |
 //! | `error` | `Error`, the one error type of this crate |
 
@@ -31,6 +32,7 @@ mod availability;
 mod client;
 mod error;
 mod health;
+mod log_throttle;
 mod reading;
 mod replay;
 mod sensor_id;
@@ -41,6 +43,7 @@ pub use availability::Availability;
 pub use client::{Backoff, MAX_INCOMING_PACKET, MqttConfig, MqttEvents, pump};
 pub use error::{Error, Result};
 pub use health::{FailureKind, HealthStatus, SensorHealth};
+pub use log_throttle::LogThrottle;
 pub use reading::{MAX_PAYLOAD_BYTES, MAX_SEQ, Model, Reading, format_read_at, parse_read_at};
 pub use replay::ReplayRequest;
 pub use sensor_id::SensorId;
