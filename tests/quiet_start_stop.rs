@@ -19,8 +19,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
-/// The one WARN line `k3sense all` prints by design (README, "Security"): its broker has no
-/// users file.
+/// The one WARN line `k3sense all` prints by design (broker/README.md, docs/cli.md): its broker
+/// has no users file.
 const ANONYMOUS_WARNING: &str = "no --users-file: the broker accepts anonymous clients";
 
 /// The log lines at ERROR or WARN, but the anonymous-broker warning. (Text format without a
