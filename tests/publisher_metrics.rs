@@ -248,16 +248,10 @@ async fn docs_list_exactly_the_exposed_metrics_and_the_dashboard_uses_only_those
         );
     }
 
-    // The broker's text format declares counters with their `_total` name; every family is
-    // rendered from the start, so the lists must match exactly.
-    let broker_text = k3sense_broker::Metrics::default().render();
-    let broker_exposed: std::collections::BTreeSet<String> = broker_text
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .map(|rest| rest.split(' ').next().unwrap().to_owned())
-        .collect();
+    // The broker creates every labelled series at start, so the lists must match exactly.
+    let broker_text = k3sense_broker::Metrics::default().encode();
     assert_eq!(
-        broker_exposed,
+        exposed_names(&broker_text),
         mentioned_names(&docs, "k3sense_broker_"),
         "docs/metrics.md must list exactly the k3sense_broker_* metrics"
     );

@@ -57,7 +57,7 @@
 //! | `v5` | MQTT 5 and 3.1 clients on the same port: their packets translated to and from 3.1.1 |
 //! | `retained` | which topics hold a retained message |
 //! | `registry` | live client ids (takeover) and the slot ids rumqttd sees for clean sessions |
-//! | `metrics`, `exporter` | [`Metrics`] and `--metrics-listen` |
+//! | `metrics` | [`Metrics`] (prometheus-client, as in the gateway and publisher) and `--metrics-listen`'s `GET /metrics` |
 //! | `embedded` | rumqttd's config on the internal port, and its thread |
 //! | `error` | [`Error`] |
 
@@ -67,7 +67,6 @@ mod clip;
 mod config;
 mod embedded;
 mod error;
-mod exporter;
 mod filters;
 mod frame;
 mod handshake;
@@ -225,12 +224,7 @@ pub async fn start(config: &Config) -> Result<Started> {
     let mut metrics_listen = None;
     if let Some(exporter) = exporter {
         metrics_listen = exporter.local_addr().ok();
-        tracker.spawn(exporter::serve(
-            exporter,
-            metrics.clone(),
-            tracker.clone(),
-            stop.clone(),
-        ));
+        tracker.spawn(metrics::serve(exporter, metrics.clone(), stop.clone()));
     }
 
     let public = Config::new(listen).connect_address();

@@ -1,13 +1,25 @@
-//! The broker's counters: connections, refusals by reason, messages, forbidden publishes and
+//! The broker's metrics: connections, refusals by reason, messages, forbidden publishes and
 //! subscriptions — what an operator needs to see an intruder, a flood or a broken client.
 //!
-//! Plain atomics, shared by every connection task; [`Metrics::render`] writes them in the
-//! Prometheus text format (served by `--metrics-listen`, or by whoever embeds the broker).
+//! prometheus-client, like the gateway's and the publisher's metrics, so all three components
+//! speak the same OpenMetrics text and a reader learns one library. [`serve`] answers
+//! `GET /metrics` on `--metrics-listen` with axum, as the publisher does on its own
+//! `--metrics-listen`; whoever embeds the broker calls [`Metrics::encode`] instead.
+//!
+//! Every labelled series (each refusal reason, each outcome) is created at start, so a scrape
+//! shows a 0 rather than no series, and `rate()` and alerts work from the first scrape. The
+//! handles of those series are kept, so counting one never looks a label set up.
 
-use std::{
-    fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+use std::sync::Arc;
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
 };
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Why a connection was refused before or at CONNECT, or closed afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,30 +96,6 @@ impl Reason {
     }
 }
 
-/// Counters of one broker (all listeners). Cheap to update from any task.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    accepted: AtomicU64,
-    active: AtomicU64,
-    refused: [AtomicU64; Reason::ALL.len()],
-    publishes_forwarded: AtomicU64,
-    publishes_delivered: AtomicU64,
-    publishes_forbidden: AtomicU64,
-    publishes_would_erase: AtomicU64,
-    publishes_too_large: AtomicU64,
-    publishes_rate_limited: AtomicU64,
-    subscriptions_forwarded: AtomicU64,
-    subscriptions_forbidden: AtomicU64,
-    subscriptions_system: AtomicU64,
-    subscriptions_invalid: AtomicU64,
-    subscriptions_shared: AtomicU64,
-    subscriptions_limit: AtomicU64,
-    client_id_slots: AtomicU64,
-    pending: AtomicU64,
-    filters: AtomicU64,
-    logins_delayed: AtomicU64,
-}
-
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -163,205 +151,307 @@ impl Snapshot {
     }
 }
 
-fn add(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// Every metric of one broker (all listeners). Cheap to update from any task.
+pub struct Metrics {
+    registry: Registry,
+    accepted: Counter,
+    active: Gauge,
+    /// One series per [`Reason`], in the order of [`Reason::ALL`].
+    refused: [Counter; Reason::ALL.len()],
+    publishes_forwarded: Counter,
+    publishes_delivered: Counter,
+    publishes_forbidden: Counter,
+    publishes_would_erase: Counter,
+    publishes_too_large: Counter,
+    publishes_rate_limited: Counter,
+    subscriptions_forwarded: Counter,
+    subscriptions_forbidden: Counter,
+    subscriptions_system: Counter,
+    subscriptions_invalid: Counter,
+    subscriptions_shared: Counter,
+    subscriptions_limit: Counter,
+    client_id_slots: Gauge,
+    pending: Gauge,
+    filters: Gauge,
+    logins_delayed: Counter,
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The `outcome` label values of `k3sense_broker_publishes_total`, in the order of the fields.
+const PUBLISH_OUTCOMES: [&str; 5] = [
+    "forwarded",
+    "forbidden",
+    "would_erase",
+    "too_large",
+    "rate_limited",
+];
+/// The `outcome` label values of `k3sense_broker_subscriptions_total`.
+const SUBSCRIBE_OUTCOMES: [&str; 6] = [
+    "forwarded",
+    "forbidden",
+    "system",
+    "invalid",
+    "shared",
+    "limit",
+];
+
+impl Default for Metrics {
+    /// Registers every metric, each labelled series included, at 0. Help texts get their final
+    /// full stop from prometheus-client.
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("k3sense_broker");
+        let r = &mut registry;
+        let accepted = counter(
+            r,
+            "connections_accepted",
+            "TCP connections accepted on any MQTT listener",
+        );
+        let active = gauge(
+            r,
+            "clients_connected",
+            "MQTT clients connected (CONNACK sent) right now",
+        );
+        let refused = labelled(
+            r,
+            "connections_refused",
+            "Connections refused or closed by the broker, by reason",
+            "reason",
+            Reason::ALL.map(Reason::as_str),
+        );
+        let [forwarded, forbidden, would_erase, too_large, rate_limited] = labelled(
+            r,
+            "publishes",
+            "Client PUBLISH packets, by what the broker did with them",
+            "outcome",
+            PUBLISH_OUTCOMES,
+        );
+        let [sub_forwarded, sub_forbidden, system, invalid, shared, limit] = labelled(
+            r,
+            "subscriptions",
+            "SUBSCRIBE filters, by what the broker did with them",
+            "outcome",
+            SUBSCRIBE_OUTCOMES,
+        );
+        Self {
+            accepted,
+            active,
+            refused,
+            publishes_forwarded: forwarded,
+            publishes_forbidden: forbidden,
+            publishes_would_erase: would_erase,
+            publishes_too_large: too_large,
+            publishes_rate_limited: rate_limited,
+            subscriptions_forwarded: sub_forwarded,
+            subscriptions_forbidden: sub_forbidden,
+            subscriptions_system: system,
+            subscriptions_invalid: invalid,
+            subscriptions_shared: shared,
+            subscriptions_limit: limit,
+            publishes_delivered: counter(r, "deliveries", "PUBLISH packets sent to clients"),
+            client_id_slots: gauge(
+                r,
+                "client_id_slots",
+                "Pooled client ids handed to the embedded rumqttd for clean sessions; its per-client records are bounded by this, not by the client ids that ever connected",
+            ),
+            pending: gauge(
+                r,
+                "pending_connections",
+                "Sockets that have not logged in yet (TLS handshake, CONNECT, a failed login's delay)",
+            ),
+            filters: gauge(
+                r,
+                "filters",
+                "Distinct subscription filters forwarded to the embedded rumqttd, which keeps a log for each until the broker restarts",
+            ),
+            logins_delayed: counter(
+                r,
+                "logins_delayed",
+                "Wrong passwords answered after a delay, and logins queued behind their address's failures",
+            ),
+            // Last: every field above has registered through `r` by now.
+            registry,
+        }
+    }
+}
+
+/// Registers a counter; prometheus-client adds `_total` to the sample's name.
+fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+    let counter = Counter::default();
+    registry.register(name, help, counter.clone());
+    counter
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let gauge = Gauge::default();
+    registry.register(name, help, gauge.clone());
+    gauge
+}
+
+/// Registers a counter family with one label and creates its series for every value up front.
+fn labelled<const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: [&'static str; N],
+) -> [Counter; N] {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    values.map(|value| family.get_or_create(&vec![(label, value)]).clone())
+}
+
+/// A gauge's value as the count it holds (gauges here never go below 0).
+fn level(gauge: &Gauge) -> u64 {
+    u64::try_from(gauge.get()).unwrap_or(0)
+}
+
+/// A count or size as a gauge value.
+fn as_gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
     pub(crate) fn accepted(&self) {
-        add(&self.accepted);
+        self.accepted.inc();
     }
     pub(crate) fn refused(&self, reason: Reason) {
         if let Some(counter) = self.refused.get(reason.index()) {
-            add(counter);
+            counter.inc();
         }
     }
     pub(crate) fn connected(&self) {
-        add(&self.active);
+        self.active.inc();
     }
     pub(crate) fn disconnected(&self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.active.dec();
     }
     pub(crate) fn publish_forwarded(&self) {
-        add(&self.publishes_forwarded);
+        self.publishes_forwarded.inc();
     }
     pub(crate) fn publish_delivered(&self) {
-        add(&self.publishes_delivered);
+        self.publishes_delivered.inc();
     }
     pub(crate) fn publish_forbidden(&self) {
-        add(&self.publishes_forbidden);
+        self.publishes_forbidden.inc();
     }
     pub(crate) fn publish_would_erase(&self) {
-        add(&self.publishes_would_erase);
+        self.publishes_would_erase.inc();
     }
     pub(crate) fn publish_too_large(&self) {
-        add(&self.publishes_too_large);
+        self.publishes_too_large.inc();
     }
     pub(crate) fn publish_rate_limited(&self) {
-        add(&self.publishes_rate_limited);
+        self.publishes_rate_limited.inc();
     }
     pub(crate) fn subscription_shared(&self) {
-        add(&self.subscriptions_shared);
+        self.subscriptions_shared.inc();
     }
     pub(crate) fn subscription_limit(&self) {
-        add(&self.subscriptions_limit);
+        self.subscriptions_limit.inc();
     }
     pub(crate) fn pending(&self, pending: usize) {
-        self.pending.store(pending as u64, Ordering::Relaxed);
+        self.pending.set(as_gauge(pending));
     }
     pub(crate) fn filters(&self, filters: usize) {
-        self.filters.store(filters as u64, Ordering::Relaxed);
+        self.filters.set(as_gauge(filters));
     }
     pub(crate) fn login_delayed(&self) {
-        add(&self.logins_delayed);
+        self.logins_delayed.inc();
     }
     pub(crate) fn subscription_forwarded(&self) {
-        add(&self.subscriptions_forwarded);
+        self.subscriptions_forwarded.inc();
     }
     pub(crate) fn subscription_forbidden(&self) {
-        add(&self.subscriptions_forbidden);
+        self.subscriptions_forbidden.inc();
     }
     pub(crate) fn subscription_system(&self) {
-        add(&self.subscriptions_system);
+        self.subscriptions_system.inc();
     }
     pub(crate) fn subscription_invalid(&self) {
-        add(&self.subscriptions_invalid);
+        self.subscriptions_invalid.inc();
     }
     pub(crate) fn client_id_slots(&self, slots: u32) {
-        self.client_id_slots
-            .store(u64::from(slots), Ordering::Relaxed);
+        self.client_id_slots.set(i64::from(slots));
     }
 
     /// The counters now.
     pub fn snapshot(&self) -> Snapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Snapshot {
-            accepted: get(&self.accepted),
-            active: get(&self.active),
+            accepted: self.accepted.get(),
+            active: level(&self.active),
             refused: Reason::ALL
                 .iter()
                 .zip(&self.refused)
-                .map(|(r, c)| (*r, get(c)))
+                .map(|(r, c)| (*r, c.get()))
                 .collect(),
-            publishes_forwarded: get(&self.publishes_forwarded),
-            publishes_delivered: get(&self.publishes_delivered),
-            publishes_forbidden: get(&self.publishes_forbidden),
-            publishes_would_erase: get(&self.publishes_would_erase),
-            publishes_too_large: get(&self.publishes_too_large),
-            publishes_rate_limited: get(&self.publishes_rate_limited),
-            subscriptions_forwarded: get(&self.subscriptions_forwarded),
-            subscriptions_forbidden: get(&self.subscriptions_forbidden),
-            subscriptions_system: get(&self.subscriptions_system),
-            subscriptions_invalid: get(&self.subscriptions_invalid),
-            subscriptions_shared: get(&self.subscriptions_shared),
-            subscriptions_limit: get(&self.subscriptions_limit),
-            client_id_slots: get(&self.client_id_slots),
-            pending: get(&self.pending),
-            filters: get(&self.filters),
-            logins_delayed: get(&self.logins_delayed),
+            publishes_forwarded: self.publishes_forwarded.get(),
+            publishes_delivered: self.publishes_delivered.get(),
+            publishes_forbidden: self.publishes_forbidden.get(),
+            publishes_would_erase: self.publishes_would_erase.get(),
+            publishes_too_large: self.publishes_too_large.get(),
+            publishes_rate_limited: self.publishes_rate_limited.get(),
+            subscriptions_forwarded: self.subscriptions_forwarded.get(),
+            subscriptions_forbidden: self.subscriptions_forbidden.get(),
+            subscriptions_system: self.subscriptions_system.get(),
+            subscriptions_invalid: self.subscriptions_invalid.get(),
+            subscriptions_shared: self.subscriptions_shared.get(),
+            subscriptions_limit: self.subscriptions_limit.get(),
+            client_id_slots: level(&self.client_id_slots),
+            pending: level(&self.pending),
+            filters: level(&self.filters),
+            logins_delayed: self.logins_delayed.get(),
         }
     }
 
-    /// The counters in the Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
-        let s = self.snapshot();
+    /// The OpenMetrics text exposition, as served at `/metrics`.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        family(
-            "k3sense_broker_connections_accepted_total",
-            "counter",
-            "TCP connections accepted on any MQTT listener.",
-            &[("", s.accepted)],
-        );
-        family(
-            "k3sense_broker_clients_connected",
-            "gauge",
-            "MQTT clients connected (CONNACK sent) right now.",
-            &[("", s.active)],
-        );
-        let refused: Vec<(String, u64)> = s
-            .refused
-            .iter()
-            .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.as_str()), *n))
-            .collect();
-        let refused: Vec<(&str, u64)> = refused.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-        family(
-            "k3sense_broker_connections_refused_total",
-            "counter",
-            "Connections refused or closed by the broker, by reason.",
-            &refused,
-        );
-        family(
-            "k3sense_broker_publishes_total",
-            "counter",
-            "Client PUBLISH packets, by what the broker did with them.",
-            &[
-                ("{outcome=\"forwarded\"}", s.publishes_forwarded),
-                ("{outcome=\"forbidden\"}", s.publishes_forbidden),
-                ("{outcome=\"would_erase\"}", s.publishes_would_erase),
-                ("{outcome=\"too_large\"}", s.publishes_too_large),
-                ("{outcome=\"rate_limited\"}", s.publishes_rate_limited),
-            ],
-        );
-        family(
-            "k3sense_broker_deliveries_total",
-            "counter",
-            "PUBLISH packets sent to clients.",
-            &[("", s.publishes_delivered)],
-        );
-        family(
-            "k3sense_broker_subscriptions_total",
-            "counter",
-            "SUBSCRIBE filters, by what the broker did with them.",
-            &[
-                ("{outcome=\"forwarded\"}", s.subscriptions_forwarded),
-                ("{outcome=\"forbidden\"}", s.subscriptions_forbidden),
-                ("{outcome=\"system\"}", s.subscriptions_system),
-                ("{outcome=\"invalid\"}", s.subscriptions_invalid),
-                ("{outcome=\"shared\"}", s.subscriptions_shared),
-                ("{outcome=\"limit\"}", s.subscriptions_limit),
-            ],
-        );
-        family(
-            "k3sense_broker_client_id_slots",
-            "gauge",
-            "Pooled client ids handed to the embedded rumqttd for clean sessions; its per-client records are bounded by this, not by the client ids that ever connected.",
-            &[("", s.client_id_slots)],
-        );
-        family(
-            "k3sense_broker_pending_connections",
-            "gauge",
-            "Sockets that have not logged in yet (TLS handshake, CONNECT, a failed login's delay).",
-            &[("", s.pending)],
-        );
-        family(
-            "k3sense_broker_filters",
-            "gauge",
-            "Distinct subscription filters forwarded to the embedded rumqttd, which keeps a log for each until the broker restarts.",
-            &[("", s.filters)],
-        );
-        family(
-            "k3sense_broker_logins_delayed_total",
-            "counter",
-            "Wrong passwords answered after a delay, and logins queued behind their address's failures.",
-            &[("", s.logins_delayed)],
-        );
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Metrics").field(&self.snapshot()).finish()
+    }
+}
+
+/// The content type of the OpenMetrics text format (the gateway and the publisher send the same).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `GET /metrics`; any other path is a 404, any other method a 405 (axum's answers).
+fn app(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(metrics)
+}
+
+async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, OPENMETRICS)], metrics.encode())
+}
+
+/// Serves `GET /metrics` on `listener` (`--metrics-listen`) until `stop` is cancelled. A failing
+/// server is logged, never fatal: the broker's job is MQTT.
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let served = axum::serve(listener, app(metrics))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "the --metrics-listen server stopped");
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[test]
-    fn counts_and_renders_every_reason() {
+    fn counts_and_encodes_every_reason() {
         let m = Metrics::default();
         m.accepted();
         m.refused(Reason::BadCredentials);
@@ -372,23 +462,100 @@ mod tests {
         m.disconnected();
         m.publish_forbidden();
         m.client_id_slots(7);
+        m.pending(3);
         let s = m.snapshot();
         assert_eq!(s.accepted, 1);
         assert_eq!(s.active, 1);
+        assert_eq!(s.pending, 3);
         assert_eq!(s.refused(Reason::BadCredentials), 2);
         assert_eq!(s.refused(Reason::KeepaliveTimeout), 1);
         assert_eq!(s.refused(Reason::Oversized), 0);
-        let text = m.render();
+        let text = m.encode();
         assert!(
             text.contains(
                 "k3sense_broker_connections_refused_total{reason=\"bad_credentials\"} 2\n"
-            )
+            ),
+            "{text}"
         );
         assert!(text.contains("k3sense_broker_publishes_total{outcome=\"forbidden\"} 1\n"));
+        assert!(text.contains("k3sense_broker_connections_accepted_total 1\n"));
+        assert!(text.contains("# TYPE k3sense_broker_connections_accepted counter\n"));
         assert!(text.contains("# TYPE k3sense_broker_clients_connected gauge\n"));
+        assert!(text.contains("k3sense_broker_clients_connected 1\n"));
         assert!(text.contains("k3sense_broker_client_id_slots 7\n"));
+        assert!(text.contains("k3sense_broker_pending_connections 3\n"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn every_labelled_series_is_there_from_the_start() {
+        let text = Metrics::default().encode();
         for reason in Reason::ALL {
-            assert!(text.contains(reason.as_str()), "{reason:?} missing");
+            let sample = format!(
+                "k3sense_broker_connections_refused_total{{reason=\"{}\"}} 0\n",
+                reason.as_str()
+            );
+            assert!(text.contains(&sample), "{sample} missing from\n{text}");
         }
+        // The contract's values (docs/metrics.md), not the constants: a renamed one must fail.
+        for outcome in [
+            "forwarded",
+            "forbidden",
+            "would_erase",
+            "too_large",
+            "rate_limited",
+        ] {
+            let sample = format!("k3sense_broker_publishes_total{{outcome=\"{outcome}\"}} 0\n");
+            assert!(text.contains(&sample), "{sample} missing");
+        }
+        for outcome in [
+            "forwarded",
+            "forbidden",
+            "system",
+            "invalid",
+            "shared",
+            "limit",
+        ] {
+            let sample = format!("k3sense_broker_subscriptions_total{{outcome=\"{outcome}\"}} 0\n");
+            assert!(text.contains(&sample), "{sample} missing");
+        }
+    }
+
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    /// A real socket: the status, the content type and the counters as they are now; other
+    /// paths are 404; cancelling `stop` ends the server.
+    #[tokio::test]
+    async fn serves_the_metrics_until_stopped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, metrics.clone(), stop.clone()));
+        metrics.accepted();
+        metrics.accepted();
+
+        let close = "Host: x\r\nConnection: close\r\n\r\n";
+        let answer = get(addr, &format!("GET /metrics?x=1 HTTP/1.1\r\n{close}")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains(&format!("content-type: {OPENMETRICS}\r\n")),
+            "{answer}"
+        );
+        assert!(answer.contains("\nk3sense_broker_connections_accepted_total 2\n"));
+        let answer = get(addr, &format!("GET / HTTP/1.1\r\n{close}")).await;
+        assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+
+        stop.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

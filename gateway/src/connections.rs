@@ -23,11 +23,11 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::Router;
@@ -36,6 +36,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use k3sense_protocol::LogThrottle;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -91,7 +92,7 @@ pub(crate) async fn serve(
         router,
         metrics,
         limits,
-        logs: Logs::default(),
+        logs: LogThrottle::default(),
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
@@ -146,17 +147,9 @@ struct Shared {
     router: Router,
     metrics: Arc<Metrics>,
     limits: Limits,
-    logs: Logs,
-}
-
-/// One rate-limited log line per kind of trouble.
-#[derive(Default)]
-struct Logs {
-    refused: Throttle,
-    header_timeout: Throttle,
-    write_stall: Throttle,
-    fd_limit: Throttle,
-    accept_other: Throttle,
+    /// One log line per kind of trouble per 10 s (`refused`, `header_timeout`, `write_stall`,
+    /// `fd_limit`, `accept_other`).
+    logs: LogThrottle,
 }
 
 impl Shared {
@@ -172,7 +165,7 @@ impl Shared {
             Some(reason) => self.metrics.accept_failed(reason),
         }
         if reason == Some("fd_limit") {
-            if let Some(left_out) = self.logs.fd_limit.allow() {
+            if let Some(left_out) = self.logs.allow("fd_limit") {
                 let limit = rlimit::getrlimit(rlimit::Resource::NOFILE)
                     .map(|(soft, _)| soft.to_string())
                     .unwrap_or_else(|_| "unknown".to_owned());
@@ -186,7 +179,7 @@ impl Shared {
                      systemd) or lower --max-connections below it. Retrying every 100 ms"
                 );
             }
-        } else if let Some(left_out) = self.logs.accept_other.allow() {
+        } else if let Some(left_out) = self.logs.allow("accept_other") {
             tracing::error!(
                 error = %e,
                 left_out,
@@ -200,7 +193,7 @@ impl Shared {
     fn refuse(&self, stream: &TcpStream) {
         self.metrics.refused("limit");
         let _ = stream.try_write(TOO_MANY);
-        if let Some(left_out) = self.logs.refused.allow() {
+        if let Some(left_out) = self.logs.allow("refused") {
             tracing::warn!(
                 max_connections = self.limits.max_connections,
                 left_out,
@@ -222,7 +215,7 @@ impl Shared {
         }
         self.metrics.timed_out("header");
         tracing::debug!(?timeout, "closed a connection that sent no request in time");
-        if let Some(left_out) = self.logs.header_timeout.allow() {
+        if let Some(left_out) = self.logs.allow("header_timeout") {
             tracing::info!(
                 ?timeout,
                 left_out,
@@ -241,7 +234,7 @@ impl Shared {
             ?timeout,
             "closed a connection that read nothing of its answer"
         );
-        if let Some(left_out) = self.logs.write_stall.allow() {
+        if let Some(left_out) = self.logs.allow("write_stall") {
             tracing::info!(
                 ?timeout,
                 left_out,
@@ -424,38 +417,6 @@ impl AsyncWrite for Tracked {
     }
 }
 
-/// Lets one log line through per interval and counts the ones left out.
-#[derive(Default)]
-struct Throttle {
-    state: Mutex<Option<(Instant, u64)>>,
-}
-
-impl Throttle {
-    const INTERVAL: Duration = Duration::from_secs(10);
-
-    /// `Some(lines left out since the last one)` when a line may be logged now.
-    fn allow(&self) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        match state.as_mut() {
-            Some((at, left_out)) if now.duration_since(*at) < Self::INTERVAL => {
-                *left_out += 1;
-                None
-            }
-            Some((at, left_out)) => {
-                let said = *left_out;
-                *at = now;
-                *left_out = 0;
-                Some(said)
-            }
-            None => {
-                *state = Some((now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
 /// Raises the soft open-file limit to the hard one (as Go programs and many servers do: the
 /// soft default of 1024 is a leftover of `select()`), and warns when even the hard limit is too
 /// low for `--max-connections`.
@@ -500,20 +461,6 @@ mod tests {
         assert_eq!(accept_error_reason(&aborted), None);
         let nomem = io::Error::from_raw_os_error(libc::ENOBUFS);
         assert_eq!(accept_error_reason(&nomem), Some("other"));
-    }
-
-    #[test]
-    fn throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
-        let throttle = Throttle::default();
-        assert_eq!(throttle.allow(), Some(0));
-        assert_eq!(throttle.allow(), None);
-        assert_eq!(throttle.allow(), None);
-        // Pretend the interval has passed.
-        if let Some((at, _)) = throttle.state.lock().unwrap().as_mut() {
-            *at = at.checked_sub(Throttle::INTERVAL).unwrap();
-        }
-        assert_eq!(throttle.allow(), Some(2));
-        assert_eq!(throttle.allow(), None);
     }
 
     #[test]

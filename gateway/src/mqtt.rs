@@ -12,13 +12,14 @@
 use std::{
     collections::HashMap,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use chrono::Utc;
 
 use k3sense_protocol::{
-    Availability, MqttConfig, Reading, ReplayRequest, SensorHealth, SensorId, TopicKind, Topics,
+    Availability, LogThrottle, MqttConfig, Reading, ReplayRequest, SensorHealth, SensorId,
+    TopicKind, Topics,
     mqtt::{Client, ClientEvent, Disconnect, QoS},
 };
 use tokio_util::sync::CancellationToken;
@@ -474,31 +475,17 @@ fn reason_of(e: &k3sense_protocol::Error) -> &'static str {
     }
 }
 
-/// Logs each kind of complaint at most once per interval, with how many were suppressed, so a
-/// misbehaving client cannot flood the log.
+/// Logs each kind of complaint at most once per interval (the shared [`LogThrottle`]), with how
+/// many were suppressed, so a misbehaving client cannot flood the log.
 #[derive(Default)]
-struct Complaints {
-    last: HashMap<&'static str, (Instant, u64)>,
-}
+struct Complaints(LogThrottle);
 
 impl Complaints {
-    const INTERVAL: Duration = Duration::from_secs(10);
-
-    fn say(&mut self, kind: &'static str, message: impl FnOnce() -> String) {
-        let now = Instant::now();
-        match self.last.get_mut(kind) {
-            Some((at, suppressed)) if now.duration_since(*at) < Self::INTERVAL => {
-                *suppressed += 1;
-            }
-            Some((at, suppressed)) => {
-                tracing::warn!(suppressed = *suppressed, "{}", message());
-                *at = now;
-                *suppressed = 0;
-            }
-            None => {
-                tracing::warn!("{}", message());
-                self.last.insert(kind, (now, 0));
-            }
+    fn say(&self, kind: &'static str, message: impl FnOnce() -> String) {
+        match self.0.allow(kind) {
+            Some(0) => tracing::warn!("{}", message()),
+            Some(suppressed) => tracing::warn!(suppressed, "{}", message()),
+            None => {}
         }
     }
 }

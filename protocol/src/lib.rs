@@ -25,6 +25,7 @@
 //! | `health` | [`SensorHealth`]: the sensor's own health (`<prefix>/<id>/sensor`) |
 //! | `replay` | [`ReplayRequest`] and the replay topics: how a gateway gets back readings it missed |
 //! | `ws` | WebSocket and HTTP API messages |
+//! | `log_throttle` | [`LogThrottle`]: one log line per kind of trouble per interval, for every component |
 //! | `client` | [`MqttConfig`]: the flags every MQTT client shares (broker, credentials, prefix); [`Backoff`] |
 //! | [`mqtt`] | the one MQTT client of every component and tool: connect, pump, reconnect, resubscribe, acknowledged publish, goodbye |
 //! | `error` | `Error`, the one error type of this crate |
@@ -34,6 +35,7 @@ mod client;
 mod error;
 mod health;
 pub mod mqtt;
+mod log_throttle;
 mod reading;
 mod replay;
 mod sensor_id;
@@ -44,6 +46,7 @@ pub use availability::Availability;
 pub use client::{Backoff, MAX_INCOMING_PACKET, MqttConfig, MqttEvents, pump};
 pub use error::{Error, Result};
 pub use health::{FailureKind, HealthStatus, SensorHealth};
+pub use log_throttle::LogThrottle;
 pub use reading::{MAX_PAYLOAD_BYTES, MAX_SEQ, Model, Reading, format_read_at, parse_read_at};
 pub use replay::ReplayRequest;
 pub use sensor_id::SensorId;
