@@ -388,19 +388,28 @@ impl Client {
     /// stops in any case (it does not reconnect); events after this may be dropped when nobody
     /// reads them.
     pub async fn goodbye(&self, timeout: Duration) -> Goodbye {
-        let queued = {
+        let (connected, queued) = {
             let mut state = self.shared.lock();
             if state.stopped {
                 return Goodbye::NotConnected;
             }
             state.goodbye = true;
-            state.connected && self.requests.try_disconnect().is_ok()
+            let connected = state.connected;
+            (
+                connected,
+                connected && self.requests.try_disconnect().is_ok(),
+            )
         };
         self.shared.bye.notify_one();
         if !queued {
-            // Not connected: nothing to close; stop the reconnecting at once.
+            // Not connected: nothing to close; stop the reconnecting at once. Connected with a
+            // full queue: no room for the DISCONNECT, so the connection just closes.
             self.stop();
-            return Goodbye::NotConnected;
+            return if connected {
+                Goodbye::Abrupt
+            } else {
+                Goodbye::NotConnected
+            };
         }
         let mut done = self.done.clone();
         let ended = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
