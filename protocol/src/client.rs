@@ -167,49 +167,6 @@ impl Backoff {
     }
 }
 
-/// What [`pump`] hands over: each result of rumqttc's `EventLoop::poll`.
-pub type MqttEvents =
-    tokio::sync::mpsc::Receiver<std::result::Result<rumqttc::Event, rumqttc::ConnectionError>>;
-
-/// Superseded by [`crate::mqtt::Client`], which owns the event loop itself; kept only until the
-/// publisher's link moves onto it.
-///
-/// Polls rumqttc's event loop in a task of its own and hands every event over a channel of
-/// `capacity`, waiting a jittered backoff (200 ms doubling to 5 s) after each failure.
-///
-/// Why: `EventLoop::poll` must run to its end. Dropped half-way, as a `select!` beside a timer or
-/// a channel drops it whenever another branch is ready first, it abandons a connection it was
-/// opening; the broker takes that for a crash and publishes the client's last will, after the
-/// next connection already said `online`. Reading from the channel instead is cancel-safe.
-/// The task ends when the receiver is dropped (abort the handle to stop it at once).
-pub fn pump(
-    mut events: rumqttc::EventLoop,
-    capacity: usize,
-) -> (MqttEvents, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-    let task = tokio::spawn(async move {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        loop {
-            let event = events.poll().await;
-            let delay = match &event {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                    backoff.reset();
-                    None
-                }
-                Ok(_) => None,
-                Err(_) => Some(backoff.next_delay()),
-            };
-            if tx.send(event).await.is_err() {
-                return;
-            }
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
-            }
-        }
-    });
-    (rx, task)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

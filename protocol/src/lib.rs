@@ -43,7 +43,7 @@ mod topic;
 pub mod ws;
 
 pub use availability::Availability;
-pub use client::{Backoff, MAX_INCOMING_PACKET, MqttConfig, MqttEvents, pump};
+pub use client::{Backoff, MAX_INCOMING_PACKET, MqttConfig};
 pub use error::{Error, Result};
 pub use health::{FailureKind, HealthStatus, SensorHealth};
 pub use log_throttle::LogThrottle;
