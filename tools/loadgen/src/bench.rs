@@ -110,7 +110,14 @@ pub async fn run(
     let date = Utc::now();
     let began = Instant::now();
     let mut sections = Vec::new();
+    let mut skipped = Vec::new();
     for &placement in placements {
+        if placement == Placement::EqualCpu && crate::placement::cores() < 2 {
+            // One core cannot hold a server and the load apart; the rest still runs.
+            eprintln!("equal CPU skipped: this machine has one core");
+            skipped.push("equal CPU: not run, this machine has one core");
+            continue;
+        }
         placement.place_load_tool()?;
         let pairs = run_placement(size, placement, bins).await;
         // Whatever happened, later work (the idle footprint) runs unpinned again.
@@ -133,6 +140,7 @@ pub async fn run(
         mosquitto: mosquitto_version(&bins.mosquitto).await,
         command: command.to_owned(),
         revision: revision.to_owned(),
+        skipped,
     };
     Ok(render(&header, &sections, &idle, binary))
 }
@@ -265,6 +273,8 @@ struct Header {
     mosquitto: String,
     command: String,
     revision: String,
+    /// Placements asked for but not run, and why.
+    skipped: Vec<&'static str>,
 }
 
 fn render(h: &Header, sections: &[Section], idle: &Idle, binary: u64) -> String {
@@ -284,6 +294,9 @@ fn render(h: &Header, sections: &[Section], idle: &Idle, binary: u64) -> String 
         "- Mosquitto: {} with one MQTT and one WebSocket listener",
         h.mosquitto
     );
+    for note in &h.skipped {
+        let _ = writeln!(md, "- {note}");
+    }
     let _ = writeln!(
         md,
         "- every column is fresh processes; {CONCURRENCY} clients connect at a time; once all are subscribed, readings are published over MQTT (QoS 1, retained) at the rate shown; \"all clients have it\" is, per reading, the time from publish until the last client had it; \"load average\" is the machine's 1-minute load when that server started\n"
