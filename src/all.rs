@@ -1,13 +1,5 @@
 //! `k3sense all`: broker, publisher and gateway in one process, each with a child token of one
 //! root token, so one Ctrl-C stops all three and a failure of one stops the others.
-//!
-//! The gateway, being in the same process, subscribes to the embedded rumqttd directly (its
-//! internal loopback listener and account, [`k3sense_broker::Started::internal_login`]) instead
-//! of through the broker's authorising proxy: a reading then crosses one relay fewer on its way
-//! to the browsers (measured in BENCHMARKS.md, "Equal CPU"). The proxy's rules guard against
-//! other clients; the gateway only subscribes and asks for replays (non-empty, not retained),
-//! which is nothing the rules would refuse. The publisher still goes through the proxy, which
-//! must see every retained publish (see the broker's `retained` module).
 
 use std::time::Duration;
 
@@ -48,14 +40,8 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         sensor,
     };
 
-    let internal = broker.internal_login();
-    let mut gateway = k3sense_gateway::Config::new(args.http_listen, internal.addr.to_string());
-    gateway.mqtt = MqttConfig {
-        broker: internal.addr.to_string(),
-        username: Some(internal.username),
-        password: Some(internal.password),
-        ..mqtt
-    };
+    let mut gateway = k3sense_gateway::Config::new(args.http_listen, mqtt_address.to_string());
+    gateway.mqtt = mqtt;
     gateway.options.drain_timeout = Duration::from_secs(1);
     let listener = tokio::net::TcpListener::bind(args.http_listen)
         .await

@@ -114,27 +114,6 @@ pub struct Started {
     sessions: CancellationToken,
     /// Resolves with a reason if rumqttd's thread ends (it never should).
     stopped: tokio::sync::oneshot::Receiver<String>,
-    internal: InternalLogin,
-}
-
-/// The embedded rumqttd's loopback listener and its one account (see [`Started::internal_login`]).
-#[derive(Clone)]
-pub struct InternalLogin {
-    /// rumqttd's listener, on 127.0.0.1.
-    pub addr: SocketAddr,
-    /// The account rumqttd accepts.
-    pub username: String,
-    /// Its random password, which exists only in this process.
-    pub password: String,
-}
-
-impl std::fmt::Debug for InternalLogin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InternalLogin")
-            .field("addr", &self.addr)
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Started {
@@ -151,14 +130,6 @@ impl Started {
     /// The `--metrics-listen` address, if there is one.
     pub fn metrics_local_addr(&self) -> Option<SocketAddr> {
         self.metrics_listen
-    }
-
-    /// rumqttd's own listener and account, for clients *in this process* that the proxy need
-    /// not vet (`k3sense all`'s gateway): they skip the proxy's relay, two loopback hops and a
-    /// task's wake-ups per message. Whoever holds it bypasses authorisation and every rule of
-    /// the proxy, so it must never leave the process (it is not printed by `Debug`).
-    pub fn internal_login(&self) -> InternalLogin {
-        self.internal.clone()
     }
 
     /// The broker's counters; they keep counting while the broker serves.
@@ -243,11 +214,6 @@ pub async fn start(config: &Config) -> Result<Started> {
     let internal_login = Some((upstream.username.clone(), upstream.password.clone()));
     wait_until_answering(upstream.addr, config.listen, internal_login, &mut stopped).await?;
 
-    let internal = InternalLogin {
-        addr: upstream.addr,
-        username: upstream.username.clone(),
-        password: upstream.password.clone(),
-    };
     let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(session::Shared {
         acl: acl::Acl::new(topics.prefix()),
@@ -325,7 +291,6 @@ pub async fn start(config: &Config) -> Result<Started> {
         stop,
         sessions,
         stopped,
-        internal,
     })
 }
 
