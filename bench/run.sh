@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The k3sense benchmark, in one command: builds the release binaries, then `loadgen bench` starts
-# k3sense (broker + gateway) and Mosquitto's WebSocket listener on fresh processes at 100, 1,000
-# and 10,000 clients, alternating, measures the idle footprint, and prints a markdown report.
+# k3sense and Mosquitto's WebSocket listener on fresh processes at 10, 100, 1,000 and 10,000
+# clients, alternating, in two placements, measures the idle footprint, and prints a markdown
+# report:
+#   equal CPU  both servers pinned to core 0 with `taskset -c 0` (`k3sense all` vs Mosquitto),
+#              the load tool on the other core(s): the fair comparison, reported first;
+#   spread     servers unpinned beside the load tool (`k3sense broker` + `k3sense gateway`).
 #
-#   bench/run.sh            full run (~6 minutes; the report of BENCHMARKS.md)
-#   bench/run.sh --quick    fewer readings, 10 s idle window (~2 minutes)
-#   bench/run.sh --smoke    10 clients, 5 readings (seconds): CI checks the benchmark still works
-#   bench/run.sh --out FILE also write the report to FILE
+#   bench/run.sh              both placements (~14 minutes; the report of BENCHMARKS.md)
+#   bench/run.sh --equal-cpu  equal CPU only (~7 minutes); --spread: spread only
+#   bench/run.sh --quick      fewer readings, 10 s idle window (~2 minutes per placement)
+#   bench/run.sh --smoke      10 clients, 5 readings (seconds): CI checks the benchmark still works
+#   bench/run.sh --out FILE   also write the report to FILE
 #
-# Needs Debian's mosquitto (/usr/sbin/mosquitto; the system service is not used).
+# Needs Debian's mosquitto (/usr/sbin/mosquitto; the system service is not used) and taskset
+# (util-linux); equal CPU needs 2 cores or more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

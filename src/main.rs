@@ -31,8 +31,12 @@ fn main() -> anyhow::Result<ExitCode> {
     let mut cli = Cli::parse();
     logging::init(cli.log_format);
     cli.fill_passwords_from_env();
+    // Two workers, or one where the process may use a single core (pinned with taskset, a CPU
+    // quota of one, a one-core Pi): a second worker on the same core only adds wake-ups and
+    // context switches between the two (measured: BENCHMARKS.md, "Equal CPU").
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

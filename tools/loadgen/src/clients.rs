@@ -22,6 +22,8 @@ use tokio_tungstenite::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// The load tool's sensor as it appears in a reading's JSON (`measure::SENSOR_ID`).
+const OUR_SENSOR: &str = r#""sensor_id":"bench-1""#;
 /// How many loopback source addresses the clients spread over.
 const SOURCES: usize = 8;
 /// A client's read buffer: messages are ~150 bytes.
@@ -258,9 +260,10 @@ fn mqtt_seqs(buffer: &mut BytesMut) -> Result<Vec<u64>> {
     }
 }
 
-/// The seq of a k3sense `reading` message; `None` for other types.
+/// The seq of a k3sense `reading` message of the load tool's sensor; `None` for other types and
+/// other sensors (`k3sense all` has a simulated one of its own, whose seqs are not ours).
 fn reading_seq(text: &str) -> Option<u64> {
-    if text.starts_with(r#"{"type":"reading""#) {
+    if text.starts_with(r#"{"type":"reading""#) && text.contains(OUR_SENSOR) {
         seq_field(text)
     } else {
         None
@@ -288,6 +291,9 @@ mod tests {
     fn finds_the_seq_of_readings_only() {
         let reading = r#"{"type":"reading","sensor_id":"bench-1","model":"dht22","temperature_c":21.5,"humidity_pct":40.0,"read_at":"2026-01-01T00:00:00.000Z","seq":1234}"#;
         assert_eq!(reading_seq(reading), Some(1234));
+        assert!(OUR_SENSOR.contains(crate::measure::SENSOR_ID));
+        let other = reading.replace("bench-1", "sim-1");
+        assert_eq!(reading_seq(&other), None);
         assert_eq!(
             reading_seq(r#"{"type":"snapshot","sensors":[{"seq":3}]}"#),
             None

@@ -4,8 +4,9 @@
 //!   MQTT over WebSocket for Mosquitto), publishes M readings over MQTT at a set rate once all
 //!   are subscribed, and prints per-client latency, the time until the last client had each
 //!   reading, and the server's CPU and memory (from /proc, `--pid`) before and after.
-//! - `loadgen bench` starts the servers itself (fresh processes for every measurement) and
-//!   writes the markdown report of BENCHMARKS.md; `bench/run.sh` builds and calls it.
+//! - `loadgen bench` starts the servers itself (fresh processes for every measurement), on equal
+//!   CPU (both pinned to core 0, the load elsewhere) and spread (unpinned), and writes the
+//!   markdown report of BENCHMARKS.md; `bench/run.sh` builds and calls it.
 //!
 //! # Layout
 //!
@@ -15,12 +16,14 @@
 //! | `measure` | one measurement: publisher, N clients, samples, latencies |
 //! | `stats` | percentiles and per-reading "last client" times (pure) |
 //! | `process_stats` | CPU time and RSS from /proc |
+//! | `placement` | equal CPU (servers pinned to core 0, load elsewhere) or spread |
 //! | `servers` | starting k3sense and Mosquitto on free loopback ports |
 //! | `bench` | the whole benchmark and its report |
 
 mod bench;
 mod clients;
 mod measure;
+mod placement;
 mod process_stats;
 mod servers;
 mod stats;
@@ -34,6 +37,7 @@ use crate::{
     bench::Size,
     clients::Protocol,
     measure::{Load, Target},
+    placement::Placement,
     servers::Binaries,
 };
 
@@ -103,6 +107,13 @@ enum Command {
         /// The source revision measured, to quote in the report.
         #[arg(long, default_value = "unknown")]
         revision: String,
+        /// Only equal CPU: both servers pinned to core 0 (`k3sense all` vs Mosquitto), the load
+        /// on the other cores. Without either flag, equal CPU runs first, then spread.
+        #[arg(long, conflicts_with = "spread")]
+        equal_cpu: bool,
+        /// Only spread: servers unpinned beside the load (`k3sense broker` + `gateway`).
+        #[arg(long)]
+        spread: bool,
     },
 }
 
@@ -188,14 +199,21 @@ async fn main() -> Result<()> {
             out,
             command,
             revision,
+            equal_cpu,
+            spread,
         } => {
             warn_if_short(limit, 10_000);
+            let placements = match (equal_cpu, spread) {
+                (true, _) => vec![Placement::EqualCpu],
+                (false, true) => vec![Placement::Spread],
+                (false, false) => vec![Placement::EqualCpu, Placement::Spread],
+            };
             let bins = Binaries {
                 k3sense,
                 mosquitto,
                 work_dir,
             };
-            let report = bench::run(size, &bins, &command, &revision).await?;
+            let report = bench::run(size, &placements, &bins, &command, &revision).await?;
             println!("{report}");
             if let Some(path) = out {
                 std::fs::write(&path, &report)

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// The sensor the load tool publishes as.
-const SENSOR_ID: &str = "bench-1";
+pub(crate) const SENSOR_ID: &str = "bench-1";
 /// How long clients may take, after the last publish, to receive it.
 const GRACE: Duration = Duration::from_secs(5);
 

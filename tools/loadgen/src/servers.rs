@@ -16,7 +16,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::{clients::Protocol, measure::Target};
+use crate::{clients::Protocol, measure::Target, placement::Placement};
 
 /// How long a server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -48,13 +48,20 @@ impl Binaries {
 /// Running child processes, killed on [`Servers::stop`] or when dropped.
 pub struct Servers {
     children: Vec<(String, Child)>,
+    placement: Placement,
 }
 
 impl Servers {
-    /// No children yet.
+    /// No children yet; those started later are not pinned.
     pub fn none() -> Self {
+        Self::placed(Placement::Spread)
+    }
+
+    /// No children yet; those started later are placed as `placement` says.
+    pub fn placed(placement: Placement) -> Self {
         Self {
             children: Vec::new(),
+            placement,
         }
     }
 
@@ -62,7 +69,8 @@ impl Servers {
     fn spawn(&mut self, bin: &Path, args: &[String], name: &str, work_dir: &Path) -> Result<u32> {
         let log = std::fs::File::create(work_dir.join(format!("{name}.log")))
             .with_context(|| format!("create a log file in {}", work_dir.display()))?;
-        let child = Command::new(bin)
+        let (program, args) = self.placement.command(&bin.to_string_lossy(), args);
+        let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -90,8 +98,17 @@ impl Servers {
         }
     }
 
-    /// `k3sense broker` and `k3sense gateway`, ready (`/readyz` 200): the target for `Protocol::K3sense`.
-    pub async fn k3sense(bins: &Binaries, max_clients: usize) -> Result<(Self, Target)> {
+    /// k3sense, ready (`/readyz` 200): the target for `Protocol::K3sense`. Spread, it is the
+    /// deployment's shape, `k3sense broker` and `k3sense gateway`; on equal CPU it is one
+    /// process, `k3sense all`, pinned like Mosquitto.
+    pub async fn k3sense(
+        bins: &Binaries,
+        max_clients: usize,
+        placement: Placement,
+    ) -> Result<(Self, Target)> {
+        if placement == Placement::EqualCpu {
+            return Self::k3sense_all_target(bins).await;
+        }
         let mut servers = Self::none();
         let (mqtt, http) = free_ports()?;
         let broker = servers.spawn(
@@ -129,8 +146,8 @@ impl Servers {
 
     /// Mosquitto with an MQTT listener (for the publisher) and a WebSocket listener (for the
     /// clients): the target for `Protocol::Mqtt`.
-    pub async fn mosquitto(bins: &Binaries) -> Result<(Self, Target)> {
-        let mut servers = Self::none();
+    pub async fn mosquitto(bins: &Binaries, placement: Placement) -> Result<(Self, Target)> {
+        let mut servers = Self::placed(placement);
         let (mqtt, ws) = free_ports()?;
         let conf = bins.work_dir.join("mosquitto.conf");
         let text = format!(
@@ -153,6 +170,38 @@ impl Servers {
             protocol: Protocol::Mqtt,
             ws,
             path: "/".to_owned(),
+            mqtt: mqtt.to_string(),
+            pids: vec![pid],
+        };
+        Ok((servers, target))
+    }
+
+    /// `k3sense all` pinned to the servers' core, ready: its broker's public MQTT listener takes
+    /// the readings, its gateway serves the clients. Its own simulated sensor reads once an hour
+    /// (once during a run), so the clients get the load tool's readings alone; the clients
+    /// count only the load tool's sensor anyway.
+    async fn k3sense_all_target(bins: &Binaries) -> Result<(Self, Target)> {
+        let mut servers = Self::placed(Placement::EqualCpu);
+        let (mqtt, http) = free_ports()?;
+        let pid = servers.spawn(
+            &bins.k3sense,
+            &args(&[
+                "all",
+                "--mqtt-listen",
+                &mqtt.to_string(),
+                "--http-listen",
+                &http.to_string(),
+                "--interval",
+                "1h",
+            ]),
+            "all",
+            &bins.work_dir,
+        )?;
+        wait_ready(http).await?;
+        let target = Target {
+            protocol: Protocol::K3sense,
+            ws: http,
+            path: "/ws".to_owned(),
             mqtt: mqtt.to_string(),
             pids: vec![pid],
         };
