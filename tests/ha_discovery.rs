@@ -35,7 +35,29 @@ async fn subscriber(broker: SocketAddr, filter: &str) -> (AsyncClient, Unbounded
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut events) = AsyncClient::new(options, 10);
     client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    // Subscribed before anything is published: a subscription the broker takes while a retained
+    // publish is on its way may get both the retained copy and the live one, which would look
+    // like a second announcement.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(Message {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                        qos: p.qos,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("no SUBACK");
     tokio::spawn(async move {
         while let Ok(event) = events.poll().await {
             if let Event::Incoming(Packet::Publish(p)) = event {
