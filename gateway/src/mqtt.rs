@@ -9,11 +9,7 @@
 //! range in between when a live reading's `seq` jumps, and everything after the newest held
 //! after the broker connection comes back.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::Utc;
 
@@ -118,15 +114,7 @@ impl Subscriber {
                 tracing::info!(broker = %self.broker, "connected to the MQTT broker");
             }
             ClientEvent::Subscribed { granted } => self.subscribed(granted),
-            ClientEvent::Message(m) => handle(
-                &self.client,
-                &self.topics,
-                &self.link,
-                &mut self.complaints,
-                &mut self.guard,
-                &m.topic,
-                &m.payload,
-            ),
+            ClientEvent::Message(m) => self.handle(&m.topic, &m.payload),
             ClientEvent::Disconnected { reason, .. } => self.lost(&reason),
             _ => {}
         }
@@ -247,50 +235,59 @@ fn ask_replay(
     }
 }
 
-/// Validates one message and feeds it to the hub; counts and logs what it refuses.
-fn handle(
-    client: &Client,
-    topics: &Topics,
-    link: &Link,
-    complaints: &mut Complaints,
-    guard: &mut Guard,
-    topic: &str,
-    payload: &[u8],
-) {
-    if let Some(id) = topics.parse_replay(topic) {
-        link.metrics.received("replay");
+impl Subscriber {
+    /// Validates one message and feeds it to the hub; counts and logs what it refuses.
+    fn handle(&mut self, topic: &str, payload: &[u8]) {
+        if let Some(id) = self.topics.parse_replay(topic) {
+            self.on_replay(id, topic, payload);
+            return;
+        }
+        let Some((id, kind)) = self.topics.parse(topic) else {
+            self.on_unknown_topic(topic);
+            return;
+        };
+        match kind {
+            TopicKind::State => self.on_state(id, topic, payload),
+            TopicKind::Sensor => self.on_sensor(id, topic, payload),
+            TopicKind::Availability => self.on_availability(id, topic, payload),
+        }
+    }
+
+    /// A reading its publisher sent again, on the replay topic.
+    fn on_replay(&mut self, id: SensorId, topic: &str, payload: &[u8]) {
+        self.link.metrics.received("replay");
         match Reading::from_json(payload) {
             Ok(reading) if reading.sensor_id == id => {
-                if let Some(held) = link.hub.conflicting(&reading) {
+                if let Some(held) = self.link.hub.conflicting(&reading) {
                     // The publisher's answer on its replay topic replaces the copy held.
                     conflict(
-                        link,
-                        complaints,
+                        &self.link,
+                        &mut self.complaints,
                         &held,
                         &reading,
                         "replaced by the replayed copy",
                     );
-                    link.sent(link.hub.replace_reading(reading));
+                    self.link.sent(self.link.hub.replace_reading(reading));
                     return;
                 }
-                for reading in judge(link, complaints, guard, reading) {
-                    link.sent(link.hub.reading(reading));
+                for reading in judge(&self.link, &mut self.complaints, &mut self.guard, reading) {
+                    self.link.sent(self.link.hub.reading(reading));
                 }
             }
-            Ok(_) => link.metrics.invalid("id_mismatch"),
+            Ok(_) => self.link.metrics.invalid("id_mismatch"),
             Err(e) => {
                 let reason = reason_of(&e);
-                link.metrics.invalid(reason);
-                complaints.say(reason, || {
+                self.link.metrics.invalid(reason);
+                self.complaints.say(reason, || {
                     format!("dropping an invalid replayed reading on {topic}: {e}")
                 });
             }
         }
-        return;
     }
-    let Some((id, kind)) = topics.parse(topic) else {
-        link.metrics.invalid("unknown_topic");
-        complaints.say("unknown_topic", || {
+
+    fn on_unknown_topic(&mut self, topic: &str) {
+        self.link.metrics.invalid("unknown_topic");
+        self.complaints.say("unknown_topic", || {
             // The topic is the sender's: at most its first 120 characters go in the log.
             let shown: String = topic.chars().take(120).collect();
             let cut = if shown.len() < topic.len() { "…" } else { "" };
@@ -299,111 +296,144 @@ fn handle(
                 topic.len()
             )
         });
-        return;
-    };
-    match kind {
-        TopicKind::State => {
-            link.metrics.received("state");
-            if payload.is_empty() {
-                // An empty retained message clears the topic; nothing to show.
-                link.metrics.invalid("empty");
-                return;
+    }
+
+    /// A live (or retained) reading on the state topic.
+    fn on_state(&mut self, id: SensorId, topic: &str, payload: &[u8]) {
+        self.link.metrics.received("state");
+        if payload.is_empty() {
+            // An empty retained message clears the topic; nothing to show.
+            self.link.metrics.invalid("empty");
+            return;
+        }
+        match Reading::from_json(payload) {
+            Ok(reading) if reading.sensor_id != id => {
+                self.link.metrics.invalid("id_mismatch");
+                self.complaints.say("id_mismatch", || {
+                    format!("dropping a reading of sensor {} sent on {topic}: the id in the payload must match the topic", reading.sensor_id)
+                });
             }
-            match Reading::from_json(payload) {
-                Ok(reading) if reading.sensor_id != id => {
-                    link.metrics.invalid("id_mismatch");
-                    complaints.say("id_mismatch", || {
-                        format!("dropping a reading of sensor {} sent on {topic}: the id in the payload must match the topic", reading.sensor_id)
-                    });
+            Ok(reading) => {
+                if let Some(held) = self.link.hub.conflicting(&reading) {
+                    conflict(
+                        &self.link,
+                        &mut self.complaints,
+                        &held,
+                        &reading,
+                        "kept the first copy; asking the publisher to replay it",
+                    );
+                    let request = ReplayRequest {
+                        after_seq: reading.seq.saturating_sub(1),
+                        until_seq: Some(reading.seq.saturating_add(1)),
+                    };
+                    ask_replay(
+                        &self.client,
+                        &self.topics,
+                        &self.link,
+                        &mut self.complaints,
+                        &id,
+                        request,
+                    );
+                    return;
                 }
-                Ok(reading) => {
-                    if let Some(held) = link.hub.conflicting(&reading) {
-                        conflict(
-                            link,
-                            complaints,
-                            &held,
-                            &reading,
-                            "kept the first copy; asking the publisher to replay it",
+                for reading in judge(&self.link, &mut self.complaints, &mut self.guard, reading) {
+                    let (sent, gap) = self.link.hub.live_reading(reading);
+                    self.link.sent(sent);
+                    self.link
+                        .metrics
+                        .sensors
+                        .set(self.link.hub.sensor_count() as i64);
+                    if let Some(request) = gap {
+                        ask_replay(
+                            &self.client,
+                            &self.topics,
+                            &self.link,
+                            &mut self.complaints,
+                            &id,
+                            request,
                         );
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = reason_of(&e);
+                self.link.metrics.invalid(reason);
+                self.complaints.say(reason, || {
+                    format!("dropping an invalid reading on {topic}: {e}")
+                });
+            }
+        }
+    }
+
+    /// The sensor's own health, from its publisher.
+    fn on_sensor(&mut self, id: SensorId, topic: &str, payload: &[u8]) {
+        self.link.metrics.received("sensor");
+        if payload.is_empty() {
+            self.link.metrics.invalid("empty");
+            return;
+        }
+        match SensorHealth::from_json(payload) {
+            Ok(health) if health.sensor_id != id => {
+                self.link.metrics.invalid("id_mismatch");
+                self.complaints.say("id_mismatch", || {
+                    format!("dropping the health of sensor {} sent on {topic}: the id in the payload must match the topic", health.sensor_id)
+                });
+            }
+            Ok(health) => {
+                self.link.sent(self.link.hub.health(health));
+                self.link
+                    .metrics
+                    .sensors
+                    .set(self.link.hub.sensor_count() as i64);
+            }
+            Err(e) => {
+                let reason = reason_of(&e);
+                self.link.metrics.invalid(reason);
+                self.complaints.say(reason, || {
+                    format!("dropping an invalid sensor health on {topic}: {e}")
+                });
+            }
+        }
+    }
+
+    /// `online` / `offline` of the sensor's publisher.
+    fn on_availability(&mut self, id: SensorId, topic: &str, payload: &[u8]) {
+        self.link.metrics.received("availability");
+        match Availability::from_payload(payload) {
+            Ok(a) => {
+                self.link.sent(self.link.hub.availability(&id, a));
+                // A publisher says `online` each time it (re)connects: whatever it kept
+                // while away, or sent before this gateway was listening, is asked for now.
+                if a == Availability::Online {
+                    if let Some(seq) = self.link.hub.newest_seq(&id) {
                         let request = ReplayRequest {
-                            after_seq: reading.seq.saturating_sub(1),
-                            until_seq: Some(reading.seq.saturating_add(1)),
+                            after_seq: seq,
+                            until_seq: None,
                         };
-                        ask_replay(client, topics, link, complaints, &id, request);
-                        return;
-                    }
-                    for reading in judge(link, complaints, guard, reading) {
-                        let (sent, gap) = link.hub.live_reading(reading);
-                        link.sent(sent);
-                        link.metrics.sensors.set(link.hub.sensor_count() as i64);
-                        if let Some(request) = gap {
-                            ask_replay(client, topics, link, complaints, &id, request);
-                        }
+                        ask_replay(
+                            &self.client,
+                            &self.topics,
+                            &self.link,
+                            &mut self.complaints,
+                            &id,
+                            request,
+                        );
                     }
                 }
-                Err(e) => {
-                    let reason = reason_of(&e);
-                    link.metrics.invalid(reason);
-                    complaints.say(reason, || {
-                        format!("dropping an invalid reading on {topic}: {e}")
-                    });
-                }
+                self.link
+                    .metrics
+                    .sensors
+                    .set(self.link.hub.sensor_count() as i64);
             }
-        }
-        TopicKind::Sensor => {
-            link.metrics.received("sensor");
-            if payload.is_empty() {
-                link.metrics.invalid("empty");
-                return;
+            Err(e) if payload.is_empty() => {
+                let _ = e;
+                self.link.metrics.invalid("empty");
             }
-            match SensorHealth::from_json(payload) {
-                Ok(health) if health.sensor_id != id => {
-                    link.metrics.invalid("id_mismatch");
-                    complaints.say("id_mismatch", || {
-                        format!("dropping the health of sensor {} sent on {topic}: the id in the payload must match the topic", health.sensor_id)
-                    });
-                }
-                Ok(health) => {
-                    link.sent(link.hub.health(health));
-                    link.metrics.sensors.set(link.hub.sensor_count() as i64);
-                }
-                Err(e) => {
-                    let reason = reason_of(&e);
-                    link.metrics.invalid(reason);
-                    complaints.say(reason, || {
-                        format!("dropping an invalid sensor health on {topic}: {e}")
-                    });
-                }
-            }
-        }
-        TopicKind::Availability => {
-            link.metrics.received("availability");
-            match Availability::from_payload(payload) {
-                Ok(a) => {
-                    link.sent(link.hub.availability(&id, a));
-                    // A publisher says `online` each time it (re)connects: whatever it kept
-                    // while away, or sent before this gateway was listening, is asked for now.
-                    if a == Availability::Online {
-                        if let Some(seq) = link.hub.newest_seq(&id) {
-                            let request = ReplayRequest {
-                                after_seq: seq,
-                                until_seq: None,
-                            };
-                            ask_replay(client, topics, link, complaints, &id, request);
-                        }
-                    }
-                    link.metrics.sensors.set(link.hub.sensor_count() as i64);
-                }
-                Err(e) if payload.is_empty() => {
-                    let _ = e;
-                    link.metrics.invalid("empty");
-                }
-                Err(e) => {
-                    link.metrics.invalid("bad_availability");
-                    complaints.say("bad_availability", || {
-                        format!("dropping availability on {topic}: {e}")
-                    });
-                }
+            Err(e) => {
+                self.link.metrics.invalid("bad_availability");
+                self.complaints.say("bad_availability", || {
+                    format!("dropping availability on {topic}: {e}")
+                });
             }
         }
     }

@@ -153,22 +153,9 @@ impl<Id: Eq + Hash> Receipts<Id> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-    use k3sense_protocol::{Model, SensorId};
 
     use super::*;
-
-    fn r(seq: u64) -> Reading {
-        Reading::new(
-            SensorId::new("a").unwrap(),
-            Model::Dht11,
-            20.0,
-            40.0,
-            Utc::now(),
-            seq,
-        )
-        .unwrap()
-    }
+    use crate::recent::test_reading as r;
 
     fn next(o: &mut Outbox) -> Option<u64> {
         o.next_unsent().map(|r| r.seq)

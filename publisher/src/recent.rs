@@ -48,24 +48,26 @@ impl Recent {
     }
 }
 
+/// A reading of sensor `a` numbered `seq`, for the tests of the publisher's queues (outbox,
+/// recent readings, replay).
+#[cfg(test)]
+pub(crate) fn test_reading(seq: u64) -> Reading {
+    Reading::new(
+        k3sense_protocol::SensorId::new("a").unwrap(),
+        k3sense_protocol::Model::Dht11,
+        20.0,
+        40.0,
+        chrono::Utc::now(),
+        seq,
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-    use k3sense_protocol::{Model, SensorId};
 
+    use super::test_reading as r;
     use super::*;
-
-    fn r(seq: u64) -> Reading {
-        Reading::new(
-            SensorId::new("a").unwrap(),
-            Model::Dht11,
-            20.0,
-            40.0,
-            Utc::now(),
-            seq,
-        )
-        .unwrap()
-    }
 
     #[test]
     fn answers_ranges_from_what_it_keeps() {

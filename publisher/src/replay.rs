@@ -99,23 +99,9 @@ impl Replayer {
 mod tests {
     use std::time::Duration;
 
-    use chrono::Utc;
-    use k3sense_protocol::{Model, SensorId};
-
     use super::*;
+    use crate::recent::test_reading as r;
     use crate::replaypace::{BURST, COOLDOWN};
-
-    fn r(seq: u64) -> Reading {
-        Reading::new(
-            SensorId::new("a").unwrap(),
-            Model::Dht11,
-            20.0,
-            40.0,
-            Utc::now(),
-            seq,
-        )
-        .unwrap()
-    }
 
     fn all() -> ReplayRequest {
         ReplayRequest {
