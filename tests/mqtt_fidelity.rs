@@ -25,7 +25,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde_json::{Value, json};
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paho/fidelity.py");
 
@@ -72,7 +72,7 @@ struct Broker {
     name: &'static str,
     addr: SocketAddr,
     _ours: Option<Proc>,
-    _mosquitto: Option<tokio::process::Child>,
+    _mosquitto: Option<Mosquitto>,
     _dir: Dir,
 }
 
@@ -106,12 +106,7 @@ async fn mosquitto(users: bool) -> Option<Broker> {
         return None;
     }
     let dir = Dir::new("mosquitto");
-    let addr = free_addr();
-    let mut conf = format!(
-        "listener {} 127.0.0.1\npersistence false\nlog_dest stderr\n",
-        addr.port()
-    );
-    if users {
+    let extra = if users {
         let passwd = dir.0.join("passwd");
         for line in USERS.lines() {
             let mut fields = line.split(':');
@@ -130,42 +125,20 @@ async fn mosquitto(users: bool) -> Option<Broker> {
         }
         let acl = dir.0.join("acl");
         std::fs::write(&acl, MOSQUITTO_ACL).unwrap();
-        conf.push_str(&format!(
+        format!(
             "allow_anonymous false\npassword_file {}\nacl_file {}\n",
             passwd.display(),
             acl.display()
-        ));
+        )
     } else {
-        conf.push_str("allow_anonymous true\n");
-    }
-    let conf_file = dir.0.join("mosquitto.conf");
-    std::fs::write(&conf_file, conf).unwrap();
-    let mut child = tokio::process::Command::new(MOSQUITTO)
-        .arg("-c")
-        .arg(&conf_file)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let running = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains(" running") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(matches!(running, Ok(true)), "mosquitto did not start");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        "allow_anonymous true\n".to_string()
+    };
+    let mosquitto = Mosquitto::start_with(&extra).await?;
     Some(Broker {
         name: "mosquitto",
-        addr,
+        addr: mosquitto.addr,
         _ours: None,
-        _mosquitto: Some(child),
+        _mosquitto: Some(mosquitto),
         _dir: dir,
     })
 }

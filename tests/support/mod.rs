@@ -282,6 +282,12 @@ impl Mosquitto {
     /// Starts it and returns once it logs that it is running; `None` when it is not installed
     /// (outside CI).
     pub async fn start() -> Option<Self> {
+        Self::start_with("allow_anonymous true\n").await
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines of mosquitto.conf after the listener (e.g. a
+    /// password file and an ACL instead of `allow_anonymous true`).
+    pub async fn start_with(extra: &str) -> Option<Self> {
         use tokio::io::AsyncBufReadExt;
         if !tool_available(MOSQUITTO) {
             return None;
@@ -293,7 +299,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n",
+                "listener {} 127.0.0.1\npersistence false\nlog_dest stderr\n{extra}",
                 addr.port()
             ),
         )
