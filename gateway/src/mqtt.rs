@@ -301,66 +301,50 @@ impl Subscriber {
     /// A live (or retained) reading on the state topic.
     fn on_state(&mut self, id: SensorId, topic: &str, payload: &[u8]) {
         self.link.metrics.received("state");
-        if payload.is_empty() {
-            // An empty retained message clears the topic; nothing to show.
-            self.link.metrics.invalid("empty");
+        // An empty retained message clears the topic: nothing to show.
+        let Some(reading) = self.parsed(&id, topic, payload, "reading", Reading::from_json, |r| {
+            &r.sensor_id
+        }) else {
+            return;
+        };
+        if let Some(held) = self.link.hub.conflicting(&reading) {
+            conflict(
+                &self.link,
+                &mut self.complaints,
+                &held,
+                &reading,
+                "kept the first copy; asking the publisher to replay it",
+            );
+            let request = ReplayRequest {
+                after_seq: reading.seq.saturating_sub(1),
+                until_seq: Some(reading.seq.saturating_add(1)),
+            };
+            ask_replay(
+                &self.client,
+                &self.topics,
+                &self.link,
+                &mut self.complaints,
+                &id,
+                request,
+            );
             return;
         }
-        match Reading::from_json(payload) {
-            Ok(reading) if reading.sensor_id != id => {
-                self.link.metrics.invalid("id_mismatch");
-                self.complaints.say("id_mismatch", || {
-                    format!("dropping a reading of sensor {} sent on {topic}: the id in the payload must match the topic", reading.sensor_id)
-                });
-            }
-            Ok(reading) => {
-                if let Some(held) = self.link.hub.conflicting(&reading) {
-                    conflict(
-                        &self.link,
-                        &mut self.complaints,
-                        &held,
-                        &reading,
-                        "kept the first copy; asking the publisher to replay it",
-                    );
-                    let request = ReplayRequest {
-                        after_seq: reading.seq.saturating_sub(1),
-                        until_seq: Some(reading.seq.saturating_add(1)),
-                    };
-                    ask_replay(
-                        &self.client,
-                        &self.topics,
-                        &self.link,
-                        &mut self.complaints,
-                        &id,
-                        request,
-                    );
-                    return;
-                }
-                for reading in judge(&self.link, &mut self.complaints, &mut self.guard, reading) {
-                    let (sent, gap) = self.link.hub.live_reading(reading);
-                    self.link.sent(sent);
-                    self.link
-                        .metrics
-                        .sensors
-                        .set(self.link.hub.sensor_count() as i64);
-                    if let Some(request) = gap {
-                        ask_replay(
-                            &self.client,
-                            &self.topics,
-                            &self.link,
-                            &mut self.complaints,
-                            &id,
-                            request,
-                        );
-                    }
-                }
-            }
-            Err(e) => {
-                let reason = reason_of(&e);
-                self.link.metrics.invalid(reason);
-                self.complaints.say(reason, || {
-                    format!("dropping an invalid reading on {topic}: {e}")
-                });
+        for reading in judge(&self.link, &mut self.complaints, &mut self.guard, reading) {
+            let (sent, gap) = self.link.hub.live_reading(reading);
+            self.link.sent(sent);
+            self.link
+                .metrics
+                .sensors
+                .set(self.link.hub.sensor_count() as i64);
+            if let Some(request) = gap {
+                ask_replay(
+                    &self.client,
+                    &self.topics,
+                    &self.link,
+                    &mut self.complaints,
+                    &id,
+                    request,
+                );
             }
         }
     }
@@ -368,30 +352,55 @@ impl Subscriber {
     /// The sensor's own health, from its publisher.
     fn on_sensor(&mut self, id: SensorId, topic: &str, payload: &[u8]) {
         self.link.metrics.received("sensor");
+        let Some(health) = self.parsed(
+            &id,
+            topic,
+            payload,
+            "sensor health",
+            SensorHealth::from_json,
+            |h| &h.sensor_id,
+        ) else {
+            return;
+        };
+        self.link.sent(self.link.hub.health(health));
+        self.link
+            .metrics
+            .sensors
+            .set(self.link.hub.sensor_count() as i64);
+    }
+
+    /// The payload of a `what` (a reading, a sensor health) on `topic`, parsed, when it is
+    /// sensor `id`'s: an empty payload, one that does not parse or one naming another sensor
+    /// is counted, logged (throttled) and `None`.
+    fn parsed<T>(
+        &mut self,
+        id: &SensorId,
+        topic: &str,
+        payload: &[u8],
+        what: &str,
+        parse: impl FnOnce(&[u8]) -> k3sense_protocol::Result<T>,
+        sensor_of: impl Fn(&T) -> &SensorId,
+    ) -> Option<T> {
         if payload.is_empty() {
             self.link.metrics.invalid("empty");
-            return;
+            return None;
         }
-        match SensorHealth::from_json(payload) {
-            Ok(health) if health.sensor_id != id => {
+        match parse(payload) {
+            Ok(value) if *sensor_of(&value) == *id => Some(value),
+            Ok(value) => {
                 self.link.metrics.invalid("id_mismatch");
                 self.complaints.say("id_mismatch", || {
-                    format!("dropping the health of sensor {} sent on {topic}: the id in the payload must match the topic", health.sensor_id)
+                    format!("dropping a {what} of sensor {} sent on {topic}: the id in the payload must match the topic", sensor_of(&value))
                 });
-            }
-            Ok(health) => {
-                self.link.sent(self.link.hub.health(health));
-                self.link
-                    .metrics
-                    .sensors
-                    .set(self.link.hub.sensor_count() as i64);
+                None
             }
             Err(e) => {
                 let reason = reason_of(&e);
                 self.link.metrics.invalid(reason);
                 self.complaints.say(reason, || {
-                    format!("dropping an invalid sensor health on {topic}: {e}")
+                    format!("dropping an invalid {what} on {topic}: {e}")
                 });
+                None
             }
         }
     }
