@@ -89,8 +89,12 @@ fn snapshot_ids(snapshot: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sensors_gone_for_forget_after_are_forgotten_and_a_new_reading_brings_one_back() {
+/// A broker and a gateway forgetting after [`FORGET_AFTER`], and an MQTT client (`name`, queue
+/// `capacity`) on that broker whose event loop runs in the returned task.
+async fn forgetting_gateway(
+    name: &str,
+    capacity: usize,
+) -> (support::Gateway, AsyncClient, tokio::task::JoinHandle<()>) {
     let broker = start_broker().await;
     let gw = spawn_gateway(
         broker,
@@ -100,10 +104,16 @@ async fn sensors_gone_for_forget_after_are_forgotten_and_a_new_reading_brings_on
         },
     )
     .await;
-    let mut options = MqttOptions::new("forget-test", broker.ip().to_string(), broker.port());
+    let mut options = MqttOptions::new(name, broker.ip().to_string(), broker.port());
     options.set_keep_alive(Duration::from_secs(5));
-    let (mqtt, mut events) = AsyncClient::new(options, 1000);
+    let (mqtt, mut events) = AsyncClient::new(options, capacity);
     let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    (gw, mqtt, pump)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensors_gone_for_forget_after_are_forgotten_and_a_new_reading_brings_one_back() {
+    let (gw, mqtt, pump) = forgetting_gateway("forget-test", 1000).await;
 
     // pi-gone: a reading, then its publisher's `offline`. pi-live: a reading and `online`.
     // fake-N: retained readings and nothing else (row 7: no availability at all).
@@ -253,19 +263,7 @@ async fn the_page_removes_a_forgotten_sensor_and_shows_it_again_when_it_is_back(
     let Some((chromium, driver)) = tools() else {
         return;
     };
-    let broker = start_broker().await;
-    let gw = spawn_gateway(
-        broker,
-        Options {
-            forget_after: FORGET_AFTER,
-            ..Options::default()
-        },
-    )
-    .await;
-    let mut options = MqttOptions::new("forget-page", broker.ip().to_string(), broker.port());
-    options.set_keep_alive(Duration::from_secs(5));
-    let (mqtt, mut events) = AsyncClient::new(options, 100);
-    let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let (gw, mqtt, pump) = forgetting_gateway("forget-page", 100).await;
     publish(
         &mqtt,
         "k3sense/pi-keep/state",
