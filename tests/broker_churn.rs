@@ -386,3 +386,120 @@ async fn measure_memory_per_connected_client() {
         (with - base) as f64 / 500.0
     );
 }
+
+/// [`read_raw`], but a broker that neither answers nor closes within 5 s is an error naming the
+/// session and what it waited for.
+async fn read_within(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    n: u64,
+    waiting_for: &str,
+) -> Result<Option<Raw>, String> {
+    tokio::time::timeout(5 * SECOND, read_raw(tcp, buf))
+        .await
+        .map_err(|_| format!("session {n}: no {waiting_for} and no close in 5 s"))
+}
+
+/// One echo session for [`a_goodbye_never_ends_the_connection_that_took_its_id`]: subscribes to
+/// its worker's topic (one per worker, whose sessions run one after another: the broker's
+/// `--max-filters-per-account` would refuse a new filter per session), publishes one QoS 1 message there, and waits for the PUBACK and the message
+/// itself; then sends DISCONNECT and closes its socket at once, as many clients do (paho,
+/// rumqttc after `disconnect()`, `mosquitto_pub`). Returns what went wrong, if anything.
+async fn echo_session(addr: SocketAddr, worker: u64, n: u64) -> Result<(), String> {
+    let mut buf = BytesMut::new();
+    let mut tcp = connect(addr, format!("echo-{n}"), &mut buf).await;
+    let topic = format!("churn/echo/{worker}");
+    let mut subscribe = Subscribe::new(&topic, mqttbytes::QoS::AtLeastOnce);
+    subscribe.pkid = 1;
+    tcp.write_all(&bytes_of(&Raw::Subscribe(subscribe)))
+        .await
+        .map_err(|e| format!("session {n}: SUBSCRIBE: {e}"))?;
+    match read_within(&mut tcp, &mut buf, n, "SUBACK").await? {
+        Some(Raw::SubAck(_)) => {}
+        other => return Err(format!("session {n}: expected SUBACK, got {other:?}")),
+    }
+    let mut publish = Publish::new(&topic, mqttbytes::QoS::AtLeastOnce, n.to_string());
+    publish.pkid = 2;
+    tcp.write_all(&bytes_of(&Raw::Publish(publish)))
+        .await
+        .map_err(|e| format!("session {n}: PUBLISH: {e}"))?;
+    let (mut puback, mut echo) = (false, false);
+    while !(puback && echo) {
+        match read_within(&mut tcp, &mut buf, n, "PUBACK and echo").await? {
+            Some(Raw::PubAck(_)) => puback = true,
+            Some(Raw::Publish(p)) => {
+                echo |= p.payload == n.to_string().as_bytes();
+                let ack = mqttbytes::v4::PubAck::new(p.pkid);
+                tcp.write_all(&bytes_of(&Raw::PubAck(ack))).await.ok();
+            }
+            other => {
+                return Err(format!(
+                    "session {n}: closed before its echo (PUBACK {puback}, echo {echo}): {other:?}"
+                ));
+            }
+        }
+    }
+    tcp.write_all(&bytes_of(&Raw::Disconnect)).await.ok();
+    drop(tcp);
+    Ok(())
+}
+
+/// Clients that say goodbye and leave at once, 16 at a time, are every one served, and the
+/// broker logs nothing alarming about them (CI caught `ERROR no-connection id 3 is already gone`
+/// in `quiet_start_stop`).
+///
+/// rumqttd 0.20 hears of such a client's end more than once: from the DISCONNECT packet, from
+/// the other packets buffered with it (one event each), and from the socket. It handled the
+/// first and logged the later ones at ERROR; in debug builds it also warned when a connection id
+/// ended and given to a new connection was queued twice. And the socket's notice named only the
+/// id, which the router may already have given to a new connection (its own comments say so),
+/// so that notice could end the new one. k3sense patch 4 (vendor/rumqttd/PATCHES.md) names the
+/// connection in the socket's notice and logs the normal echoes at debug.
+///
+/// Without the patch this run logged 964 and 1,084 ERROR/WARN lines in two runs (no session
+/// was cut short in either: the id race is narrower than this test); with it, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goodbye_never_ends_the_connection_that_took_its_id() {
+    const ECHO_SESSIONS: u64 = 3_000;
+    let (broker, listen, _) = start_broker_process("info,rumqttd=info").await;
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..PARALLEL)
+        .map(|worker| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= ECHO_SESSIONS {
+                        return failures;
+                    }
+                    if let Err(e) = echo_session(listen, worker, n).await {
+                        failures.push(e);
+                        return failures;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for worker in workers {
+        failures.extend(worker.await.unwrap());
+    }
+    tokio::time::sleep(SECOND / 2).await;
+    let (_, _, log) = broker.stop("TERM");
+    let alarms: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+        .filter(|l| !l.contains("anonymous"))
+        .collect();
+    eprintln!(
+        "{ECHO_SESSIONS} echo sessions: {} cut short, {} ERROR/WARN lines",
+        failures.len(),
+        alarms.len()
+    );
+    if !failures.is_empty() {
+        std::fs::write("/tmp/echo-broker.log", &log).unwrap();
+    }
+    assert_eq!(failures, Vec::<String>::new());
+    assert_eq!(alarms, Vec::<&str>::new());
+}

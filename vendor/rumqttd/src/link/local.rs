@@ -163,6 +163,11 @@ impl LinkTx {
         self.recv_buffer.lock()
     }
 
+    /// k3sense patch 4: the event that tells the router this connection's network side ended.
+    pub(crate) fn network_closed(&self) -> Event {
+        Event::NetworkClosed(self.recv_buffer.clone())
+    }
+
     /// Send raw device data
     fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {

@@ -61,6 +61,11 @@ pub struct RemoteLink<P> {
 }
 
 impl<P: Protocol> RemoteLink<P> {
+    /// k3sense patch 4: see `Event::NetworkClosed`.
+    pub(crate) fn network_closed(&self) -> Event {
+        self.link_tx.network_closed()
+    }
+
     pub async fn new(
         router_tx: Sender<(ConnectionId, Event)>,
         tenant_id: Option<String>,

@@ -55,6 +55,11 @@ pub enum Event {
     DeviceData,
     /// Disconnection request
     Disconnect,
+    /// k3sense patch 4: the network side of the connection whose receive buffer this is has
+    /// ended. Unlike `Disconnect`, it names the connection itself and not only its id: the
+    /// router may have ended that connection already (its DISCONNECT packet, a takeover) and
+    /// given the id to a new one, which this event must not end.
+    NetworkClosed(std::sync::Arc<parking_lot::Mutex<VecDeque<Packet>>>),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

@@ -594,7 +594,9 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        // k3sense patch 4: `Event::NetworkClosed`, not `Event::Disconnect`, so that a router
+        // that already ended this connection and gave its id to another does not end that one.
+        let disconnect = link.network_closed();
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
