@@ -318,16 +318,45 @@ async fn a_publisher_cannot_publish_another_sensors_topics_or_read_readings() {
     assert_eq!(broker.metrics.snapshot().publishes_forbidden, 2);
 }
 
+/// The next PUBLISH whose topic `keep` accepts: (topic, payload, retain, QoS).
+async fn next_publish_where(
+    events: &mut EventLoop,
+    within: Duration,
+    keep: impl Fn(&str) -> bool,
+) -> (String, String, bool, QoS) {
+    mqtt_until(events, within, |p| match p {
+        rumqttc::Packet::Publish(p) if keep(&p.topic) => Some((
+            p.topic.clone(),
+            String::from_utf8_lossy(&p.payload).into_owned(),
+            p.retain,
+            p.qos,
+        )),
+        _ => None,
+    })
+    .await
+}
+
+/// `$SYS/…` is served by the front (issue 16; rumqttd alone closes the connection): granted,
+/// the value now at once (retained, QoS 0, as Mosquitto sends it). Any other `$` filter gets
+/// 0x80 and the connection stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sys_subscriptions_get_suback_0x80_and_the_connection_stays() {
+async fn sys_subscriptions_are_served_and_other_dollar_filters_get_0x80() {
     let broker = start(false, 5 * SECOND).await;
     let (reader, mut events) = client(broker.addr, Some(("reader", "reader-pw"))).await;
-    let codes = mqtt_subscribe_codes(&reader, &mut events, &["$SYS/#"]).await;
-    assert_eq!(codes, [SubscribeReasonCode::Failure]);
+    let codes =
+        mqtt_subscribe_codes(&reader, &mut events, &["$SYS/broker/clients/connected"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let (_, connected, retain, qos) =
+        next_publish_where(&mut events, 2 * SECOND, |t| t.starts_with("$SYS/")).await;
+    assert_eq!(
+        (connected.as_str(), retain, qos),
+        ("1", true, QoS::AtMostOnce)
+    );
+
     let codes = mqtt_subscribe_codes(
         &reader,
         &mut events,
-        &["#", "$SYS/broker/uptime", "k3sense/#"],
+        &["#", "$other/x", "$SYS/broker/uptime", "k3sense/#"],
     )
     .await;
     assert_eq!(
@@ -335,6 +364,7 @@ async fn sys_subscriptions_get_suback_0x80_and_the_connection_stays() {
         [
             SubscribeReasonCode::Failure,
             SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
             SubscribeReasonCode::Success(QoS::AtLeastOnce)
         ]
     );
@@ -348,22 +378,26 @@ async fn sys_subscriptions_get_suback_0x80_and_the_connection_stays() {
         false,
     )
     .await;
-    let (topic, _) = next_publish(&mut events, 2 * SECOND).await;
+    let (topic, ..) =
+        next_publish_where(&mut events, 2 * SECOND, |t| !t.starts_with("$SYS/")).await;
     assert_eq!(topic, "k3sense/pi-1/state");
     let m = broker.metrics.snapshot();
-    assert_eq!(m.subscriptions_system, 2);
+    assert_eq!(m.subscriptions_system, 1);
+    assert_eq!(m.subscriptions_sys, 2);
     assert_eq!(m.subscriptions_forbidden, 1);
 
-    // An admin too gets 0x80 for $SYS, not a disconnect.
+    // An admin's `#` matches no `$SYS` topic [MQTT-4.7.2-1]; its `$SYS/#` gets the tree.
     let (admin, mut admin_events) = client(broker.addr, Some(("admin", "admin-pw"))).await;
-    let codes = mqtt_subscribe_codes(&admin, &mut admin_events, &["$SYS/#", "#"]).await;
+    let codes = mqtt_subscribe_codes(&admin, &mut admin_events, &["#"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let codes = mqtt_subscribe_codes(&admin, &mut admin_events, &["$SYS/#"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let (topic, version, ..) = next_publish_where(&mut admin_events, 2 * SECOND, |_| true).await;
     assert_eq!(
-        codes,
-        [
-            SubscribeReasonCode::Failure,
-            SubscribeReasonCode::Success(QoS::AtLeastOnce)
-        ]
+        topic, "$SYS/broker/version",
+        "the first $SYS topic, and no earlier one via #"
     );
+    assert!(version.starts_with("k3sense version "), "{version}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

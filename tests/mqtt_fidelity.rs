@@ -12,6 +12,7 @@
 //! | a resumed session gets what its subscriptions matched, at their QoS | `a_resumed_session_gets_exactly_what_it_subscribed_to` |
 //! | MQTT 5 CONNECT served | `an_mqtt5_client_is_served` |
 //! | MQTT 3.1 CONNECT served | `an_mqtt31_client_is_served` |
+//! | `$SYS/broker/…` (version, uptime, clients connected, messages received/sent) | `sys_broker_statistics_are_served` |
 //! | the acceptance scenario (MQTT 5, users file, publisher running) | `mqtt5_reader_under_a_users_file_acceptance` |
 //!
 //! Needs `python3` with paho-mqtt 2.x and Debian's `mosquitto` (with `mosquitto_passwd`); a
@@ -78,6 +79,11 @@ struct Broker {
 
 /// `k3sense broker` on a free port, anonymous or with [`USERS`].
 async fn ours(users: bool) -> Broker {
+    ours_with(users, &[]).await
+}
+
+/// [`ours`] with `extra` arguments.
+async fn ours_with(users: bool, extra: &[&str]) -> Broker {
     let dir = Dir::new("ours");
     let addr = free_addr();
     let listen = addr.to_string();
@@ -88,6 +94,7 @@ async fn ours(users: bool) -> Broker {
     if users {
         args.extend(["--users-file", users_path.as_str()]);
     }
+    args.extend(extra);
     let process = Proc::start(K3SENSE, &args);
     wait_answering(addr).await;
     Broker {
@@ -102,6 +109,11 @@ async fn ours(users: bool) -> Broker {
 /// Debian's Mosquitto on a free port, anonymous or with [`USERS`] and [`MOSQUITTO_ACL`];
 /// `None` when it is not installed (outside CI).
 async fn mosquitto(users: bool) -> Option<Broker> {
+    mosquitto_with(users, "").await
+}
+
+/// [`mosquitto`] with `config` lines added.
+async fn mosquitto_with(users: bool, config: &str) -> Option<Broker> {
     if !tool_available(MOSQUITTO) || !tool_available("mosquitto_passwd") {
         return None;
     }
@@ -133,7 +145,7 @@ async fn mosquitto(users: bool) -> Option<Broker> {
     } else {
         "allow_anonymous true\n".to_string()
     };
-    let mosquitto = Mosquitto::start_with(&extra).await?;
+    let mosquitto = Mosquitto::start_with(&format!("{extra}{config}")).await?;
     Some(Broker {
         name: "mosquitto",
         addr: mosquitto.addr,
@@ -178,6 +190,17 @@ async fn both(users: bool) -> Vec<Broker> {
         return Vec::new();
     };
     vec![ours(users).await, mosquitto]
+}
+
+/// Both brokers, anonymous, sending `$SYS` updates every second.
+async fn both_with_sys_every_second() -> Vec<Broker> {
+    if !python_module_available("paho.mqtt.enums") {
+        return Vec::new();
+    }
+    let Some(mosquitto) = mosquitto_with(false, "sys_interval 1\n").await else {
+        return Vec::new();
+    };
+    vec![ours_with(false, &["--sys-interval", "1"]).await, mosquitto]
 }
 
 /// Runs one scenario of the script against `broker` and returns what it observed.
@@ -312,6 +335,69 @@ async fn an_mqtt31_client_is_served() {
         assert_eq!(seen["connack"], json!([0, false]), "{}", broker.name);
         assert_eq!(seen["granted"], json!([1]), "{}", broker.name);
         assert_eq!(seen["got"], json!([["three-one", 1]]), "{}", broker.name);
+    }
+}
+
+/// The value of a `$SYS` topic the scenario saw first: (payload, retain, QoS).
+fn sys_value<'a>(seen: &'a Value, topic: &str, name: &str) -> &'a str {
+    let value = &seen["first"][topic];
+    assert_eq!(
+        (&value[1], &value[2]),
+        (&json!(true), &json!(0)),
+        "{name}: {topic} at once, retained, QoS 0: {seen}"
+    );
+    value[0].as_str().unwrap()
+}
+
+fn count(payload: &str) -> u64 {
+    payload
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count: {payload}"))
+}
+
+fn uptime(payload: &str) -> u64 {
+    let seconds = payload
+        .strip_suffix(" seconds")
+        .unwrap_or_else(|| panic!("not `N seconds`: {payload}"));
+    count(seconds)
+}
+
+#[tokio::test]
+async fn sys_broker_statistics_are_served() {
+    for broker in both_with_sys_every_second().await {
+        let seen = scenario(&broker, "sys", &[]).await;
+        let name = broker.name;
+        for protocol in ["v311", "v5"] {
+            let seen = &seen[protocol];
+            assert_eq!(seen["granted"], json!([0, 0, 0, 0, 0]), "{name} {protocol}");
+            let version = sys_value(seen, "$SYS/broker/version", name);
+            let words: Vec<&str> = version.split(' ').collect();
+            assert!(
+                words.len() == 3 && words[1] == "version",
+                "{name}: `<broker> version <x.y.z>`: {version}"
+            );
+            let started = uptime(sys_value(seen, "$SYS/broker/uptime", name));
+            // A count (Mosquitto's may still be 0 this early: it refreshes it each interval;
+            // ours is live, and tests/broker_security.rs checks its value).
+            count(sys_value(seen, "$SYS/broker/clients/connected", name));
+            count(sys_value(seen, "$SYS/broker/messages/received", name));
+            count(sys_value(seen, "$SYS/broker/messages/sent", name));
+            let later = &seen["later_uptime"];
+            assert_eq!(
+                (&later[1], &later[2]),
+                (&json!(false), &json!(0)),
+                "{name} {protocol}: an update within 2 × 5 s, live (not retained), QoS 0: {seen}"
+            );
+            assert!(
+                uptime(later[0].as_str().unwrap()) > started,
+                "{name}: {seen}"
+            );
+        }
+        assert_eq!(
+            seen["hash_got"],
+            json!([]),
+            "{name}: `#` matches no `$` topic [MQTT-4.7.2-1]"
+        );
     }
 }
 

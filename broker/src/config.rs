@@ -105,6 +105,17 @@ pub struct Options {
     /// filters already known stay open to every account.
     #[arg(long, env = "K3SENSE_MAX_FILTERS_PER_ACCOUNT", default_value_t = 256)]
     pub max_filters_per_account: usize,
+
+    /// Seconds between `$SYS/broker/…` updates (version, uptime, clients connected, messages
+    /// received and sent), as Mosquitto's `sys_interval`; a `$SYS` subscription gets the
+    /// current values at once. 0 serves no `$SYS` tree (a `$SYS` filter is refused, 0x80).
+    #[arg(
+        long,
+        env = "K3SENSE_SYS_INTERVAL",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    pub sys_interval: u64,
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -151,6 +162,7 @@ impl Default for Options {
             max_subscriptions: 64,
             max_filters: 2048,
             max_filters_per_account: 256,
+            sys_interval: 10,
         }
     }
 }

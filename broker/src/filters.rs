@@ -129,6 +129,19 @@ impl Subscriptions {
         Ok(())
     }
 
+    /// Admits `filter`, served by the front itself (`$SYS`): within the connection's maximum,
+    /// without a place in rumqttd's table.
+    pub(crate) fn admit_local(&mut self, filter: &str) -> Result<(), Refused> {
+        if self.active.contains(filter) {
+            return Ok(());
+        }
+        if self.active.len() >= self.max {
+            return Err(Refused::Connection);
+        }
+        self.active.insert(filter.to_owned());
+        Ok(())
+    }
+
     /// The client unsubscribed from `filter`.
     pub(crate) fn remove(&mut self, filter: &str) {
         self.active.remove(filter);

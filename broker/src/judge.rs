@@ -8,6 +8,8 @@
 //!   PUBREC/PUBCOMP for QoS 2), so a client's queue is not stuck on it.
 //! - A forbidden SUBSCRIBE filter gets return code 0x80; the allowed filters of the same packet
 //!   are forwarded and their codes merged into one SUBACK.
+//! - A `$SYS/…` filter is granted and served by the front (see `sys`), never forwarded: rumqttd
+//!   closes a connection that subscribes to a `$` filter. Other `$` filters get 0x80.
 //! - A PUBLISH to an empty or wildcard topic, a payload over `--max-payload` and packets only a
 //!   server may send close the connection.
 
@@ -17,7 +19,10 @@ use tokio::time::Instant;
 
 use rumqttc::mqttbytes::{
     QoS,
-    v4::{Packet, PubAck, PubComp, PubRec, Publish, SubAck, Subscribe, SubscribeReasonCode},
+    v4::{
+        Packet, PubAck, PubComp, PubRec, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
+        Unsubscribe,
+    },
     valid_topic,
 };
 
@@ -27,6 +32,7 @@ use crate::{
     metrics::Reason,
     replays::{AccountBuckets, Bucket, PER_CONNECTION},
     retained::RetainedTopics,
+    sys::{SysTree, is_sys_filter},
     users::Role,
 };
 
@@ -39,6 +45,8 @@ pub(crate) struct Rules<'a> {
     pub(crate) replays: &'a AccountBuckets,
     /// `--max-payload`.
     pub(crate) max_payload: usize,
+    /// Which `$SYS` filters the front serves.
+    pub(crate) sys: &'a SysTree,
 }
 
 /// Why a PUBLISH was dropped (and acknowledged).
@@ -108,6 +116,8 @@ pub(crate) struct SubscribeJudged {
     pub(crate) codes: Vec<Option<SubscribeReasonCode>>,
     /// The refused filters and why, in order.
     pub(crate) refused: Vec<(String, FilterRefused)>,
+    /// The granted `$SYS` filters, served by the front, in order.
+    pub(crate) sys: Vec<String>,
 }
 
 impl SubscribeJudged {
@@ -126,6 +136,17 @@ pub(crate) enum Action {
     Publish(Publish),
     /// A SUBSCRIBE: forward the allowed part, answer the rest.
     Subscribe(SubscribeJudged),
+    /// An UNSUBSCRIBE: forward the filters rumqttd holds (if any; else answer the UNSUBACK),
+    /// and drop the `$SYS` filters the front serves.
+    Unsubscribe {
+        /// The UNSUBSCRIBE without its `$` filters, none of which rumqttd was ever given;
+        /// `None` when that leaves nothing.
+        forward: Option<Unsubscribe>,
+        /// The UNSUBACK when nothing is forwarded.
+        answer: Option<Packet>,
+        /// Its `$SYS` filters.
+        sys: Vec<String>,
+    },
     /// Answer the client with this packet; nothing goes to rumqttd.
     Answer(Packet),
     /// A PUBLISH dropped, with the acknowledgement the client is owed (none for QoS 0).
@@ -181,12 +202,7 @@ impl<'a> Judge<'a> {
             Packet::Subscribe(subscribe) => Action::Subscribe(self.subscribe(subscribe)),
             Packet::PingReq => Action::Answer(Packet::PingResp),
             Packet::Disconnect => Action::Disconnect,
-            Packet::Unsubscribe(unsubscribe) => {
-                for filter in &unsubscribe.topics {
-                    self.subscriptions.remove(filter);
-                }
-                Action::Forward(Packet::Unsubscribe(unsubscribe))
-            }
+            Packet::Unsubscribe(unsubscribe) => self.unsubscribe(unsubscribe),
             packet @ (Packet::PubAck(_)
             | Packet::PubRec(_)
             | Packet::PubRel(_)
@@ -288,11 +304,16 @@ impl<'a> Judge<'a> {
         let mut allowed = Vec::new();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut refused = Vec::new();
+        let mut sys = Vec::new();
         for filter in subscribe.filters {
             match self.filter(&filter.path) {
-                Ok(()) => {
+                Ok(Route::Forward) => {
                     codes.push(None);
                     allowed.push(filter);
+                }
+                Ok(Route::Sys) => {
+                    codes.push(Some(SubscribeReasonCode::Success(filter.qos)));
+                    sys.push(filter.path);
                 }
                 Err(why) => {
                     codes.push(Some(SubscribeReasonCode::Failure));
@@ -309,21 +330,64 @@ impl<'a> Judge<'a> {
             forward,
             codes,
             refused,
+            sys,
         }
     }
 
-    fn filter(&mut self, path: &str) -> Result<(), FilterRefused> {
+    /// Splits an UNSUBSCRIBE into what rumqttd holds and the `$` filters it was never given.
+    fn unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Action {
+        let pkid = unsubscribe.pkid;
+        let (dollar, upstream): (Vec<String>, Vec<String>) = unsubscribe
+            .topics
+            .into_iter()
+            .partition(|f| f.starts_with('$'));
+        for filter in dollar.iter().chain(&upstream) {
+            self.subscriptions.remove(filter);
+        }
+        let sys = dollar.into_iter().filter(|f| is_sys_filter(f)).collect();
+        let (forward, answer) = if upstream.is_empty() {
+            (None, Some(Packet::UnsubAck(UnsubAck::new(pkid))))
+        } else {
+            let forward = Unsubscribe {
+                pkid,
+                topics: upstream,
+            };
+            (Some(forward), None)
+        };
+        Action::Unsubscribe {
+            forward,
+            answer,
+            sys,
+        }
+    }
+
+    fn filter(&mut self, path: &str) -> Result<Route, FilterRefused> {
+        let limited = FilterRefused::Limit;
         match self.rules.acl.subscribe(self.role, path) {
             SubscribeVerdict::Allow => self
                 .subscriptions
                 .admit(self.rules.filters, self.account, path)
-                .map_err(FilterRefused::Limit),
+                .map(|()| Route::Forward)
+                .map_err(limited),
             SubscribeVerdict::Forbidden => Err(FilterRefused::Forbidden),
+            SubscribeVerdict::System if self.rules.sys.serves(path) => self
+                .subscriptions
+                .admit_local(path)
+                .map(|()| Route::Sys)
+                .map_err(limited),
             SubscribeVerdict::System => Err(FilterRefused::System),
             SubscribeVerdict::Invalid => Err(FilterRefused::Invalid),
             SubscribeVerdict::Shared => Err(FilterRefused::Shared),
         }
     }
+}
+
+/// Where an allowed filter is served.
+enum Route {
+    /// By rumqttd.
+    Forward,
+    /// By the front's `$SYS` tree.
+    Sys,
 }
 
 fn packet_name(packet: &Packet) -> &'static str {
@@ -349,6 +413,7 @@ mod tests {
         retained: RetainedTopics,
         filters: FilterTable,
         replays: AccountBuckets,
+        sys: SysTree,
     }
 
     impl Tables {
@@ -358,6 +423,7 @@ mod tests {
                 retained: RetainedTopics::default(),
                 filters: FilterTable::new(100, 10),
                 replays: AccountBuckets::default(),
+                sys: SysTree::new(std::time::Duration::ZERO),
             }
         }
 
@@ -368,6 +434,7 @@ mod tests {
                 filters: &self.filters,
                 replays: &self.replays,
                 max_payload: 4096,
+                sys: &self.sys,
             };
             Judge::new(rules, role, "acct", 3)
         }
@@ -587,13 +654,78 @@ mod tests {
         let unsubscribe = Unsubscribe::new("k3sense/#");
         assert!(matches!(
             judge.judge_now(Packet::Unsubscribe(unsubscribe)),
-            Action::Forward(_)
+            Action::Unsubscribe {
+                forward: Some(_),
+                answer: None,
+                ..
+            }
         ));
         let again = Subscribe::new("k3sense/pi-1/#", QoS::AtLeastOnce);
         let Action::Subscribe(judged) = judge.judge_now(Packet::Subscribe(again)) else {
             panic!("not a subscribe");
         };
         assert!(judged.refused.is_empty());
+    }
+
+    #[test]
+    fn sys_filters_are_granted_by_the_front_and_never_reach_rumqttd() {
+        let mut t = Tables::new();
+        t.sys = SysTree::new(std::time::Duration::from_secs(10));
+        let role = Role::Reader;
+        let mut judge = t.judge(&role);
+        let subscribe = Subscribe::new_many([
+            SubscribeFilter::new("$SYS/broker/#".to_owned(), QoS::AtLeastOnce),
+            SubscribeFilter::new("$other/x".to_owned(), QoS::AtMostOnce),
+            SubscribeFilter::new("k3sense/#".to_owned(), QoS::AtLeastOnce),
+        ]);
+        let Action::Subscribe(judged) = judge.judge_now(Packet::Subscribe(subscribe)) else {
+            panic!("not a subscribe");
+        };
+        assert_eq!(judged.sys, ["$SYS/broker/#"]);
+        let forwarded: Vec<_> = judged.forward.unwrap().filters;
+        assert_eq!(forwarded.len(), 1);
+        assert_eq!(forwarded[0].path, "k3sense/#");
+        assert_eq!(
+            judged.codes,
+            [
+                Some(SubscribeReasonCode::Success(QoS::AtLeastOnce)),
+                Some(SubscribeReasonCode::Failure),
+                None
+            ]
+        );
+        assert_eq!(
+            judged.refused,
+            [("$other/x".to_owned(), FilterRefused::System)]
+        );
+
+        // An UNSUBSCRIBE of `$` filters only is answered by the front.
+        let only_sys = Unsubscribe {
+            pkid: 4,
+            topics: vec!["$SYS/broker/#".to_owned(), "$other/x".to_owned()],
+        };
+        assert_eq!(
+            judge.judge_now(Packet::Unsubscribe(only_sys)),
+            Action::Unsubscribe {
+                forward: None,
+                answer: Some(Packet::UnsubAck(UnsubAck::new(4))),
+                sys: vec!["$SYS/broker/#".to_owned()],
+            }
+        );
+        // A mixed one forwards only what rumqttd holds.
+        let mixed = Unsubscribe {
+            pkid: 5,
+            topics: vec!["$SYS/#".to_owned(), "k3sense/#".to_owned()],
+        };
+        let Action::Unsubscribe {
+            forward,
+            answer,
+            sys,
+        } = judge.judge_now(Packet::Unsubscribe(mixed))
+        else {
+            panic!("not an unsubscribe");
+        };
+        assert_eq!(forward.unwrap().topics, ["k3sense/#"]);
+        assert_eq!((answer, sys), (None, vec!["$SYS/#".to_owned()]));
     }
 
     #[test]

@@ -80,6 +80,7 @@ mod replays;
 mod retained;
 mod session;
 mod shared;
+mod sys;
 mod throttle;
 mod tls;
 mod users;
@@ -343,6 +344,7 @@ fn new_shared(
         log_bytes: backlog::LogBytes::default(),
         parked: backlog::Parked::default(),
         slow_log: backlog::SlowLog::default(),
+        sys: sys::SysTree::new(std::time::Duration::from_secs(options.sys_interval)),
     })
 }
 

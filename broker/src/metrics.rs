@@ -121,8 +121,10 @@ pub struct Snapshot {
     pub subscriptions_forwarded: u64,
     /// SUBSCRIBE filters refused (0x80) because the role may not read there.
     pub subscriptions_forbidden: u64,
-    /// `$SYS/…` and other `$` filters refused (0x80).
+    /// `$` filters refused (0x80): any but `$SYS/…` while the `$SYS` tree is served.
     pub subscriptions_system: u64,
+    /// `$SYS/…` filters granted and served by the front (see `sys`).
+    pub subscriptions_sys: u64,
     /// Invalid filters refused (0x80).
     pub subscriptions_invalid: u64,
     /// `$share/…` filters refused (0x80).
@@ -139,6 +141,10 @@ pub struct Snapshot {
     pub filters: u64,
     /// Wrong passwords answered late, and logins queued behind their address's failures.
     pub logins_delayed: u64,
+    /// MQTT packets of any kind read from logged-in clients.
+    pub packets_received: u64,
+    /// MQTT packets of any kind written to logged-in clients.
+    pub packets_sent: u64,
 }
 
 impl Snapshot {
@@ -170,10 +176,13 @@ pub struct Metrics {
     subscriptions_invalid: Counter,
     subscriptions_shared: Counter,
     subscriptions_limit: Counter,
+    subscriptions_sys: Counter,
     client_id_slots: Gauge,
     pending: Gauge,
     filters: Gauge,
     logins_delayed: Counter,
+    packets_received: Counter,
+    packets_sent: Counter,
 }
 
 type Labels = Vec<(&'static str, &'static str)>;
@@ -187,13 +196,14 @@ const PUBLISH_OUTCOMES: [&str; 5] = [
     "rate_limited",
 ];
 /// The `outcome` label values of `k3sense_broker_subscriptions_total`.
-const SUBSCRIBE_OUTCOMES: [&str; 6] = [
+const SUBSCRIBE_OUTCOMES: [&str; 7] = [
     "forwarded",
     "forbidden",
     "system",
     "invalid",
     "shared",
     "limit",
+    "sys",
 ];
 
 impl Default for Metrics {
@@ -226,7 +236,15 @@ impl Default for Metrics {
             "outcome",
             PUBLISH_OUTCOMES,
         );
-        let [sub_forwarded, sub_forbidden, system, invalid, shared, limit] = labelled(
+        let [
+            sub_forwarded,
+            sub_forbidden,
+            system,
+            invalid,
+            shared,
+            limit,
+            sys,
+        ] = labelled(
             r,
             "subscriptions",
             "SUBSCRIBE filters, by what the broker did with them",
@@ -248,6 +266,7 @@ impl Default for Metrics {
             subscriptions_invalid: invalid,
             subscriptions_shared: shared,
             subscriptions_limit: limit,
+            subscriptions_sys: sys,
             publishes_delivered: counter(r, "deliveries", "PUBLISH packets sent to clients"),
             client_id_slots: gauge(
                 r,
@@ -268,6 +287,16 @@ impl Default for Metrics {
                 r,
                 "logins_delayed",
                 "Wrong passwords answered after a delay, and logins queued behind their address's failures",
+            ),
+            packets_received: counter(
+                r,
+                "packets_received",
+                "MQTT packets of any kind read from logged-in clients ($SYS/broker/messages/received)",
+            ),
+            packets_sent: counter(
+                r,
+                "packets_sent",
+                "MQTT packets of any kind written to logged-in clients ($SYS/broker/messages/sent)",
             ),
             // Last: every field above has registered through `r` by now.
             registry,
@@ -368,6 +397,15 @@ impl Metrics {
     pub(crate) fn subscription_system(&self) {
         self.subscriptions_system.inc();
     }
+    pub(crate) fn subscription_sys(&self) {
+        self.subscriptions_sys.inc();
+    }
+    pub(crate) fn packet_received(&self) {
+        self.packets_received.inc();
+    }
+    pub(crate) fn packet_sent(&self) {
+        self.packets_sent.inc();
+    }
     pub(crate) fn subscription_invalid(&self) {
         self.subscriptions_invalid.inc();
     }
@@ -397,10 +435,13 @@ impl Metrics {
             subscriptions_invalid: self.subscriptions_invalid.get(),
             subscriptions_shared: self.subscriptions_shared.get(),
             subscriptions_limit: self.subscriptions_limit.get(),
+            subscriptions_sys: self.subscriptions_sys.get(),
             client_id_slots: level(&self.client_id_slots),
             pending: level(&self.pending),
             filters: level(&self.filters),
             logins_delayed: self.logins_delayed.get(),
+            packets_received: self.packets_received.get(),
+            packets_sent: self.packets_sent.get(),
         }
     }
 

@@ -43,6 +43,7 @@ use crate::{
     judge::{Action, Dropped, FilterRefused, Judge, Rules, SubscribeJudged},
     metrics::Reason,
     shared::{Client, Shared},
+    sys::{SysSubscriptions, SysTree},
     v5::{self, Codec, Origin},
 };
 
@@ -155,12 +156,17 @@ struct ClientSide<'a> {
     refusals: Refusals,
     /// The client's codec, told of each UNSUBSCRIBE (an MQTT 5 UNSUBACK has a reason per filter).
     codec: Option<&'a Codec>,
+    sys_tree: &'a SysTree,
+    /// The `$SYS` filters this connection holds (see `sys`).
+    sys: SysSubscriptions,
 }
 
 /// What happens next on the client-to-broker side.
 enum Step {
     Packet(Packet),
     Ping,
+    /// Time to send the `$SYS` values that changed.
+    Sys,
     End(End),
 }
 
@@ -177,6 +183,7 @@ impl<'a> ClientSide<'a> {
             filters: &shared.filters,
             replays: &shared.replays,
             max_payload: shared.max_payload,
+            sys: &shared.sys,
         };
         let account = client.user.unwrap_or_default();
         Self {
@@ -190,6 +197,8 @@ impl<'a> ClientSide<'a> {
             pending,
             refusals: Refusals::default(),
             codec: None,
+            sys_tree: &shared.sys,
+            sys: SysSubscriptions::default(),
         }
     }
 
@@ -210,11 +219,18 @@ impl<'a> ClientSide<'a> {
         let ping_every = UPSTREAM_KEEPALIVE / 2;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut last_heard = Instant::now();
+        let mut sys_tick = self.sys_tree.interval().map(|every| {
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         loop {
             let silent_until = silence.map(|s| last_heard + s);
+            let sys_due = !self.sys.is_empty();
             let step = tokio::select! {
                 packet = reader.next(client_rd) => self.step(packet),
                 _ = ping.tick() => Step::Ping,
+                () = next_tick(&mut sys_tick), if sys_due => Step::Sys,
                 () = sleep_until(silent_until) => {
                     Step::End(self.close(Reason::KeepaliveTimeout, &"nothing received within 1.5 × keepalive"))
                 }
@@ -222,6 +238,13 @@ impl<'a> ClientSide<'a> {
             let forward = match step {
                 Step::End(end) => return end,
                 Step::Ping => Some(Packet::PingReq),
+                Step::Sys => {
+                    let changed = self.sys.changed(self.sys_tree, self.metrics);
+                    if let Err(end) = self.send_sys(changed).await {
+                        return end;
+                    }
+                    None
+                }
                 Step::Packet(packet) => {
                     last_heard = Instant::now();
                     match self.act(packet).await {
@@ -240,7 +263,10 @@ impl<'a> ClientSide<'a> {
 
     fn step(&self, read: Result<Option<Packet>, FrameError>) -> Step {
         match read {
-            Ok(Some(packet)) => Step::Packet(packet),
+            Ok(Some(packet)) => {
+                self.metrics.packet_received();
+                Step::Packet(packet)
+            }
             Ok(None) | Err(FrameError::Io(_)) => Step::End(End::Abrupt),
             Err(e) => Step::End(self.close(e.reason(), &e)),
         }
@@ -275,6 +301,19 @@ impl<'a> ClientSide<'a> {
                 Ok(Some(Packet::Publish(publish)))
             }
             Action::Subscribe(judged) => self.subscribe(judged).await,
+            Action::Unsubscribe {
+                forward,
+                answer,
+                sys,
+            } => {
+                for filter in &sys {
+                    self.sys.unsubscribe(filter);
+                }
+                match answer {
+                    Some(answer) => self.answer(answer).await.map(|()| None),
+                    None => Ok(forward.map(Packet::Unsubscribe)),
+                }
+            }
             Action::Answer(reply) => self.answer(reply).await.map(|()| None),
             Action::Drop {
                 why,
@@ -327,16 +366,34 @@ impl<'a> ClientSide<'a> {
             let whys = judged.refused.iter().map(|(_, why)| filter_reason(*why));
             codec.filters_refused(judged.pkid, whys.collect());
         }
-        match judged.forward {
+        let forward = match judged.forward {
             Some(forward) => {
                 self.pending.insert(forward.pkid, judged.codes);
-                Ok(Some(Packet::Subscribe(forward)))
+                Some(Packet::Subscribe(forward))
             }
             None => {
                 let ack = judged.local_suback();
-                self.answer(Packet::SubAck(ack)).await.map(|()| None)
+                self.answer(Packet::SubAck(ack)).await?;
+                None
             }
+        };
+        // The `$SYS` values now, retained. With a forwarded part they may come before the
+        // SUBACK, as a server may send matching PUBLISHes before it [MQTT-3.8.4].
+        for filter in judged.sys {
+            self.metrics.subscription_sys();
+            let now = self.sys.subscribe(filter, self.sys_tree, self.metrics);
+            self.send_sys(now).await?;
         }
+        Ok(forward)
+    }
+
+    /// Queues `$SYS` messages for the client (QoS 0: no acknowledgement to track).
+    async fn send_sys(&self, messages: Vec<Publish>) -> Result<(), End> {
+        for message in messages {
+            self.metrics.publish_delivered();
+            self.answer(Packet::Publish(message)).await?;
+        }
+        Ok(())
     }
 
     fn refused_filter(&mut self, filter: &str, why: FilterRefused) {
@@ -458,6 +515,7 @@ impl BrokerSide<'_> {
             {
                 return End::Abrupt;
             }
+            self.shared.metrics.packet_sent();
         }
     }
 
@@ -532,6 +590,16 @@ pub(crate) async fn goodbye(
         .is_ok()
     {
         until_upstream_closes(&mut up.rd, shutdown).await;
+    }
+}
+
+/// The next tick of `interval`, or never without one.
+async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::{
     registry::Registry,
     replays::AccountBuckets,
     retained::RetainedTopics,
+    sys::SysTree,
     throttle::Throttle,
     users::Role,
 };
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) parked: Parked,
     /// The slow subscribers' log line, rate-limited.
     pub(crate) slow_log: SlowLog,
+    /// The `$SYS/broker/…` statistics (see `sys`).
+    pub(crate) sys: SysTree,
 }
 
 /// Who is on the other end of a logged-in connection, for log lines and per-account rules.

@@ -375,6 +375,46 @@ def scenario_acceptance(args):
     }
 
 
+SYS_TOPICS = [
+    "$SYS/broker/version",
+    "$SYS/broker/uptime",
+    "$SYS/broker/clients/connected",
+    "$SYS/broker/messages/received",
+    "$SYS/broker/messages/sent",
+]
+
+
+def scenario_sys(args):
+    """`$SYS/broker/...` with MQTT 3.1.1 and 5: a subscription gets each value at once (retained),
+    then the values that change every sys_interval (the test starts both brokers with 1 s); a `#`
+    subscription gets no `$SYS` topic [MQTT-4.7.2-1]."""
+    base = unique(args, "sys")
+    everything = Client(args, base + "-all")
+    everything.connect()
+    everything.subscribe(("#", 0))
+    out = {}
+    for name, protocol in (("v311", V311), ("v5", V5)):
+        c = Client(args, f"{base}-{name}", protocol=protocol)
+        c.connect()
+        granted = c.subscribe(*[(t, 0) for t in SYS_TOPICS])
+        first, later = {}, None
+        deadline = time.monotonic() + 2 * WAIT
+        while time.monotonic() < deadline and (len(first) < len(SYS_TOPICS) or later is None):
+            for m in c.receive(1, timeout=max(0.0, deadline - time.monotonic())):
+                seen = [m["payload"], m["retain"], m["qos"]]
+                if m["topic"] not in first:
+                    first[m["topic"]] = seen
+                elif m["topic"] == "$SYS/broker/uptime" and not m["retain"]:
+                    later = seen
+        c.disconnect()
+        out[name] = {"granted": granted, "first": first, "later_uptime": later}
+    out["hash_got"] = sorted(
+        {m["topic"] for m in everything.receive(10_000, timeout=0.5) if m["topic"].startswith("$")}
+    )
+    everything.disconnect()
+    return out
+
+
 SCENARIOS = {name[len("scenario_"):]: f for name, f in globals().items() if name.startswith("scenario_")}
 
 
