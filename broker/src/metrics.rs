@@ -251,6 +251,8 @@ impl Default for Metrics {
             "outcome",
             SUBSCRIBE_OUTCOMES,
         );
+        let (client_id_slots, pending, filters, logins_delayed) = bounded_state(r);
+        let (packets_received, packets_sent) = packet_counters(r);
         Self {
             accepted,
             active,
@@ -268,40 +270,58 @@ impl Default for Metrics {
             subscriptions_limit: limit,
             subscriptions_sys: sys,
             publishes_delivered: counter(r, "deliveries", "PUBLISH packets sent to clients"),
-            client_id_slots: gauge(
-                r,
-                "client_id_slots",
-                "Pooled client ids handed to the embedded rumqttd for clean sessions; its per-client records are bounded by this, not by the client ids that ever connected",
-            ),
-            pending: gauge(
-                r,
-                "pending_connections",
-                "Sockets that have not logged in yet (TLS handshake, CONNECT, a failed login's delay)",
-            ),
-            filters: gauge(
-                r,
-                "filters",
-                "Distinct subscription filters forwarded to the embedded rumqttd, which keeps a log for each until the broker restarts",
-            ),
-            logins_delayed: counter(
-                r,
-                "logins_delayed",
-                "Wrong passwords answered after a delay, and logins queued behind their address's failures",
-            ),
-            packets_received: counter(
-                r,
-                "packets_received",
-                "MQTT packets of any kind read from logged-in clients ($SYS/broker/messages/received)",
-            ),
-            packets_sent: counter(
-                r,
-                "packets_sent",
-                "MQTT packets of any kind written to logged-in clients ($SYS/broker/messages/sent)",
-            ),
+            client_id_slots,
+            pending,
+            filters,
+            logins_delayed,
+            packets_received,
+            packets_sent,
             // Last: every field above has registered through `r` by now.
             registry,
         }
     }
+}
+
+/// The gauges of the broker's bounded state, and the delayed-login counter.
+fn bounded_state(r: &mut Registry) -> (Gauge, Gauge, Gauge, Counter) {
+    (
+        gauge(
+            r,
+            "client_id_slots",
+            "Pooled client ids handed to the embedded rumqttd for clean sessions; its per-client records are bounded by this, not by the client ids that ever connected",
+        ),
+        gauge(
+            r,
+            "pending_connections",
+            "Sockets that have not logged in yet (TLS handshake, CONNECT, a failed login's delay)",
+        ),
+        gauge(
+            r,
+            "filters",
+            "Distinct subscription filters forwarded to the embedded rumqttd, which keeps a log for each until the broker restarts",
+        ),
+        counter(
+            r,
+            "logins_delayed",
+            "Wrong passwords answered after a delay, and logins queued behind their address's failures",
+        ),
+    )
+}
+
+/// The packet counters behind `$SYS/broker/messages/received` and `…/sent`.
+fn packet_counters(r: &mut Registry) -> (Counter, Counter) {
+    (
+        counter(
+            r,
+            "packets_received",
+            "MQTT packets of any kind read from logged-in clients ($SYS/broker/messages/received)",
+        ),
+        counter(
+            r,
+            "packets_sent",
+            "MQTT packets of any kind written to logged-in clients ($SYS/broker/messages/sent)",
+        ),
+    )
 }
 
 /// Registers a counter; prometheus-client adds `_total` to the sample's name.
