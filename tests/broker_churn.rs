@@ -461,7 +461,7 @@ async fn echo_session(addr: SocketAddr, worker: u64, n: u64) -> Result<(), Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_goodbye_never_ends_the_connection_that_took_its_id() {
     const ECHO_SESSIONS: u64 = 3_000;
-    let (broker, listen, _) = start_broker_process("info,rumqttd=info").await;
+    let (broker, listen, metrics_at) = start_broker_process("info,rumqttd=info").await;
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..PARALLEL)
         .map(|worker| {
@@ -485,7 +485,17 @@ async fn a_goodbye_never_ends_the_connection_that_took_its_id() {
     for worker in workers {
         failures.extend(worker.await.unwrap());
     }
-    tokio::time::sleep(SECOND / 2).await;
+    // Every session has ended at the front, and rumqttd's router has handled every end
+    // (one `Disconnecting connection` line each), before the log is read.
+    wait_connected(metrics_at, 0).await;
+    let deadline = Instant::now() + 10 * SECOND;
+    while broker.log().matches("Disconnecting connection").count() < ECHO_SESSIONS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "rumqttd did not end every session"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (_, _, log) = broker.stop("TERM");
     let alarms: Vec<&str> = log
         .lines()

@@ -576,8 +576,13 @@ mod tests {
             "invalid",
             "shared",
             "limit",
+            "sys",
         ] {
             let sample = format!("k3sense_broker_subscriptions_total{{outcome=\"{outcome}\"}} 0\n");
+            assert!(text.contains(&sample), "{sample} missing");
+        }
+        for counter in ["packets_received", "packets_sent"] {
+            let sample = format!("k3sense_broker_{counter}_total 0\n");
             assert!(text.contains(&sample), "{sample} missing");
         }
     }

@@ -319,14 +319,7 @@ impl Subscriber {
                 after_seq: reading.seq.saturating_sub(1),
                 until_seq: Some(reading.seq.saturating_add(1)),
             };
-            ask_replay(
-                &self.client,
-                &self.topics,
-                &self.link,
-                &mut self.complaints,
-                &id,
-                request,
-            );
+            self.ask(&id, request);
             return;
         }
         for reading in judge(&self.link, &mut self.complaints, &mut self.guard, reading) {
@@ -337,14 +330,7 @@ impl Subscriber {
                 .sensors
                 .set(self.link.hub.sensor_count() as i64);
             if let Some(request) = gap {
-                ask_replay(
-                    &self.client,
-                    &self.topics,
-                    &self.link,
-                    &mut self.complaints,
-                    &id,
-                    request,
-                );
+                self.ask(&id, request);
             }
         }
     }
@@ -419,14 +405,7 @@ impl Subscriber {
                             after_seq: seq,
                             until_seq: None,
                         };
-                        ask_replay(
-                            &self.client,
-                            &self.topics,
-                            &self.link,
-                            &mut self.complaints,
-                            &id,
-                            request,
-                        );
+                        self.ask(&id, request);
                     }
                 }
                 self.link

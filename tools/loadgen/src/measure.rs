@@ -42,6 +42,19 @@ pub struct Target {
     pub pids: Vec<u32>,
 }
 
+impl Target {
+    /// k3sense's gateway at `http` (WebSocket `/ws`), its broker at `mqtt`.
+    pub fn k3sense(http: SocketAddr, mqtt: SocketAddr, pids: Vec<u32>) -> Self {
+        Self {
+            protocol: Protocol::K3sense,
+            ws: http,
+            path: "/ws".to_owned(),
+            mqtt: mqtt.to_string(),
+            pids,
+        }
+    }
+}
+
 /// How much load.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {

@@ -134,13 +134,7 @@ impl Servers {
             &bins.work_dir,
         )?;
         wait_ready(http).await?;
-        let target = Target {
-            protocol: Protocol::K3sense,
-            ws: http,
-            path: "/ws".to_owned(),
-            mqtt: mqtt.to_string(),
-            pids: vec![gateway, broker],
-        };
+        let target = Target::k3sense(http, mqtt, vec![gateway, broker]);
         Ok((servers, target))
     }
 
@@ -198,13 +192,7 @@ impl Servers {
             &bins.work_dir,
         )?;
         wait_ready(http).await?;
-        let target = Target {
-            protocol: Protocol::K3sense,
-            ws: http,
-            path: "/ws".to_owned(),
-            mqtt: mqtt.to_string(),
-            pids: vec![pid],
-        };
+        let target = Target::k3sense(http, mqtt, vec![pid]);
         Ok((servers, target))
     }
 
