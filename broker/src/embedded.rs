@@ -1,8 +1,8 @@
 //! rumqttd, embedded: its configuration and its thread.
 //!
-//! rumqttd listens only on a loopback port that the proxy (see `session`) connects to; it accepts
-//! one account, whose random password exists only in this process's memory, so nothing on the
-//! host can reach it around the proxy's rules.
+//! The proxy (see `session`) reaches rumqttd through in-memory pipes; rumqttd also listens on a
+//! loopback port, for the readiness probe. It accepts one account, whose random password exists
+//! only in this process's memory, so nothing on the host can reach it around the proxy's rules.
 
 use std::collections::HashMap;
 
@@ -16,6 +16,8 @@ use crate::{Config, Error, Result, session::HEADER_ROOM, session::Upstream};
 /// 4 × 256 KiB still holds thousands of them per filter.
 const SEGMENT_BYTES: usize = 256 * 1024;
 const SEGMENT_COUNT: usize = 4;
+/// rumqttd's one server, the one the door opens into.
+const SERVER_NAME: &str = "internal";
 /// QoS 1 messages a client may have unacknowledged before the broker waits.
 const MAX_INFLIGHT: usize = 100;
 
@@ -36,7 +38,7 @@ pub(crate) fn rumqttd_config(config: &Config, upstream: &Upstream) -> rumqttd::C
         dynamic_filters: true,
     };
     let server = ServerSettings {
-        name: "internal".to_owned(),
+        name: SERVER_NAME.to_owned(),
         listen: upstream.addr,
         tls: None,
         // rumqttd sleeps this long after each accept (1 ms rounds up to ~2 ms), which capped the
@@ -62,14 +64,32 @@ pub(crate) fn rumqttd_config(config: &Config, upstream: &Upstream) -> rumqttd::C
     }
 }
 
-/// Starts rumqttd on its own OS thread (its `start()` blocks forever). The receiver resolves if
-/// that thread ever returns, which means every listener died.
-pub(crate) fn spawn(config: rumqttd::Config) -> Result<oneshot::Receiver<String>> {
+/// How much one in-process pipe to rumqttd buffers each way: 300 readings, or one packet of
+/// `--max-payload`'s default. A full pipe makes the writer wait, as a full socket buffer did.
+const PIPE_BYTES: usize = 64 * 1024;
+
+/// Starts rumqttd: its router on a thread of its own, its loopback listener (for the readiness
+/// probe) on another (`start()` blocks forever). The receiver resolves if that thread ever
+/// returns, which means every listener died.
+///
+/// The returned door opens the proxy's links to rumqttd as in-memory pipes, served by tasks on
+/// the caller's runtime (vendor/rumqttd patch 5), instead of loopback sockets served by
+/// rumqttd's listener thread. A reading crosses between the proxy and rumqttd four times (the
+/// publish in, its PUBACK out, the forward to each subscriber and that PUBACK back); over
+/// loopback TCP each crossing was a send that runs both ends' TCP stacks in the kernel, a
+/// receive, a quick-ACK request, and a wake-up of rumqttd's thread (BENCHMARKS.md, "Where the
+/// time goes").
+pub(crate) fn spawn(
+    config: rumqttd::Config,
+) -> Result<(oneshot::Receiver<String>, rumqttd::InProcess)> {
     let (tx, rx) = oneshot::channel();
+    let mut broker = Broker::new(config);
+    let door = broker
+        .in_process(SERVER_NAME, PIPE_BYTES)
+        .ok_or_else(|| Error::Stopped(format!("rumqttd has no server {SERVER_NAME:?}")))?;
     std::thread::Builder::new()
         .name("rumqttd".to_owned())
         .spawn(move || {
-            let mut broker = Broker::new(config);
             let why = match broker.start() {
                 Ok(()) => "rumqttd's listeners ended (see the log lines above)".to_owned(),
                 Err(e) => format!("rumqttd failed: {e}"),
@@ -77,5 +97,5 @@ pub(crate) fn spawn(config: rumqttd::Config) -> Result<oneshot::Receiver<String>
             let _ = tx.send(why);
         })
         .map_err(Error::Thread)?;
-    Ok(rx)
+    Ok((rx, door))
 }

@@ -14,11 +14,7 @@ use rumqttc::mqttbytes::{
     valid_topic,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream, ReadHalf, WriteHalf},
     sync::OwnedSemaphorePermit,
     time::Instant,
 };
@@ -31,7 +27,7 @@ use crate::{
     metrics::Reason,
     pending::{Pending, Source},
     registry::Registration,
-    shared::{Client, Shared, Upstream},
+    shared::{Client, Shared},
     throttle::Turn,
     users::Role,
     v5::{self, Codec, Origin, Version},
@@ -151,11 +147,9 @@ where
     // so its will can never follow this client's own messages.
     registration.after_previous(UPSTREAM_TIMEOUT * 2).await;
     if let Some(stored) = &registration.discard {
-        discard_session(&shared.upstream, stored).await;
+        discard_session(shared, stored).await;
     }
-    let upstream = match connect_upstream(&shared.upstream, connect, &registration.internal_id)
-        .await
-    {
+    let upstream = match connect_upstream(shared, connect, &registration.internal_id).await {
         Ok(upstream) => upstream,
         Err(why) => {
             metrics.refused(Reason::BrokerUnavailable);
@@ -369,10 +363,10 @@ async fn refuse_v5<R, W: AsyncWrite + Unpin>(
 /// a persistent session): a clean-session connection under that id, then DISCONNECT. rumqttd
 /// would otherwise keep the old session for the next persistent connect, which would get
 /// messages queued under subscriptions it gave up.
-async fn discard_session(upstream: &Upstream, internal_id: &str) {
+async fn discard_session(shared: &Shared, internal_id: &str) {
     let mut connect = Connect::new(internal_id);
     connect.clean_session = true;
-    let Ok(mut link) = connect_upstream(upstream, &connect, internal_id).await else {
+    let Ok(mut link) = connect_upstream(shared, &connect, internal_id).await else {
         return;
     };
     let up = &mut link.link;
@@ -414,53 +408,23 @@ pub(crate) async fn until_upstream_closes<R: AsyncRead + Unpin>(
 /// A client's link to rumqttd, once rumqttd has answered its CONNECT.
 pub(crate) struct Upstreamed {
     /// rumqttd's side: read PUBLISHes and acks, write what the client may send.
-    pub(crate) link: Framed<UpstreamRead, OwnedWriteHalf>,
+    pub(crate) link: Framed<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>,
     /// rumqttd's CONNACK, passed on to the client.
     pub(crate) ack: ConnAck,
 }
 
-/// The read side of a link to rumqttd, acknowledging what it reads at once (TCP_QUICKACK).
-///
-/// rumqttd does not set TCP_NODELAY on its sockets, so Nagle's algorithm holds a small write
-/// (a reading for the gateway) while an earlier one is unacknowledged, and Linux delays ACKs by
-/// up to 40 ms: the first reading after a quiet spell took 21–37 ms instead of ~1 ms
-/// (measured with `loadgen measure --per-reading` right after start; with delayed ACKs off for
-/// loopback, 0.8–1.3 ms). Quick ACKs are not sticky, so they are asked for after every read.
-pub(crate) struct UpstreamRead(OwnedReadHalf);
-
-impl AsyncRead for UpstreamRead {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut this.0).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            #[cfg(any(target_os = "linux", target_os = "android"))]
-            {
-                let _ = socket2::SockRef::from(this.0.as_ref()).set_tcp_quickack(true);
-            }
-        }
-        polled
-    }
-}
-
-/// Opens the client's link to rumqttd: its CONNECT with the internal credential, a keepalive
-/// rumqttd accepts, and the client id the registry chose (see `registry`).
+/// Opens the client's link to rumqttd (an in-memory pipe, see `embedded::spawn`): its CONNECT
+/// with the internal credential, a keepalive rumqttd accepts, and the client id the registry
+/// chose (see `registry`).
 async fn connect_upstream(
-    upstream: &Upstream,
+    shared: &Shared,
     connect: &Connect,
     internal_id: &str,
 ) -> Result<Upstreamed, String> {
+    let upstream = &shared.upstream;
     let work = async {
-        let stream = TcpStream::connect(upstream.addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
-        let mut link = Framed::new(UpstreamRead(rd), wr, usize::MAX >> 4);
+        let (rd, wr) = tokio::io::split(shared.door.connect());
+        let mut link = Framed::new(rd, wr, usize::MAX >> 4);
         let mut inner = connect.clone();
         inner.keep_alive = u16::try_from(UPSTREAM_KEEPALIVE.as_secs()).unwrap_or(u16::MAX);
         inner.login = Some(Login::new(&upstream.username, &upstream.password));

@@ -191,12 +191,18 @@ pub async fn start(config: &Config) -> Result<Started> {
     } = bind_all(config).await?;
 
     let upstream = internal_upstream()?;
-    let mut stopped = embedded::spawn(embedded::rumqttd_config(config, &upstream))?;
+    let (mut stopped, door) = embedded::spawn(embedded::rumqttd_config(config, &upstream))?;
     let internal_login = Some((upstream.username.clone(), upstream.password.clone()));
     wait_until_answering(upstream.addr, config.listen, internal_login, &mut stopped).await?;
 
     let metrics = Arc::new(Metrics::default());
-    let shared = new_shared(options, &topics, users.clone(), upstream, metrics.clone());
+    let shared = new_shared(
+        options,
+        &topics,
+        users.clone(),
+        (upstream, door),
+        metrics.clone(),
+    );
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let sessions = CancellationToken::new();
@@ -319,7 +325,7 @@ fn new_shared(
     options: &Options,
     topics: &k3sense_protocol::Topics,
     users: Option<Users>,
-    upstream: session::Upstream,
+    (upstream, door): (session::Upstream, rumqttd::InProcess),
     metrics: Arc<Metrics>,
 ) -> Arc<session::Shared> {
     Arc::new(session::Shared {
@@ -327,6 +333,7 @@ fn new_shared(
         users,
         metrics: metrics.clone(),
         upstream,
+        door,
         retained: retained::RetainedTopics::default(),
         registry: Arc::new(registry::Registry::default()),
         clients: Arc::new(tokio::sync::Semaphore::new(options.max_connections)),

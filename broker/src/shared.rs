@@ -22,7 +22,8 @@ use crate::{
 /// Room for the topic and headers above `--max-payload` in one packet.
 pub(crate) const HEADER_ROOM: usize = 1024;
 
-/// Where rumqttd listens inside the process, and the one account it accepts.
+/// Where rumqttd listens inside the process (for the readiness probe), and the one account it
+/// accepts.
 #[derive(Clone)]
 pub(crate) struct Upstream {
     pub(crate) addr: SocketAddr,
@@ -36,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) acl: Acl,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) upstream: Upstream,
+    /// Opens a link to rumqttd as an in-memory pipe (see `embedded::spawn`).
+    pub(crate) door: rumqttd::InProcess,
     pub(crate) retained: RetainedTopics,
     pub(crate) registry: Arc<Registry>,
     pub(crate) clients: Arc<Semaphore>,

@@ -99,6 +99,31 @@ impl<'a> LinkBuilder<'a> {
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer) = self.register()?;
+        link_rx.recv()?;
+        Self::connected(router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
+
+    /// k3sense patch 5: `build` that awaits the router's answer instead of blocking the thread,
+    /// for links served on a shared async runtime (see `server::InProcess`).
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer) = self.register()?;
+        link_rx.recv_async().await?;
+        Self::connected(router_tx, link_rx, outgoing_data_buffer, incoming_data_buffer)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn register(
+        self,
+    ) -> Result<
+        (
+            Sender<(ConnectionId, Event)>,
+            Receiver<()>,
+            Arc<Mutex<VecDeque<Notification>>>,
+            Arc<Mutex<VecDeque<Packet>>>,
+        ),
+        LinkError,
+    > {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -123,8 +148,20 @@ impl<'a> LinkBuilder<'a> {
         };
 
         self.router_tx.send((0, event))?;
+        Ok((
+            self.router_tx,
+            link_rx,
+            outgoing_data_buffer,
+            incoming_data_buffer,
+        ))
+    }
 
-        link_rx.recv()?;
+    fn connected(
+        router_tx: Sender<(ConnectionId, Event)>,
+        link_rx: Receiver<()>,
+        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+        incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         let notification = outgoing_data_buffer.lock().pop_front().unwrap();
 
         // Right now link identifies failure with dropped rx in router,
@@ -134,8 +171,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
+        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
 }

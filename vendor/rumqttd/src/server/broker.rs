@@ -67,6 +67,47 @@ pub enum Error {
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
+    // k3sense patch 5: the will handlers of the v4 servers that have an in-process door
+    in_process: HashMap<String, WillHandlers>,
+}
+
+type WillHandlers = Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>;
+
+/// k3sense patch 5: a door into a v4 server that skips its TCP listener. Each `connect` is a new
+/// connection to that server over an in-memory pipe, served exactly like an accepted socket (the
+/// same MQTT handshake, authentication, link and will handling) but by a task on the caller's
+/// tokio runtime: no loopback socket's system calls, and no wake-up of the server's thread.
+#[derive(Clone)]
+pub struct InProcess {
+    config: Arc<ConnectionSettings>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    will_handlers: WillHandlers,
+    capacity: usize,
+}
+
+impl InProcess {
+    /// Opens a connection, whose pipe buffers up to `capacity` bytes each way. Must be called
+    /// from within a tokio runtime, which then serves the connection.
+    pub fn connect(&self) -> tokio::io::DuplexStream {
+        let (ours, theirs) = tokio::io::duplex(self.capacity);
+        task::spawn(
+            remote(
+                self.config.clone(),
+                None,
+                self.router_tx.clone(),
+                Box::new(theirs),
+                V4,
+                self.will_handlers.clone(),
+            )
+            .instrument(tracing::error_span!(
+                "remote_link",
+                in_process = true,
+                client_id = field::Empty,
+                connection_id = field::Empty,
+            )),
+        );
+        ours
+    }
 }
 
 impl Broker {
@@ -87,11 +128,19 @@ impl Broker {
                 // Start router first and then cluster in the background
                 let router_tx = router.spawn();
                 // cluster.spawn();
-                Broker { config, router_tx }
+                Broker {
+                    config,
+                    router_tx,
+                    in_process: HashMap::new(),
+                }
             }
             None => {
                 let router_tx = router.spawn();
-                Broker { config, router_tx }
+                Broker {
+                    config,
+                    router_tx,
+                    in_process: HashMap::new(),
+                }
             }
         }
     }
@@ -155,6 +204,26 @@ impl Broker {
         Ok((link_tx, link_rx))
     }
 
+    /// k3sense patch 5: a door into the v4 server named `server` (its `ServerSettings::name`),
+    /// or `None` if there is none. Call before `start`.
+    pub fn in_process(&mut self, server: &str, capacity: usize) -> Option<InProcess> {
+        let settings = self
+            .config
+            .v4
+            .as_ref()?
+            .values()
+            .find(|settings| settings.name == server)?;
+        let will_handlers = WillHandlers::default();
+        self.in_process
+            .insert(server.to_owned(), will_handlers.clone());
+        Some(InProcess {
+            config: Arc::new(settings.connections.clone()),
+            router_tx: self.router_tx.clone(),
+            will_handlers,
+            capacity,
+        })
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
@@ -205,7 +274,12 @@ impl Broker {
         if let Some(v4_config) = &self.config.v4 {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let will_handlers = self.in_process.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                // k3sense patch 5: one table of wills for the door and the listener
+                if let Some(will_handlers) = will_handlers {
+                    server.awaiting_will_handler = will_handlers;
+                }
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
