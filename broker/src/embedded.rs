@@ -68,9 +68,14 @@ pub(crate) fn rumqttd_config(config: &Config, upstream: &Upstream) -> rumqttd::C
 /// `--max-payload`'s default. A full pipe makes the writer wait, as a full socket buffer did.
 const PIPE_BYTES: usize = 64 * 1024;
 
-/// Starts rumqttd: its router on a thread of its own, its loopback listener (for the readiness
-/// probe) on another (`start()` blocks forever). The receiver resolves if that thread ever
-/// returns, which means every listener died.
+/// Starts rumqttd: its router as a task on the caller's runtime (vendor/rumqttd patch 6), its
+/// loopback listener (for the readiness probe) on a thread of its own (`start()` blocks
+/// forever). The receiver resolves if that thread ever returns, which means every listener died.
+///
+/// The router as a task: rumqttd's router thread slept on its channel and was woken twice per
+/// reading (the publish, then the subscriber's PUBACK), and woke the runtime back each time;
+/// on one core each of those wake-ups is a context switch (BENCHMARKS.md, "Router on the
+/// front's runtime").
 ///
 /// The returned door opens the proxy's links to rumqttd as in-memory pipes, served by tasks on
 /// the caller's runtime (vendor/rumqttd patch 5), instead of loopback sockets served by
@@ -83,7 +88,8 @@ pub(crate) fn spawn(
     config: rumqttd::Config,
 ) -> Result<(oneshot::Receiver<String>, rumqttd::InProcess)> {
     let (tx, rx) = oneshot::channel();
-    let mut broker = Broker::new(config);
+    let (mut broker, router) = Broker::new_async(config);
+    tokio::spawn(router);
     let door = broker
         .in_process(SERVER_NAME, PIPE_BYTES)
         .ok_or_else(|| Error::Stopped(format!("rumqttd has no server {SERVER_NAME:?}")))?;

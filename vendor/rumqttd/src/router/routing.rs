@@ -175,6 +175,41 @@ impl Router {
         link
     }
 
+    /// k3sense patch 6: the router as a task on the caller's async runtime instead of a thread
+    /// of its own, so that a message crossing it wakes no other thread. Returns the link and
+    /// the future to spawn. Its channel is unbounded: a link on the same runtime must never
+    /// block on a full channel that only this task can drain. The task yields after every pass.
+    pub fn spawn_async(
+        mut self,
+    ) -> (
+        Sender<(ConnectionId, Event)>,
+        impl std::future::Future<Output = ()> + Send,
+    ) {
+        let (router_tx, router_rx) = flume::unbounded();
+        self.router_tx = router_tx;
+        self.router_rx = router_rx;
+        let link = self.link();
+        let run = async move {
+            let e = loop {
+                if let Err(e) = self.run_inner_async().await {
+                    break e;
+                }
+                tokio::task::yield_now().await;
+            };
+            error!(reason=?e, "Router done!");
+        };
+        (link, run)
+    }
+
+    /// k3sense patch 6: `run_inner` that awaits the next event instead of blocking.
+    async fn run_inner_async(&mut self) -> Result<(), RouterError> {
+        if self.consume().is_none() {
+            let (id, data) = self.router_rx.recv_async().await?;
+            self.events(id, data);
+        }
+        self.run_more()
+    }
+
     /// Waits on incoming events when ready queue is empty.
     /// After pulling 1 event, tries to pull 500 more events
     /// before polling ready queue 100 times (connections)
@@ -201,7 +236,10 @@ impl Router {
             let (id, data) = self.router_rx.recv()?;
             self.events(id, data);
         }
+        self.run_more()
+    }
 
+    fn run_more(&mut self) -> Result<(), RouterError> {
         // Try reading more from connections in a non-blocking
         // fashion to accumulate data and handle subscriptions.
         // Accumulating more data lets requests retrieve bigger

@@ -111,6 +111,20 @@ impl InProcess {
 }
 
 impl Broker {
+    /// k3sense patch 6: a broker whose router runs as the returned future, to be spawned on the
+    /// caller's tokio runtime (see `Router::spawn_async`), instead of on a thread of its own.
+    pub fn new_async(config: Config) -> (Broker, impl std::future::Future<Output = ()> + Send) {
+        let config = Arc::new(config);
+        let router: Router = Router::new(config.id, config.router.clone());
+        let (router_tx, run) = router.spawn_async();
+        let broker = Broker {
+            config,
+            router_tx,
+            in_process: HashMap::new(),
+        };
+        (broker, run)
+    }
+
     pub fn new(config: Config) -> Broker {
         let config = Arc::new(config);
         let router_config = config.router.clone();
