@@ -7,7 +7,7 @@
 # Why: on a shared VM the speed of a core wanders by more than the cuts being measured (the same
 # binary, run minutes apart, measured 0.57 and 1.76 ms of CPU per reading). Run at the same time
 # on the same core, the two servers share whatever the machine does, and their ratio holds
-# still (BENCHMARKS.md, "Pipes to rumqttd"). Each pair runs 20 and then 220 readings at 20/s
+# still (BENCHMARKS.md, "What was cut", cut 3). Each pair runs 20 and then 220 readings at 20/s
 # (bench/probe.sh, perf stat of the whole server); per reading = (220-run − 20-run) ÷ 200, so
 # start-up and connecting cancel out. The order of A and B swaps every pair. Prints one line per
 # pair and the median of B ÷ A.

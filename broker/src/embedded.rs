@@ -1,4 +1,4 @@
-//! rumqttd, embedded: its configuration and its thread.
+//! rumqttd, embedded: its configuration, its router task and its listener thread.
 //!
 //! The proxy (see `session`) reaches rumqttd through in-memory pipes; rumqttd also listens on a
 //! loopback port, for the readiness probe. It accepts one account, whose random password exists
@@ -64,7 +64,7 @@ pub(crate) fn rumqttd_config(config: &Config, upstream: &Upstream) -> rumqttd::C
     }
 }
 
-/// How much one in-process pipe to rumqttd buffers each way: 300 readings, or one packet of
+/// How much one in-process pipe to rumqttd buffers each way: 300 readings, or about one packet of
 /// `--max-payload`'s default. A full pipe makes the writer wait, as a full socket buffer did.
 const PIPE_BYTES: usize = 64 * 1024;
 
@@ -74,8 +74,8 @@ const PIPE_BYTES: usize = 64 * 1024;
 ///
 /// The router as a task: rumqttd's router thread slept on its channel and was woken twice per
 /// reading (the publish, then the subscriber's PUBACK), and woke the runtime back each time;
-/// on one core each of those wake-ups is a context switch (BENCHMARKS.md, "Router on the
-/// front's runtime").
+/// on one core each of those wake-ups is a context switch (BENCHMARKS.md, "What was cut",
+/// cut 4).
 ///
 /// The returned door opens the proxy's links to rumqttd as in-memory pipes, served by tasks on
 /// the caller's runtime (vendor/rumqttd patch 5), instead of loopback sockets served by
