@@ -44,7 +44,7 @@ pub fn init(format: LogFormat) {
 ///   broker proxy's own (see broker/src/embedded.rs): the proxy ends its upstream connection for
 ///   every client that leaves, cleanly or not, and for its start-up probe. So this line comes
 ///   once per client disconnect, at every start (the probe) and every stop of `k3sense all`,
-///   and says nothing is wrong. The one abnormal cause, the router thread dying, is logged by
+///   and says nothing is wrong. The one abnormal cause, the router task ending, is logged by
 ///   rumqttd itself (`Router done!`), and that line still shows, as does `router-drop` with any
 ///   other error.
 ///

@@ -73,6 +73,26 @@ async fn latest(gateway: SocketAddr, id: &str) -> Option<Reading> {
         .and_then(|s| serde_json::from_value(s["latest"].clone()).ok())
 }
 
+/// Waits until `/api/sensors` shows `id` offline.
+async fn wait_offline(gateway: SocketAddr, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http_get(gateway, "/api/sensors").await;
+        let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let status = sensors
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sensor_id"] == id)
+            .map(|s| s["status"].clone());
+        if status == Some(serde_json::json!("offline")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} never went offline: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the history holds a reading with `seq` ≥ `at_least`; returns the history.
 async fn history_reaching(gateway: SocketAddr, id: &str, at_least: u64) -> Vec<Reading> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -247,9 +267,14 @@ async fn a_forged_seq_or_future_reading_never_becomes_latest() {
     let _g = gateway_proc(mqtt, http);
     wait_ready(http).await;
     wait_http(metrics, "/healthz").await;
-    let before = history_reaching(http, id, 3).await.last().unwrap().seq;
+    history_reaching(http, id, 3).await;
     let (_, _, log) = p.stop("TERM");
     assert!(log.contains("published offline"), "{log}");
+    // The last real reading: read once the gateway has the publisher's `offline`, which follows
+    // its last reading on the same connection (a reading still on its way when the publisher
+    // stopped would otherwise arrive after this line and become `latest`).
+    wait_offline(http, id).await;
+    let before = latest(http, id).await.unwrap().seq;
 
     // While the real publisher is away, the forgeries go in, retained.
     let (evil, _) = attacker(mqtt).await;

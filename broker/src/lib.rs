@@ -18,8 +18,12 @@
 //! client ─▶ listener ─▶ [TLS handshake] ─▶ CONNECT (deadline) ─▶ authenticate ─▶ authorise each
 //!           (accept only)  (own task)          (own task)          users file     PUBLISH/SUBSCRIBE
 //!                                                                                      │
-//!                                         rumqttd on 127.0.0.1:<random>, one internal account ◀┘
+//!                              rumqttd, through in-memory pipes, one internal account ◀┘
 //! ```
+//!
+//! Its links to rumqttd are in-memory pipes and rumqttd's router is a task on this crate's
+//! runtime (vendor/rumqttd patches 5 and 6, see `embedded::spawn`), so a message crosses the
+//! broker without a loopback socket or a wake-up of another thread.
 //!
 //! See broker/README.md for the users file, the roles, TLS, limits, refusal codes and metrics.
 //!
