@@ -61,8 +61,8 @@ async fn attacker(
     (client, rx)
 }
 
-/// The `latest` reading of `id` in `/api/sensors`.
-async fn latest(gateway: SocketAddr, id: &str) -> Option<Reading> {
+/// The entry of `id` in `/api/sensors`.
+async fn sensor(gateway: SocketAddr, id: &str) -> Option<serde_json::Value> {
     let (_, body) = http_get(gateway, "/api/sensors").await;
     let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
     sensors
@@ -70,25 +70,26 @@ async fn latest(gateway: SocketAddr, id: &str) -> Option<Reading> {
         .unwrap()
         .iter()
         .find(|s| s["sensor_id"] == id)
-        .and_then(|s| serde_json::from_value(s["latest"].clone()).ok())
+        .cloned()
+}
+
+/// The `latest` reading of `id` in `/api/sensors`.
+async fn latest(gateway: SocketAddr, id: &str) -> Option<Reading> {
+    serde_json::from_value(sensor(gateway, id).await?["latest"].clone()).ok()
 }
 
 /// Waits until `/api/sensors` shows `id` offline.
 async fn wait_offline(gateway: SocketAddr, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, body) = http_get(gateway, "/api/sensors").await;
-        let sensors: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let status = sensors
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["sensor_id"] == id)
-            .map(|s| s["status"].clone());
-        if status == Some(serde_json::json!("offline")) {
+        let entry = sensor(gateway, id).await;
+        if entry.as_ref().is_some_and(|s| s["status"] == "offline") {
             return;
         }
-        assert!(Instant::now() < deadline, "{id} never went offline: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "{id} never went offline: {entry:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

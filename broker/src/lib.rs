@@ -204,7 +204,8 @@ pub async fn start(config: &Config) -> Result<Started> {
         options,
         &topics,
         users.clone(),
-        (upstream, door),
+        upstream,
+        door,
         metrics.clone(),
     );
     let tracker = TaskTracker::new();
@@ -329,7 +330,8 @@ fn new_shared(
     options: &Options,
     topics: &k3sense_protocol::Topics,
     users: Option<Users>,
-    (upstream, door): (session::Upstream, rumqttd::InProcess),
+    upstream: session::Upstream,
+    door: rumqttd::InProcess,
     metrics: Arc<Metrics>,
 ) -> Arc<session::Shared> {
     Arc::new(session::Shared {
