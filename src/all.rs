@@ -17,12 +17,18 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let mut broker_config = k3sense_broker::Config::new(args.mqtt_listen);
     // The broker protects readings under the same prefix the clients use.
     broker_config.options.topic_prefix = args.topic_prefix.clone();
-    let mqtt_address = broker_config.connect_address();
+    // The gateway and publisher below reach the broker on its local (Unix) socket: a reading to
+    // the page then crosses no TCP/IP stack inside this process. Where there is none, over TCP.
+    broker_config.local_socket = true;
     let broker = k3sense_broker::start(&broker_config)
         .await
         .context("cannot start the MQTT broker (use --mqtt-listen to pick another address)")?;
+    let mqtt_address = broker.local_address().map_or_else(
+        || broker_config.connect_address().to_string(),
+        str::to_owned,
+    );
 
-    let mut mqtt = MqttConfig::new(mqtt_address.to_string());
+    let mut mqtt = MqttConfig::new(mqtt_address.clone());
     mqtt.topic_prefix = args.topic_prefix.clone();
 
     let mut sensor = args.sensor.clone();
@@ -40,7 +46,7 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         sensor,
     };
 
-    let mut gateway = k3sense_gateway::Config::new(args.http_listen, mqtt_address.to_string());
+    let mut gateway = k3sense_gateway::Config::new(args.http_listen, mqtt_address);
     gateway.mqtt = mqtt;
     gateway.options.drain_timeout = Duration::from_secs(1);
     let listener = tokio::net::TcpListener::bind(args.http_listen)

@@ -24,6 +24,13 @@ pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub options: Options,
+
+    /// Also listen on a Unix socket in the abstract namespace (Linux), for clients in this same
+    /// process: `k3sense all` connects its gateway and publisher there, so a reading does not
+    /// cross the TCP/IP stack between broker and gateway. Not a flag: the socket's name is
+    /// random, and only [`crate::Started::local_address`] tells it.
+    #[arg(skip)]
+    pub local_socket: bool,
 }
 
 /// The optional second listener, MQTT over TLS, for clients outside the cluster.
@@ -135,6 +142,7 @@ impl Config {
             tls: TlsOptions::default(),
             metrics_listen: None,
             options: Options::default(),
+            local_socket: false,
         }
     }
 

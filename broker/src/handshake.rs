@@ -6,7 +6,7 @@
 //! Every refusal is counted (`refused_total{reason}`) and answered with a CONNACK code where
 //! MQTT has one; a socket the pending pool pushed out, or that sent nothing, is just closed.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{
@@ -25,6 +25,7 @@ use crate::{
     clip::{Clip, clip_opt},
     frame::{self, First, FrameError, FrameReader, Framed},
     metrics::Reason,
+    peer::Peer,
     pending::{Pending, Source},
     registry::Registration,
     shared::{Client, Shared},
@@ -44,7 +45,7 @@ pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// `None` once the connection has been refused (counted, logged, answered where MQTT can).
 pub(crate) async fn log_in<R, W>(
     io: &mut Framed<R, W>,
-    peer: SocketAddr,
+    peer: Peer,
     deadline: Instant,
     shared: &Shared,
     pending: &Pending,
@@ -259,7 +260,7 @@ type LoginRefusal = (Option<ConnectReturnCode>, Option<Reason>);
 /// waits end early if the pending pool closes the socket.
 async fn login(
     shared: &Shared,
-    peer: SocketAddr,
+    peer: Peer,
     connect: &Connect,
     deadline: Instant,
     pending: &Pending,

@@ -44,7 +44,8 @@
 //! | `config` | [`Config`]: the command-line flags and their `K3SENSE_*` variables |
 //! | `users` | [`Users`], [`Role`]: the users file |
 //! | `acl` | the rules of each role, and each topic family's payload cap, as pure functions |
-//! | `listener` | accept loops: one task per connection, flood cap |
+//! | `listener` | accept loops (TCP, TLS, the local socket): one task per connection, flood cap |
+//! | `peer` | who is at the other end of a connection: an address, or the local socket |
 //! | `pending` | sockets not logged in yet: per source and in total, the oldest closed first |
 //! | `throttle` | failed logins slowed per source and per account |
 //! | `filters` | subscriptions per connection, and the filters rumqttd keeps (per account, in total) |
@@ -77,6 +78,7 @@ mod handshake;
 mod judge;
 mod listener;
 mod metrics;
+mod peer;
 mod pending;
 mod registry;
 mod relay;
@@ -126,6 +128,8 @@ pub struct Started {
     listen: SocketAddr,
     tls_listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
+    /// The local socket's address in `--broker` form (`unix:@NAME`), if there is one.
+    local_address: Option<String>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -143,6 +147,13 @@ impl Started {
     /// The TLS listener's address, if there is one.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
         self.tls_listen
+    }
+
+    /// Where clients of this process reach the broker without TCP, in the form `--broker` takes
+    /// (`unix:@NAME`, an abstract Unix socket): set when [`Config::local_socket`] asked for it
+    /// and the socket could be bound.
+    pub fn local_address(&self) -> Option<&str> {
+        self.local_address.as_deref()
     }
 
     /// The `--metrics-listen` address, if there is one.
@@ -212,9 +223,8 @@ pub async fn start(config: &Config) -> Result<Started> {
     let stop = CancellationToken::new();
     let sessions = CancellationToken::new();
     let open = Arc::new(AtomicUsize::new(0));
-    let listener = |listener, tls| listener::Listener {
-        listener,
-        tls,
+    let listener = |socket| listener::Listener {
+        socket,
         shared: shared.clone(),
         open: open.clone(),
         // Connected clients, pending sockets (bounded by the pool, which closes the oldest), and
@@ -227,11 +237,18 @@ pub async fn start(config: &Config) -> Result<Started> {
         stop: stop.clone(),
         sessions: sessions.clone(),
     };
-    tracker.spawn(listener(plain, None).run());
+    tracker.spawn(listener(listener::Socket::Tcp(plain, None)).run());
     let mut tls_listen = None;
     if let Some((tls_listener, acceptor)) = tls {
         tls_listen = tls_listener.local_addr().ok();
-        tracker.spawn(listener(tls_listener, Some(acceptor)).run());
+        tracker.spawn(listener(listener::Socket::Tcp(tls_listener, Some(acceptor))).run());
+    }
+    let mut local_address = None;
+    if config.local_socket {
+        if let Some((unix, name)) = bind_local() {
+            local_address = Some(format!("unix:@{name}"));
+            tracker.spawn(listener(listener::Socket::Unix(unix)).run());
+        }
     }
     let mut metrics_listen = None;
     if let Some(exporter) = exporter {
@@ -245,6 +262,7 @@ pub async fn start(config: &Config) -> Result<Started> {
     tracing::info!(
         listen = %listen,
         tls_listen = ?tls_listen,
+        local = ?local_address,
         metrics_listen = ?metrics_listen,
         auth = users.is_some(),
         accounts = users.as_ref().map_or(0, Users::len),
@@ -255,6 +273,7 @@ pub async fn start(config: &Config) -> Result<Started> {
         listen,
         tls_listen,
         metrics_listen,
+        local_address,
         metrics,
         tracker,
         stop,
@@ -378,6 +397,28 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
         socket.listen(BACKLOG)
     };
     bound().map_err(|source| Error::Bind { addr, flag, source })
+}
+
+/// The local socket: a Unix socket in the abstract namespace, named for this process and a
+/// random number, so brokers side by side (tests, `all` twice) never meet. Abstract: no file to
+/// create on a read-only root or to leave behind; it is reachable from this network namespace
+/// only, as loopback is, and every connection still logs in. `None` (with a warning) where it
+/// cannot be bound, such as outside Linux: the clients then use TCP, as before.
+fn bind_local() -> Option<(tokio::net::UnixListener, String)> {
+    let name = format!(
+        "k3sense-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    );
+    // A leading NUL names an abstract socket (Tokio maps it to `from_abstract_name`); outside
+    // Linux it is refused as a path with a NUL in it.
+    match tokio::net::UnixListener::bind(format!("\0{name}")) {
+        Ok(listener) => Some((listener, name)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no local socket: the clients of this process use TCP");
+            None
+        }
+    }
 }
 
 /// A free loopback port for rumqttd (which binds by itself and cannot take port 0) and the one

@@ -1,4 +1,11 @@
-//! The public listeners: accept, and hand each connection to its own task at once.
+//! The listeners: accept, and hand each connection to its own task at once.
+//!
+//! Besides the TCP listeners (plain and TLS) there may be a local one: a Unix socket in the
+//! abstract namespace, for the clients of this same process (`k3sense all`'s gateway and
+//! publisher). A reading then crosses no TCP/IP stack on its way to the gateway: measured at 10
+//! WebSocket clients, a loopback TCP send from the broker cost ~4 times a send to a browser's
+//! socket (BENCHMARKS.md, issue 17, cut 5). The local socket runs the same handshake: the same
+//! authentication, limits and logs, with the peer named "local socket".
 //!
 //! Nothing that one client does — a TLS handshake that never finishes, a CONNECT that never
 //! comes — runs in the accept loop, so it never delays another client's connect. A connection
@@ -15,21 +22,68 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    time::Instant,
+};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     metrics::Reason,
+    peer::Peer,
     pending::{Pending, Source},
     session,
     session::Shared,
 };
 
+/// A bound socket that connections come in on.
+pub(crate) enum Socket {
+    /// Plain MQTT, or MQTT over TLS with the acceptor.
+    Tcp(TcpListener, Option<TlsAcceptor>),
+    /// The local socket (plain MQTT).
+    Unix(UnixListener),
+}
+
+/// A connection just accepted.
+enum Accepted {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Self::Tcp(listener, _) => listener
+                .accept()
+                .await
+                .map(|(tcp, peer)| Accepted::Tcp(tcp, peer)),
+            Self::Unix(listener) => listener
+                .accept()
+                .await
+                .map(|(unix, _)| Accepted::Unix(unix)),
+        }
+    }
+
+    fn tls(&self) -> Option<TlsAcceptor> {
+        match self {
+            Self::Tcp(_, tls) => tls.clone(),
+            Self::Unix(_) => None,
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Self::Tcp(_, None) => "mqtt",
+            Self::Tcp(_, Some(_)) => "mqtts",
+            Self::Unix(_) => "mqtt+unix",
+        }
+    }
+}
+
 /// Everything one accept loop needs.
 pub(crate) struct Listener {
-    pub(crate) listener: TcpListener,
-    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) socket: Socket,
     pub(crate) shared: Arc<Shared>,
     /// Sockets open on every listener, counted from accept to close.
     pub(crate) open: Arc<AtomicUsize>,
@@ -45,13 +99,13 @@ pub(crate) struct Listener {
 impl Listener {
     /// Accepts until `stop` is cancelled.
     pub(crate) async fn run(self) {
-        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        let scheme = self.socket.scheme();
         loop {
             let accepted = tokio::select! {
                 () = self.stop.cancelled() => return,
-                accepted = self.listener.accept() => accepted,
+                accepted = self.socket.accept() => accepted,
             };
-            let (tcp, peer) = match accepted {
+            let accepted = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, mostly: wait for some to close.
@@ -60,42 +114,62 @@ impl Listener {
                     continue;
                 }
             };
+            let peer = match &accepted {
+                Accepted::Tcp(_, peer) => Peer::Net(*peer),
+                Accepted::Unix(_) => Peer::Local,
+            };
             let metrics = &self.shared.metrics;
             metrics.accepted();
             if self.open.load(Ordering::Relaxed) >= self.max_open {
                 metrics.refused(Reason::TooManyConnections);
                 tracing::warn!(%peer, scheme, "closed at accept: too many open connections");
-                drop(tcp);
+                drop(accepted);
                 continue;
             }
-            let _ = tcp.set_nodelay(true);
             let (pending, _) = self.shared.pending.admit(Source::of(peer.ip()));
             let open = OpenSocket::new(self.open.clone());
-            let tls = self.tls.clone();
             let shared = self.shared.clone();
             let sessions = self.sessions.clone();
-            self.tracker.spawn(async move {
-                let _open = open;
-                connection(tcp, peer, tls, shared, sessions, pending).await;
-            });
+            let deadline = deadline(shared.connect_timeout);
+            match accepted {
+                Accepted::Tcp(tcp, _) => {
+                    let _ = tcp.set_nodelay(true);
+                    let tls = self.socket.tls();
+                    self.tracker.spawn(async move {
+                        let _open = open;
+                        tcp_connection(tcp, peer, deadline, tls, shared, sessions, pending).await;
+                    });
+                }
+                Accepted::Unix(unix) => {
+                    self.tracker.spawn(async move {
+                        let _open = open;
+                        session::run(unix, peer, deadline, shared, sessions, pending).await;
+                    });
+                }
+            }
         }
     }
 }
 
-async fn connection(
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
+/// When a new connection's TLS handshake and CONNECT must be done by.
+///
+/// Somewhere in the last quarter of --connect-timeout, at random: sockets opened in one burst
+/// (a flood) would otherwise all time out in the same instant, and the wave of closes (and of
+/// reopened sockets) queued a real client's login behind it for up to 1.4 s (measured with
+/// 2,500 silent sockets, debug build); spread over the quarter, it waits 10s of ms.
+fn deadline(timeout: Duration) -> Instant {
+    Instant::now() + timeout - timeout.mul_f64(rand::random::<f64>() / 4.0)
+}
+
+async fn tcp_connection(
+    tcp: TcpStream,
+    peer: Peer,
+    deadline: Instant,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     sessions: CancellationToken,
     pending: Pending,
 ) {
-    // Somewhere in the last quarter of --connect-timeout, at random: sockets opened in one burst
-    // (a flood) would otherwise all time out in the same instant, and the wave of closes (and of
-    // reopened sockets) queued a real client's login behind it for up to 1.4 s (measured with
-    // 2,500 silent sockets, debug build); spread over the quarter, it waits 10s of ms.
-    let timeout = shared.connect_timeout;
-    let deadline = Instant::now() + timeout - timeout.mul_f64(rand::random::<f64>() / 4.0);
     match tls {
         None => session::run(tcp, peer, deadline, shared, sessions, pending).await,
         Some(acceptor) => {

@@ -10,7 +10,7 @@
 //!
 //! Each connection is its own task, so a slow or silent client delays nobody.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use rumqttc::mqttbytes::v4::Connect;
 use tokio::{
@@ -24,6 +24,7 @@ use crate::{
     clip::{Clip, clip_opt},
     frame::Framed,
     handshake::{self, Admitted},
+    peer::Peer,
     pending::Pending,
     relay::{self, End, Relay},
     shared::Client,
@@ -34,7 +35,7 @@ use crate::{
 /// the CONNECT may take to arrive.
 pub(crate) async fn run<S>(
     stream: S,
-    peer: SocketAddr,
+    peer: Peer,
     deadline: Instant,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -59,7 +60,7 @@ pub(crate) async fn run<S>(
 /// goodbye.
 async fn logged_in<R, W>(
     mut io: Framed<R, W>,
-    peer: SocketAddr,
+    peer: Peer,
     connect: Connect,
     role: Role,
     shared: Arc<Shared>,

@@ -10,6 +10,7 @@ use crate::{
     acl::Acl,
     backlog::{LogBytes, Parked, SlowLog},
     filters::FilterTable,
+    peer::Peer,
     pending::PendingPool,
     registry::Registry,
     replays::AccountBuckets,
@@ -62,7 +63,7 @@ pub(crate) struct Shared {
 
 /// Who is on the other end of a logged-in connection, for log lines and per-account rules.
 pub(crate) struct Client<'a> {
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: Peer,
     pub(crate) id: &'a str,
     pub(crate) user: Option<&'a str>,
     pub(crate) role: &'a Role,

@@ -7,7 +7,7 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use rumqttc::MqttOptions;
+use rumqttc::{MqttOptions, Transport};
 
 use crate::{Error, Result, Topics};
 
@@ -21,7 +21,8 @@ pub const MAX_INCOMING_PACKET: usize = 1024 * 1024;
 /// Connection settings shared by every MQTT client of k3sense.
 #[derive(Clone, clap::Args)]
 pub struct MqttConfig {
-    /// MQTT broker to connect to, as host:port.
+    /// MQTT broker to connect to, as host:port; or a Unix socket, as unix:PATH (a file) or
+    /// unix:@NAME (Linux's abstract namespace).
     #[arg(long, env = "K3SENSE_BROKER", default_value = "127.0.0.1:1883")]
     pub broker: String,
 
@@ -78,6 +79,21 @@ impl MqttConfig {
         Topics::new(self.topic_prefix.clone())
     }
 
+    /// The broker's Unix socket, when `broker` is `unix:PATH` or `unix:@NAME`: the path as
+    /// rumqttc and Tokio take it (an abstract NAME gets its leading NUL). `None` for host:port.
+    pub fn unix_socket(&self) -> Result<Option<String>> {
+        let Some(rest) = self.broker.strip_prefix("unix:") else {
+            return Ok(None);
+        };
+        match rest.strip_prefix('@') {
+            _ if rest.is_empty() || rest == "@" => {
+                Err(Error::BadBrokerAddress(self.broker.clone()))
+            }
+            Some(name) => Ok(Some(format!("\0{name}"))),
+            None => Ok(Some(rest.to_owned())),
+        }
+    }
+
     /// Host and port of the broker.
     pub fn host_port(&self) -> Result<(String, u16)> {
         let bad = || Error::BadBrokerAddress(self.broker.clone());
@@ -94,8 +110,17 @@ impl MqttConfig {
     /// refuses), credentials, and a packet limit that fits readings and discovery messages.
     /// Reads the password file, so a missing file is reported at start-up.
     pub fn mqtt_options(&self, client_id: &str) -> Result<MqttOptions> {
-        let (host, port) = self.host_port()?;
-        let mut options = MqttOptions::new(client_id, host, port);
+        let mut options = match self.unix_socket()? {
+            Some(path) => {
+                let mut options = MqttOptions::new(client_id, path, 0);
+                options.set_transport(Transport::Unix);
+                options
+            }
+            None => {
+                let (host, port) = self.host_port()?;
+                MqttOptions::new(client_id, host, port)
+            }
+        };
         options.set_keep_alive(self.keepalive.max(Duration::from_secs(1)));
         // Incoming: whatever the broker may forward must be read and dropped by our own
         // validation, never refused by rumqttc, which drops the whole connection over one
@@ -179,6 +204,25 @@ mod tests {
         for bad in ["broker", ":1883", "broker:x", "broker:70000"] {
             assert!(matches!(c(bad), Err(Error::BadBrokerAddress(_))), "{bad}");
         }
+    }
+
+    #[test]
+    fn parses_unix_socket_addresses() {
+        let u = |s: &str| MqttConfig::new(s).unix_socket();
+        assert_eq!(u("broker:1883").unwrap(), None);
+        assert_eq!(
+            u("unix:/run/k3sense/mqtt.sock").unwrap().as_deref(),
+            Some("/run/k3sense/mqtt.sock")
+        );
+        assert_eq!(
+            u("unix:@k3sense-1").unwrap().as_deref(),
+            Some("\0k3sense-1")
+        );
+        for bad in ["unix:", "unix:@"] {
+            assert!(matches!(u(bad), Err(Error::BadBrokerAddress(_))), "{bad}");
+            assert!(MqttConfig::new(bad).mqtt_options("x").is_err(), "{bad}");
+        }
+        assert!(MqttConfig::new("unix:@k3sense-1").mqtt_options("x").is_ok());
     }
 
     #[test]

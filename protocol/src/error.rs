@@ -62,8 +62,10 @@ pub enum Error {
         "topic prefix `{0}` is not usable: it must be non-empty, must not start with '$' or end with '/', and must not contain '+', '#' or NUL"
     )]
     BadPrefix(String),
-    /// The `--broker` value is not `host:port`.
-    #[error("broker address `{0}` is not host:port (for example broker:1883 or 127.0.0.1:1883)")]
+    /// The `--broker` value is not `host:port`, `unix:PATH` or `unix:@NAME`.
+    #[error(
+        "broker address `{0}` is not host:port (for example broker:1883 or 127.0.0.1:1883), unix:PATH or unix:@NAME"
+    )]
     BadBrokerAddress(String),
     /// The password file could not be read.
     #[error("cannot read the password file {path}: {reason}")]
