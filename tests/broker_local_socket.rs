@@ -4,7 +4,9 @@
 //! per role, and messages crossing between it and the TCP listener both ways.
 //!
 //! Clients: k3sense's own MQTT client (`MqttConfig` with a `unix:@` address, as `all` uses it)
-//! and plain rumqttc over TCP; a real `k3sense all` process for the wiring.
+//! and plain rumqttc over TCP; a real `k3sense all` process for the wiring; and `--broker
+//! unix:PATH` against a real peer, Debian's Mosquitto with a Unix socket listener (fails in CI
+//! when Mosquitto is missing, skips elsewhere).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -217,4 +219,51 @@ async fn k3sense_all_connects_its_gateway_and_publisher_on_the_local_socket() {
             "{client} did not connect on the local socket:\n{log}"
         );
     }
+}
+
+/// `--broker unix:PATH` against a real peer: Mosquitto 2's Unix socket listener (`listener 0
+/// PATH`, mosquitto.conf(5)). A simulated publisher process reaches it by the socket file, and a
+/// TCP subscriber of the same Mosquitto gets its readings.
+#[tokio::test]
+async fn a_publisher_reaches_mosquitto_by_a_unix_socket_file() {
+    let dir = std::env::temp_dir().join(format!("k3sense-unix-path-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Mosquitto started as root drops to its own user before it binds: let it create the file.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.join("mqtt.sock");
+    let extra = format!("listener 0 {}\nallow_anonymous true\n", socket.display());
+    let Some(mosquitto) = Mosquitto::start_with(&extra).await else {
+        return;
+    };
+    let mut readings = mqtt_subscriber(mosquitto.addr, "k3sense/pi-unix/state").await;
+    let broker = format!("unix:{}", socket.display());
+    let _publisher = Proc::start(
+        K3SENSE,
+        &[
+            "publisher",
+            "--broker",
+            &broker,
+            "--sensor",
+            "sim",
+            "--sensor-id",
+            "pi-unix",
+            "--interval",
+            "200ms",
+            "--metrics-listen",
+            "off",
+            "--ha-discovery",
+            "false",
+        ],
+    );
+    let (payload, _) = next_on(
+        &mut readings,
+        "k3sense/pi-unix/state",
+        Duration::from_secs(10),
+    )
+    .await;
+    let reading = k3sense_protocol::Reading::from_json(&payload).unwrap();
+    assert_eq!(reading.sensor_id.as_str(), "pi-unix");
+    drop(mosquitto);
+    let _ = std::fs::remove_dir_all(&dir);
 }
