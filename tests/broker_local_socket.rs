@@ -30,32 +30,35 @@ pub:pub-pw:publisher:pi-1
 
 const READING: &str = r#"{"sensor_id":"pi-1","model":"dht22","temperature_c":21.5,"humidity_pct":40.0,"read_at":"2026-11-29T01:00:00.000Z","seq":1}"#;
 
-/// Waits for the client's first connection outcome.
+/// The client's first connection outcome.
 async fn connected(events: &mut Events) -> Result<(), Disconnect> {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
-            .await
-            .expect("no connection outcome within 10 s")
-            .expect("the client stopped");
-        match event {
-            ClientEvent::Connected { .. } => return Ok(()),
-            ClientEvent::Disconnected { reason, .. } => return Err(reason),
-            _ => {}
-        }
-    }
+    client_event_until(events, |e| match e {
+        ClientEvent::Connected { .. } => Some(Ok(())),
+        ClientEvent::Disconnected { reason, .. } => Some(Err(reason)),
+        _ => None,
+    })
+    .await
 }
 
-/// The next message from a k3sense client, within 5 s.
+/// The next message from a k3sense client: (topic, payload).
 async fn next_message(events: &mut Events) -> (String, String) {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
-            .await
-            .expect("no message within 5 s")
-            .expect("the client stopped");
-        if let ClientEvent::Message(m) = event {
-            return (m.topic, String::from_utf8_lossy(&m.payload).into_owned());
+    client_event_until(events, |e| match e {
+        ClientEvent::Message(m) => {
+            Some((m.topic, String::from_utf8_lossy(&m.payload).into_owned()))
         }
-    }
+        _ => None,
+    })
+    .await
+}
+
+/// Waits for the SUBACK of the client's subscriptions; all must be granted.
+async fn wait_subscribed(events: &mut Events) {
+    let granted = client_event_until(events, |e| match e {
+        ClientEvent::Subscribed { granted } => Some(granted),
+        _ => None,
+    })
+    .await;
+    assert!(granted, "the reader's subscription was refused");
 }
 
 fn on_local(local: &str, user: &str, password: &str) -> MqttConfig {
@@ -166,20 +169,6 @@ async fn the_local_socket_logs_in_and_judges_as_tcp_does_and_carries_messages_bo
         "the forged publish is counted as forbidden"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits for the SUBACK of the client's subscriptions.
-async fn wait_subscribed(events: &mut Events) {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
-            .await
-            .expect("no SUBACK within 5 s")
-            .expect("the client stopped");
-        if let ClientEvent::Subscribed { granted } = event {
-            assert!(granted, "the reader's subscription was refused");
-            return;
-        }
-    }
 }
 
 #[tokio::test]

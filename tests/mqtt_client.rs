@@ -23,29 +23,15 @@ use support::*;
 
 const WITHIN: Duration = Duration::from_secs(10);
 
-/// The next event that `pick` accepts, within [`WITHIN`]; every other event is passed over.
-async fn until<T>(events: &mut Events, mut pick: impl FnMut(ClientEvent) -> Option<T>) -> T {
-    tokio::time::timeout(WITHIN, async {
-        loop {
-            let event = events.recv().await.expect("the client stopped");
-            if let Some(found) = pick(event) {
-                return found;
-            }
-        }
-    })
-    .await
-    .expect("no such event in time")
-}
-
 async fn connected(events: &mut Events) {
-    until(events, |e| {
+    client_event_until(events, |e| {
         matches!(e, ClientEvent::Connected { .. }).then_some(())
     })
     .await;
 }
 
 async fn subscribed(events: &mut Events) {
-    let granted = until(events, |e| match e {
+    let granted = client_event_until(events, |e| match e {
         ClientEvent::Subscribed { granted } => Some(granted),
         _ => None,
     })
@@ -54,7 +40,7 @@ async fn subscribed(events: &mut Events) {
 }
 
 async fn acked(events: &mut Events, id: PublishId) {
-    until(events, |e| {
+    client_event_until(events, |e| {
         matches!(e, ClientEvent::Acked(a) if a == id).then_some(())
     })
     .await;
@@ -87,7 +73,7 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     connected(&mut events).await;
     subscribed(&mut events).await;
     peer_publish(addr, "t/before", "1", false).await;
-    let m = until(&mut events, |e| match e {
+    let m = client_event_until(&mut events, |e| match e {
         ClientEvent::Message(m) => Some(m),
         _ => None,
     })
@@ -100,12 +86,12 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
         .publish("t/lost", QoS::AtLeastOnce, false, "l")
         .unwrap();
     drop(broker); // SIGKILL: the connection breaks without a goodbye
-    until(&mut events, |e| {
+    client_event_until(&mut events, |e| {
         matches!(e, ClientEvent::Lost(id) if id == lost).then_some(())
     })
     .await;
     assert_eq!(client.outstanding(), 0);
-    let reason = until(&mut events, |e| match e {
+    let reason = client_event_until(&mut events, |e| match e {
         ClientEvent::Disconnected { reason, retry_in } => {
             assert!(retry_in.is_some(), "it must try again");
             Some(reason)
@@ -126,7 +112,7 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     // the client subscribes after every CONNACK.
     // The queued publish went out first, so its PUBACK may come before the SUBACK.
     let (mut was_acked, mut was_subscribed) = (false, false);
-    until(&mut events, |e| {
+    client_event_until(&mut events, |e| {
         match e {
             ClientEvent::Acked(id) if id == queued => was_acked = true,
             ClientEvent::Subscribed { granted } => {
@@ -139,7 +125,7 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     })
     .await;
     peer_publish(addr, "t/after", "2", false).await;
-    let m = until(&mut events, |e| match e {
+    let m = client_event_until(&mut events, |e| match e {
         ClientEvent::Message(m) if m.topic == "t/after" => Some(m),
         _ => None,
     })
@@ -232,7 +218,7 @@ async fn nothing_listening_is_a_failed_connect_with_a_retry() {
         .client("test-nobody")
         .unwrap()
         .start();
-    let (reason, retry_in) = until(&mut events, |e| match e {
+    let (reason, retry_in) = client_event_until(&mut events, |e| match e {
         ClientEvent::Disconnected { reason, retry_in } => Some((reason, retry_in)),
         _ => None,
     })

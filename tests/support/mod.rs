@@ -769,3 +769,21 @@ pub async fn sensor_history(gateway: SocketAddr, id: &str) -> Vec<k3sense_protoc
         _ => Vec::new(),
     }
 }
+
+/// The next event of a k3sense MQTT client (`k3sense_protocol::mqtt`) that `pick` accepts,
+/// within 10 s; every other event is passed over.
+pub async fn client_event_until<T>(
+    events: &mut k3sense_protocol::mqtt::Events,
+    mut pick: impl FnMut(k3sense_protocol::mqtt::ClientEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = events.recv().await.expect("the client stopped");
+            if let Some(found) = pick(event) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("no such event in time")
+}
