@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, task::JoinHandle};
 
 use crate::{Config, Error, Result, session::HEADER_ROOM, session::Upstream};
 
@@ -89,10 +89,11 @@ pub(crate) fn spawn(
 ) -> Result<(oneshot::Receiver<String>, rumqttd::InProcess)> {
     let (tx, rx) = oneshot::channel();
     let (mut broker, router) = Broker::new_async(config);
-    tokio::spawn(router);
+    let router = tokio::spawn(router);
     let door = broker
         .in_process(SERVER_NAME, PIPE_BYTES)
         .ok_or_else(|| Error::Stopped(format!("rumqttd has no server {SERVER_NAME:?}")))?;
+    let (thread_tx, thread_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("rumqttd".to_owned())
         .spawn(move || {
@@ -100,8 +101,78 @@ pub(crate) fn spawn(
                 Ok(()) => "rumqttd's listeners ended (see the log lines above)".to_owned(),
                 Err(e) => format!("rumqttd failed: {e}"),
             };
-            let _ = tx.send(why);
+            let _ = thread_tx.send(why);
         })
         .map_err(Error::Thread)?;
+    tokio::spawn(first_end(router, thread_rx, tx));
     Ok((rx, door))
+}
+
+/// Tells `Started::serve` why rumqttd stopped, when its router task or its listener thread ends,
+/// whichever first. Without the router every link fails while the listeners still accept, so a
+/// router that ends (an error it cannot go on from, or a panic inside rumqttd) must stop the
+/// broker with an error: the process exits non-zero and Kubernetes restarts it.
+async fn first_end(
+    router: JoinHandle<()>,
+    thread: oneshot::Receiver<String>,
+    tx: oneshot::Sender<String>,
+) {
+    let why = tokio::select! {
+        ended = router => match ended {
+            Ok(()) => "rumqttd's router ended (see its \"Router done!\" log line above)".to_owned(),
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                format!("rumqttd's router panicked: {message}")
+            }
+            Err(e) => format!("rumqttd's router was stopped: {e}"),
+        },
+        why = thread => why.unwrap_or_else(|_| "rumqttd's thread vanished".to_owned()),
+    };
+    let _ = tx.send(why);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::*;
+
+    /// A router task that panics stops the broker with the panic's message, even while the
+    /// listener thread runs on (its channel stays open here, as rumqttd's thread would).
+    #[tokio::test]
+    async fn a_router_that_panics_stops_the_broker() {
+        let router = tokio::spawn(async { panic!("index out of bounds") });
+        let (_thread, thread_rx) = oneshot::channel::<String>();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(first_end(router, thread_rx, tx));
+        assert_eq!(
+            rx.await.unwrap(),
+            "rumqttd's router panicked: index out of bounds"
+        );
+    }
+
+    /// A router that returns (rumqttd logs "Router done!" with its error) stops it too.
+    #[tokio::test]
+    async fn a_router_that_ends_stops_the_broker() {
+        let (_thread, thread_rx) = oneshot::channel::<String>();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(first_end(tokio::spawn(async {}), thread_rx, tx));
+        assert!(rx.await.unwrap().starts_with("rumqttd's router ended"));
+    }
+
+    /// The listener thread's reason still comes through while the router runs on.
+    #[tokio::test]
+    async fn the_listener_threads_end_stops_the_broker() {
+        let router = tokio::spawn(std::future::pending::<()>());
+        let (thread, thread_rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(first_end(router, thread_rx, tx));
+        thread.send("rumqttd failed: bind".to_owned()).unwrap();
+        assert_eq!(rx.await.unwrap(), "rumqttd failed: bind");
+    }
 }

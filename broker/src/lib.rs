@@ -134,7 +134,7 @@ pub struct Started {
     tracker: TaskTracker,
     stop: CancellationToken,
     sessions: CancellationToken,
-    /// Resolves with a reason if rumqttd's thread ends (it never should).
+    /// Resolves with a reason if rumqttd's router task or listener thread ends (neither should).
     stopped: tokio::sync::oneshot::Receiver<String>,
 }
 
