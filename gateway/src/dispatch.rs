@@ -149,23 +149,33 @@ impl Shard {
 impl Dispatcher {
     /// Writes the shard's queued updates to their clients until `shutdown` (or until the hub
     /// is gone).
+    ///
+    /// Outside tokio's cooperative budget: a task may do ~128 operations on tokio's sockets and
+    /// channels per poll, after which a write returns "not ready" as if the socket were full.
+    /// Under the budget a pass over 500 clients wrote to the first ~128 and handed the rest to
+    /// their sessions, one task wake-up and poll each (at 10,000 clients, 97 % of them). The
+    /// task still yields to the others after every pass, as the budget would have made it.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut next = None;
-        loop {
-            let first = match next.take() {
-                Some(update) => update,
-                None => tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    update = self.updates.recv() => match update {
-                        Some(update) => update,
-                        None => return,
+        tokio::task::coop::unconstrained(async move {
+            let mut next = None;
+            loop {
+                let first = match next.take() {
+                    Some(update) => update,
+                    None => tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        update = self.updates.recv() => match update {
+                            Some(update) => update,
+                            None => return,
+                        },
                     },
-                },
-            };
-            let (batch, left_over) = self.batch(first);
-            next = left_over;
-            batch.write();
-        }
+                };
+                let (batch, left_over) = self.batch(first);
+                next = left_over;
+                batch.write();
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
     }
 
     /// `first` and the updates queued behind it for the same clients, up to [`BATCH_BYTES`];
@@ -222,6 +232,7 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt;
     use tokio::{io::AsyncReadExt, net::TcpStream};
 
     use super::*;
@@ -264,6 +275,31 @@ mod tests {
                 &got[..],
                 b"\x81\x02u0\x81\x02u1\x81\x02u2\x81\x02u3\x81\x02u4"
             );
+        }
+    }
+
+    /// One pass writes straight to every client of its shard, however many: none is left to
+    /// its session. tokio gives a task a budget of 128 operations per poll, and a socket write
+    /// over budget returns "not ready" as a full socket does; a pass under the budget handed
+    /// every client after the ~128th to its session, one task wake-up each.
+    #[tokio::test]
+    async fn one_pass_writes_to_every_client_itself_past_tokios_budget() {
+        let (dispatch, dispatcher) = shard();
+        let (list, mut peers) = clients(300).await;
+        assert_eq!(dispatch.queue(&text_frame("u"), &list), 300);
+        drop(dispatch);
+        tokio::spawn(dispatcher.run(CancellationToken::new()))
+            .await
+            .unwrap();
+        let woken = list
+            .iter()
+            .filter(|client| client.woken().now_or_never().is_some())
+            .count();
+        assert_eq!(woken, 0, "clients whose session was woken to write");
+        for peer in &mut peers {
+            let mut got = [0; 3];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"\x81\x01u");
         }
     }
 
