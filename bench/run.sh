@@ -7,8 +7,8 @@
 #              the load tool on the other core(s): the fair comparison, reported first;
 #   spread     servers unpinned beside the load tool (`k3sense broker` + `k3sense gateway`).
 #
-#   bench/run.sh              both placements (~14 minutes; the report of BENCHMARKS.md)
-#   bench/run.sh --equal-cpu  equal CPU only (~7 minutes); --spread: spread only
+#   bench/run.sh              both placements (~18 minutes; the report of BENCHMARKS.md)
+#   bench/run.sh --equal-cpu  equal CPU only (~9 minutes); --spread: spread only
 #   bench/run.sh --quick      fewer readings, 10 s idle window (~2 minutes per placement)
 #   bench/run.sh --smoke      10 clients, 5 readings (seconds): CI checks the benchmark still works
 #   bench/run.sh --out FILE   also write the report to FILE
