@@ -51,16 +51,6 @@ async fn next_message(events: &mut Events) -> (String, String) {
     .await
 }
 
-/// Waits for the SUBACK of the client's subscriptions; all must be granted.
-async fn wait_subscribed(events: &mut Events) {
-    let granted = client_event_until(events, |e| match e {
-        ClientEvent::Subscribed { granted } => Some(granted),
-        _ => None,
-    })
-    .await;
-    assert!(granted, "the reader's subscription was refused");
-}
-
 fn on_local(local: &str, user: &str, password: &str) -> MqttConfig {
     let mut config = MqttConfig::new(local);
     config.username = Some(user.to_owned());
@@ -113,7 +103,7 @@ async fn the_local_socket_logs_in_and_judges_as_tcp_does_and_carries_messages_bo
         .subscribe("k3sense/#", QoS::AtLeastOnce)
         .start();
     connected(&mut reader_events).await.unwrap();
-    wait_subscribed(&mut reader_events).await;
+    client_subscribed(&mut reader_events).await;
     let (tcp_pub, mut tcp_pub_events) = {
         let mut options = rumqttc::MqttOptions::new("tcp-pub", "127.0.0.1", tcp.port());
         options.set_credentials("pub", "pub-pw");

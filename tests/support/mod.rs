@@ -787,3 +787,13 @@ pub async fn client_event_until<T>(
     .await
     .expect("no such event in time")
 }
+
+/// Waits (10 s) for a k3sense MQTT client's SUBACK; every filter must be granted.
+pub async fn client_subscribed(events: &mut k3sense_protocol::mqtt::Events) {
+    let granted = client_event_until(events, |e| match e {
+        k3sense_protocol::mqtt::ClientEvent::Subscribed { granted } => Some(granted),
+        _ => None,
+    })
+    .await;
+    assert!(granted, "the broker refused the subscription");
+}
